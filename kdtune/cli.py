@@ -1,0 +1,161 @@
+"""The ``kdtune`` command line.
+
+User errors (a bad spec, a missing folder, a wrong flag) print one message and
+exit with status 2, without a traceback; an interrupted search exits with 130
+after printing how to resume it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from kdtune import __version__
+from kdtune.errors import KdtuneError
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"kdtune: error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns :class:`KdtuneError` from any command into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KdtuneError as exc:
+            _fail(str(exc), exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kdtune")
+def main() -> None:
+    """Search knowledge-distillation hyperparameters (T, alpha, beta, noise, student width)."""
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+def validate(spec: Path) -> None:
+    """Check a search spec (and the data and checkpoints it names) without running anything."""
+    from kdtune.search import preflight
+    from kdtune.spec import load_spec
+
+    parsed = load_spec(spec)
+    preflight(parsed, str(spec))
+    searched = ", ".join(parsed.space.searched()) or "nothing"
+    click.echo(f"{spec}: ok: study '{parsed.study}', {parsed.num_samples} trials on {parsed.data.dataset}, "
+               f"searching {searched}")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--num-samples", type=click.IntRange(min=1), help="Trials to run (overrides the spec's num_samples).")
+@click.option("--name", help="Study name (default: the spec's `study`); results go to RESULTS_ROOT/NAME.")
+@click.option("--address", help="Join a running Ray cluster: 'auto', 'host:6379' or 'ray://host:10001'.")
+@click.option("--storage", help="Where Ray keeps the experiment: a path every node sees, or a URI (s3://...).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted study of the same spec.")
+@click.option("--dashboard", is_flag=True, help="Start Ray's dashboard, bound to 127.0.0.1 only.")
+@click.option("--results", "results_root", default="results", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Results root folder.")
+def search(spec: Path, num_samples: int | None, name: str | None, address: str | None, storage: str | None,
+           resume: bool, dashboard: bool, results_root: Path) -> None:
+    """Run a distillation search described by SPEC (a YAML file)."""
+    from kdtune.search import search as run_search
+
+    result = run_search(spec, num_samples=num_samples, name=name, address=address, storage=storage,
+                        resume=resume, dashboard=dashboard, results_root=results_root,
+                        log=lambda m: click.echo(m, err=False))
+    if result.interrupted:
+        click.echo(f"search interrupted; everything finished so far is kept in {result.study_dir}.\n"
+                   f"resume with: {result.resume_command}", err=True)
+        sys.exit(130)
+    _print_front(result.trials, result.study_dir)
+
+
+def _print_front(trials: Any, study_dir: Path) -> None:
+    from kdtune.analysis import pareto_front
+    from kdtune.report import format_terminal_table
+
+    counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
+    click.echo(f"done: {sum(counts.values())} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+               f"tables in {study_dir}/trials.parquet and history.parquet")
+    try:
+        front = pareto_front(trials)
+    except KdtuneError as exc:
+        click.echo(f"no Pareto front: {exc}")
+        return
+    click.echo("validation Pareto front (size vs accuracy):")
+    click.echo(format_terminal_table(front, ["width", "params", "val_acc", "kd_gain", "temperature", "alpha", "trial_id"]))
+
+
+def _study_command(fn: Callable) -> Callable:
+    return click.argument("results", type=click.Path(file_okay=False, path_type=Path))(fn)
+
+
+@main.command("best-t")
+@_study_command
+def best_t(results: Path) -> None:
+    """Recommend a temperature per student size from a finished study."""
+    from kdtune.analysis import best_temperature, load_results, parameter_importance
+    from kdtune.report import format_terminal_table
+
+    trials = load_results(results)
+    table = best_temperature(trials)
+    click.echo(format_terminal_table(table, list(table.columns)))
+    try:
+        importance = parameter_importance(results)
+        click.echo("parameter importance for validation accuracy (Optuna fANOVA):")
+        for name, value in importance.items():
+            click.echo(f"  {name:<14} {value:.3f}")
+    except KdtuneError as exc:
+        click.echo(f"parameter importance unavailable: {exc}")
+
+
+@main.command()
+@_study_command
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for summary.md and PNGs (default: the study folder).")
+def report(results: Path, out: Path | None) -> None:
+    """Write summary.md and plots (Pareto front, accuracy vs T, learning curves)."""
+    from kdtune.analysis import load_history, load_results
+    from kdtune.report import write_report
+
+    written = write_report(results, load_results(results), load_history(results), out)
+    for name, path in written.items():
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@_study_command
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Fresh seeds per configuration.")
+def evaluate(results: Path, seeds: int) -> None:
+    """Re-train the Pareto front and baselines with fresh seeds; test once; write final.csv."""
+    from kdtune.evaluate import final_evaluation
+    from kdtune.report import format_terminal_table
+
+    table = final_evaluation(results, seeds=seeds, log=click.echo)
+    click.echo(format_terminal_table(table, list(table.columns)))
+
+
+@main.command()
+@_study_command
+@click.option("--trial", "trial_id", help="Trial id to export.")
+@click.option("--pareto-index", type=click.IntRange(min=0), help="Index on the Pareto front (0 = smallest).")
+@click.option("--format", "fmt", type=click.Choice(["state_dict", "torchscript", "onnx"]), default="state_dict", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: in RESULTS/exports/).")
+def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: str, out: Path | None) -> None:
+    """Export a trained student with a JSON sidecar, checking it reproduces its val accuracy."""
+    from kdtune.export import export_student
+
+    if (trial_id is None) == (pareto_index is None):
+        raise KdtuneError("export: give exactly one of --trial ID or --pareto-index K")
+    path, sidecar = export_student(results, trial_id=trial_id, pareto_index=pareto_index, fmt=fmt, out=out)
+    click.echo(f"wrote {path} and {sidecar}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

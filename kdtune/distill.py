@@ -1,0 +1,343 @@
+"""One knowledge-distillation run: plain PyTorch, no Ray.
+
+:func:`run` trains one student on a :class:`~kdtune.data.DatasetSplits` against a
+teacher's cached soft targets (:class:`TeacherTargets`), reports metrics after every
+epoch through a callback, and returns the final metrics with the trained student.
+With ``alpha == 1`` and no teacher it is plain hard-label training, which is also
+how teachers and the no-distillation baselines are trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdtune.data import DatasetSplits, TensorSplit, subset_indices
+from kdtune.errors import ConfigError
+from kdtune.losses import (
+    SOFT_LOSSES,
+    distillation_loss,
+    feature_matching_loss,
+    perturb_teacher_logits,
+)
+from kdtune.models import Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+#: Callback ``report(epoch, metrics)`` called after every epoch (epochs count from 1).
+ReportFn = Callable[[int, dict[str, Any]], None]
+#: Callback ``on_checkpoint(epoch, state)`` called just before ``report`` on checkpoint epochs.
+CheckpointFn = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one distillation run.
+
+    The loss is ``alpha·CE + (1 − alpha)·soft + beta·feature`` (see :mod:`kdtune.losses`);
+    ``noise`` is the std of Gaussian noise added to the teacher's logits per batch.
+    ``train_subset`` is the number of labelled training images the student sees
+    (a seeded, class-stratified subset chosen with ``data_seed`` so that every trial
+    of a search sees the same images); ``None`` uses the whole training split.
+    """
+
+    family: str = "mlp"
+    width: float = 32
+    model_options: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 4.0
+    alpha: float = 0.5
+    beta: float = 0.0
+    noise: float = 0.0
+    soft_loss: str = "kl"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    batch_size: int = 64
+    epochs: int = 20
+    seed: int = 0
+    train_subset: int | None = None
+    data_seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field and what is allowed."""
+        checks: list[tuple[str, bool, str]] = [
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
+            ("beta", self.beta >= 0, "must be >= 0"),
+            ("noise", self.noise >= 0, "must be >= 0"),
+            ("soft_loss", self.soft_loss in SOFT_LOSSES, f"allowed: {', '.join(SOFT_LOSSES)}"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"allowed: {', '.join(OPTIMIZERS)}"),
+            ("batch_size", int(self.batch_size) >= 1, "must be >= 1"),
+            ("epochs", int(self.epochs) >= 1, "must be >= 1"),
+            ("width", self.width > 0, "must be > 0"),
+            ("train_subset", self.train_subset is None or int(self.train_subset) >= 1, "must be >= 1 or null"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(name, f"{allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        """Build from a flat dict (e.g. a Ray trial config), ignoring keys that are not fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TeacherTargets:
+    """What a student learns from: the teacher's outputs on the *training split*.
+
+    ``logits`` is ``(N, C)`` for one teacher or ``(K, N, C)`` for K teachers, row i
+    belonging to training image i. ``features`` (``(N, ...)``, first teacher only) is
+    needed when ``beta > 0``. Arrays may be read-only (shared through Ray's object
+    store); they are only ever indexed. ``online_model`` instead runs a teacher
+    network on every batch (slower; used to measure what caching saves).
+    """
+
+    logits: np.ndarray | None = None
+    features: np.ndarray | None = None
+    online_model: nn.Module | None = None
+    key: str = ""
+
+    @property
+    def feature_dim(self) -> int | None:
+        if self.features is not None:
+            return int(self.features.shape[1])
+        if self.online_model is not None:
+            return int(getattr(self.online_model, "feature_dim"))
+        return None
+
+    def batch(self, indices: np.ndarray, x: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Teacher logits (and features, or None) for the training images ``indices``."""
+        if self.online_model is not None:
+            with torch.no_grad():
+                logits, features = self.online_model.forward_features(x)
+            return logits, features
+        assert self.logits is not None
+        logits = torch.from_numpy(np.ascontiguousarray(self.logits[..., indices, :])).to(device)
+        features = None
+        if self.features is not None:
+            features = torch.from_numpy(np.ascontiguousarray(self.features[indices])).to(device)
+        return logits, features
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`run`: final metrics, per-epoch history and the trained student."""
+
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    student: Network
+
+
+def select_device(requested: str = "auto", cuda_available: bool | None = None) -> torch.device:
+    """The device a run uses: ``"auto"`` → CUDA when available, else CPU.
+
+    Asking for CUDA on a machine without it falls back to the CPU with a warning,
+    so that a spec written for a GPU cluster still runs on a laptop.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda_available else "cpu")
+    if requested.startswith("cuda") and not cuda_available:
+        warnings.warn(f"device {requested!r} requested but CUDA is not available; using the CPU", stacklevel=2)
+        return torch.device("cpu")
+    if requested == "cpu" or requested.startswith("cuda"):
+        return torch.device(requested)
+    raise ConfigError("device", f"unknown device {requested!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+def autocast_context(device: torch.device, amp: bool):
+    """bfloat16 autocast on CUDA when ``amp`` is set; a no-op context otherwise."""
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def evaluate(model: nn.Module, split: TensorSplit, device: torch.device, batch_size: int = 512) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``split``."""
+    logits = predict_logits(model, split.x, device, batch_size)
+    labels = split.y
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(dim=1) == labels).float().mean().item()
+    return acc, loss
+
+
+def predict_logits(
+    model: nn.Module, x: Tensor, device: torch.device, batch_size: int = 512, with_features: bool = False
+) -> Any:
+    """Logits of ``model`` on ``x`` (CPU float32), and features too when asked."""
+    was_training = model.training
+    model.eval()
+    outs, feats = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(device)
+            if with_features:
+                logits, features = model.forward_features(xb)
+                feats.append(features.float().cpu())
+            else:
+                logits = model(xb)
+            outs.append(logits.float().cpu())
+    model.train(was_training)
+    logits = torch.cat(outs) if outs else torch.empty(0)
+    if with_features:
+        return logits, torch.cat(feats)
+    return logits
+
+
+def _make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def run(
+    config: RunConfig,
+    data: DatasetSplits,
+    teacher: TeacherTargets | None = None,
+    report: ReportFn | None = None,
+    *,
+    on_checkpoint: CheckpointFn | None = None,
+    checkpoint_every: int = 0,
+    resume_state: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train one student for ``config.epochs`` epochs and return its final metrics.
+
+    After every epoch ``report(epoch, metrics)`` receives at least ``val_acc``,
+    ``val_loss``, ``train_loss``, ``params``, ``bytes``, ``epoch_time_s``,
+    ``samples_per_s`` and ``status`` ("running", then "completed" on the last epoch,
+    or "diverged" when the training loss became NaN/inf, which ends the run early
+    instead of raising). ``on_checkpoint(epoch, state)`` gets the resumable state on
+    the last epoch and every ``checkpoint_every`` epochs; ``resume_state`` continues
+    from such a state. The same config and seed give the same numbers on the CPU.
+    """
+    config.validate()
+    needs_teacher = config.alpha < 1 or config.beta > 0
+    if needs_teacher and teacher is None:
+        raise ConfigError("teacher", f"alpha={config.alpha}, beta={config.beta} need a teacher; none was given")
+    if config.beta > 0 and teacher is not None and teacher.features is None and teacher.online_model is None:
+        raise ConfigError("beta", "beta > 0 needs teacher features; build the teacher cache with features")
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    device = select_device(config.device)
+
+    torch.manual_seed(config.seed)
+    student = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
+    params, size_bytes = count_parameters(student), model_size_bytes(student)
+    adapter: nn.Module | None = None
+    if config.beta > 0 and teacher is not None:
+        adapter = build_feature_adapter(student, int(teacher.feature_dim or 0))
+    trainable_params = list(student.parameters()) + (list(adapter.parameters()) if adapter is not None else [])
+    optimizer = _make_optimizer(config, trainable_params)
+    student.to(device)
+    if adapter is not None:
+        adapter.to(device)
+    if teacher is not None and teacher.online_model is not None:
+        teacher.online_model.to(device).eval()
+
+    indices = subset_indices(len(data.train), config.train_subset, config.data_seed, labels=data.train.y).numpy()
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    noise_gen = torch.Generator().manual_seed(config.seed + 1)
+    start_epoch, history = 1, []
+    if resume_state is not None:
+        student.load_state_dict(resume_state["student"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if adapter is not None and resume_state.get("adapter") is not None:
+            adapter.load_state_dict(resume_state["adapter"])
+        shuffle.set_state(resume_state["shuffle_rng"])
+        noise_gen.set_state(resume_state["noise_rng"])
+        start_epoch = int(resume_state["epoch"]) + 1
+        history = list(resume_state.get("history", []))
+
+    metrics: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        student.train()
+        order = indices[torch.randperm(len(indices), generator=shuffle).numpy()]
+        total_loss, seen, diverged = 0.0, 0, False
+        for start in range(0, len(order), config.batch_size):
+            batch_idx = order[start : start + config.batch_size]
+            idx_t = torch.from_numpy(batch_idx).to(device)
+            xb, yb = train_x[idx_t], train_y[idx_t]
+            with autocast_context(device, config.amp):
+                if config.beta > 0:
+                    s_logits, s_features = student.forward_features(xb)
+                else:
+                    s_logits, s_features = student(xb), None
+                t_logits = t_features = None
+                if teacher is not None and needs_teacher:
+                    t_logits, t_features = teacher.batch(batch_idx, xb, device)
+                    t_logits = perturb_teacher_logits(t_logits, config.noise, noise_gen)
+                feature_term = None
+                if adapter is not None and s_features is not None and t_features is not None:
+                    feature_term = feature_matching_loss(adapter(s_features), t_features)
+                loss = distillation_loss(
+                    s_logits, t_logits, yb, config.temperature, config.alpha,
+                    soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
+                )
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(batch_idx)
+            seen += len(batch_idx)
+        elapsed = time.perf_counter() - started
+        val_acc, val_loss = evaluate(student, data.val, device)
+        if diverged or not math.isfinite(val_loss):
+            status = "diverged"
+        else:
+            status = "completed" if epoch == config.epochs else "running"
+        metrics = {
+            "epoch": epoch,
+            "val_acc": val_acc,
+            "val_loss": val_loss if math.isfinite(val_loss) else float("nan"),
+            "train_loss": total_loss / seen if seen and not diverged else float("nan"),
+            "params": params,
+            "bytes": size_bytes,
+            "epoch_time_s": elapsed,
+            "samples_per_s": seen / elapsed if elapsed > 0 else 0.0,
+            "status": status,
+        }
+        history.append(metrics)
+        final = status != "running"
+        if on_checkpoint is not None and (final or (checkpoint_every and epoch % checkpoint_every == 0)):
+            on_checkpoint(epoch, {
+                "epoch": epoch,
+                "student": student.state_dict(),
+                "adapter": adapter.state_dict() if adapter is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "shuffle_rng": shuffle.get_state(),
+                "noise_rng": noise_gen.get_state(),
+                "history": history,
+                "config": config.to_dict(),
+            })
+        if report is not None:
+            report(epoch, dict(metrics))
+        if final:
+            break
+    student.eval()
+    return RunResult(metrics=metrics, history=history, student=student)

@@ -1,0 +1,573 @@
+"""The search: a spec in, a results folder out.
+
+Order of work: validate the spec and everything it points at (no Ray yet) →
+load the data → prepare the teacher(s) once (cached) → start or join Ray →
+run the Optuna-driven trials under the size-aware scheduler → run the
+no-distillation baselines → write the tables. Everything lands under
+``results/<study>/``::
+
+    spec.yaml          the spec as given (resume reads it back)
+    study.json         what the study is: name, teacher info, rungs, state
+    optuna.journal     the live Optuna study (optuna.load_study can open it)
+    teacher/           teacher cache (weights + logits as .npy, hash-checked)
+    search/            Ray Tune experiment of the search (for --resume)
+    baselines/         Ray Tune experiment of the α=1 baselines
+    trials.parquet     one row per trial
+    history.parquet    one row per trial per epoch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import yaml
+
+from kdtune import __version__
+from kdtune.data import DatasetSplits, check_dataset_root, load_dataset
+from kdtune.errors import ConfigError, KdtuneError
+from kdtune.models import MODELS, build_model
+from kdtune.spec import Choice, IntRange, SearchSpec, bounds, load_spec, parse_spec, possible_values
+from kdtune.teacher import TeacherConfig, load_checkpoint, prepare_teachers
+
+Log = Callable[[str], None]
+SEARCH_DIR, BASELINE_DIR = "search", "baselines"
+KD_ONLY_KEYS = ("temperature", "alpha", "beta", "noise", "soft_loss")
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns: the study folder and its tables."""
+
+    study_dir: Path
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    teachers: list[dict[str, Any]]
+    interrupted: bool = False
+    resume_command: str = ""
+
+    def pareto_front(self, size: str = "params", score: str = "val_acc") -> pd.DataFrame:
+        """The validation Pareto front of student size against accuracy."""
+        from kdtune.analysis import pareto_front
+
+        return pareto_front(self.trials, size=size, score=score)
+
+
+@dataclass
+class Placement:
+    """Where trials run: per-trial Ray resources, device, and how many at once."""
+
+    resources: dict[str, float]
+    device: str
+    max_concurrent: int
+    threads: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int) -> Placement:
+    """Decide per-trial resources and concurrency from the spec and the cluster.
+
+    GPUs asked for on a cluster without any are dropped with a warning (the same
+    spec runs on a laptop); more GPUs per trial than the cluster has is an error.
+    Without ``max_concurrent_trials`` Ray runs one trial at a time behind a custom
+    searcher, so it is set from how many trials fit at once.
+    """
+    cpus, gpus = spec.resources.cpus, spec.resources.gpus
+    notes: list[str] = []
+    total_cpu, total_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if gpus > 0 and total_gpu == 0:
+        notes.append(f"resources.gpus={gpus} but the cluster has no GPU: running on the CPU")
+        gpus = 0.0
+    if gpus > total_gpu > 0:
+        raise ConfigError("resources.gpus", f"{gpus} GPUs per trial but the cluster has {total_gpu:g}")
+    if cpus > total_cpu:
+        raise ConfigError("resources.cpus", f"{cpus} CPUs per trial but the cluster has {total_cpu:g}")
+    fit = math.floor(total_cpu / cpus)
+    if gpus > 0:
+        fit = min(fit, math.floor(total_gpu / gpus + 1e-9))
+    concurrent = spec.resources.max_concurrent_trials or max(1, fit)
+    resources = {"cpu": cpus, "gpu": gpus}
+    return Placement(resources, "cuda" if gpus > 0 else "cpu", max(1, min(concurrent, num_samples)),
+                     max(1, int(cpus)), notes)
+
+
+def preflight(spec: SearchSpec, source: str = "spec") -> None:
+    """Check everything that can be checked without data or Ray; raise on the first problem."""
+    check_dataset_root(spec.data.dataset, spec.data.root, spec.data.download)
+    widths = [float(w) for w in possible_values(spec.space.width)]
+    input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
+    try:
+        MODELS.get(spec.student.family)
+        for width in (min(widths), max(widths)):
+            build_model(spec.student.family, input_shape, classes, width, **spec.student.options)
+        for index, teacher in enumerate(spec.teachers()):
+            MODELS.get(teacher.family)
+            build_model(teacher.family, input_shape, classes, teacher.width, **teacher.options)
+            if teacher.checkpoint and not Path(teacher.checkpoint).expanduser().is_file():
+                raise ConfigError(f"teacher.checkpoint", f"{teacher.checkpoint} does not exist")
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {exc}") from None
+
+
+def teacher_configs(spec: SearchSpec) -> list[TeacherConfig]:
+    """The spec's teachers as :class:`TeacherConfig` objects (checkpoint paths absolute)."""
+    return [
+        TeacherConfig(
+            family=t.family, width=t.width, model_options=dict(t.options),
+            checkpoint=str(Path(t.checkpoint).expanduser().resolve()) if t.checkpoint else None,
+            epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, optimizer=t.optimizer,
+            weight_decay=t.weight_decay, seed=t.seed,
+        )
+        for t in spec.teachers()
+    ]
+
+
+def load_spec_data(spec: SearchSpec) -> DatasetSplits:
+    """The dataset a spec names, split with its split seed."""
+    root = str(Path(spec.data.root).expanduser().resolve()) if spec.data.root else None
+    return load_dataset(
+        spec.data.dataset, root, seed=spec.data.split_seed, val_fraction=spec.data.val_fraction,
+        test_fraction=spec.data.test_fraction, download=spec.data.download, image_size=spec.data.image_size,
+    )
+
+
+def check_teacher_checkpoints(spec: SearchSpec, data: DatasetSplits) -> None:
+    """Load every teacher checkpoint into its architecture before any training starts."""
+    for config in teacher_configs(spec):
+        if config.checkpoint:
+            model = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
+            load_checkpoint(model, config.checkpoint)
+
+
+def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
+    """The constant part of every trial's config (fixed hyperparameters included)."""
+    fixed = spec.space.fixed()
+    return {
+        **fixed,
+        "family": spec.student.family,
+        "model_options": dict(spec.student.options),
+        "optimizer": spec.student.optimizer,
+        "amp": spec.student.amp,
+        "device": placement.device,
+        "threads": placement.threads,
+        "train_subset": spec.data.train_subset,
+        "data_seed": spec.seed,
+        "seed": spec.seed,
+        "phase": "search",
+        "checkpoint_every": spec.checkpoint_every,
+    }
+
+
+def max_epochs(spec: SearchSpec) -> int:
+    """The largest epoch budget a trial can have."""
+    return int(max(possible_values(spec.space.epochs)))
+
+
+def baseline_widths(spec: SearchSpec, search_trials: pd.DataFrame) -> list[float]:
+    """Widths that get an α=1 baseline: every width the space allows when that is a
+    short list, else every width that a completed search trial used."""
+    width = spec.space.width
+    if isinstance(width, Choice):
+        return sorted(set(width.choice))
+    if isinstance(width, IntRange) and width.int[1] - width.int[0] < 12:
+        return list(range(width.int[0], width.int[1] + 1))
+    if bounds(width) is None:
+        return [width]
+    done = search_trials[search_trials["status"] == "completed"] if len(search_trials) else search_trials
+    return sorted(set(done["width"].dropna().tolist())) if len(done) else []
+
+
+def baseline_configs(spec: SearchSpec, search_trials: pd.DataFrame) -> list[dict[str, Any]]:
+    """One config per width: α=1, β=0, no noise; the non-KD hyperparameters (lr, weight
+    decay, batch size, epochs) of that width's best completed search trial, so the
+    baseline is tuned as well as the students it is compared with."""
+    searched = spec.space.searched()
+    overrides = []
+    for width in baseline_widths(spec, search_trials):
+        entry: dict[str, Any] = {"width": width, "alpha": 1.0, "beta": 0.0, "noise": 0.0, "temperature": 1.0}
+        pool = search_trials[(search_trials["status"] == "completed") & (search_trials["width"] == width)] if len(search_trials) else search_trials
+        best = pool.sort_values("val_acc", ascending=False).iloc[0] if len(pool) else None
+        for key in ("lr", "weight_decay", "batch_size", "epochs"):
+            if key not in searched:
+                continue
+            if best is not None:
+                value = best[key]
+            else:
+                lo, hi = (bounds(searched[key]) if isinstance(bounds(searched[key]), tuple) else (searched[key].choice[0],) * 2)
+                value = math.sqrt(lo * hi) if key in ("lr",) and lo > 0 else (lo + hi) / 2
+            entry[key] = int(value) if key in ("batch_size", "epochs") else float(value)
+        if "epochs" not in entry:
+            entry["epochs"] = max_epochs(spec)
+        overrides.append(entry)
+    return overrides
+
+
+@contextlib.contextmanager
+def study_lock(study_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the study folder for the whole search.
+
+    A second search on the same study (another terminal, another user) fails at
+    once instead of interleaving writes. The lock dies with the process.
+    """
+    study_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(study_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise KdtuneError(f"study folder {study_dir} is in use by another kdtune search ({owner}); wait for it to finish") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _spec_identity(spec: SearchSpec) -> dict[str, Any]:
+    data = spec.model_dump(mode="json")
+    data.pop("num_samples", None)
+    return data
+
+
+def open_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path, resume: bool) -> SearchSpec:
+    """Create the study folder, or check that ``--resume`` continues the same spec."""
+    marker = study_dir / "study.json"
+    if marker.exists() and not resume:
+        raise KdtuneError(
+            f"study '{study_dir.name}' already exists at {study_dir}: pass --resume to continue it, "
+            f"or --name NEW to start a separate study"
+        )
+    if resume:
+        if not marker.exists():
+            raise KdtuneError(f"--resume: no study at {study_dir} (nothing to resume); run without --resume to start it")
+        stored = parse_spec(yaml.safe_load((study_dir / "spec.yaml").read_text()), str(study_dir / "spec.yaml"))
+        if _spec_identity(stored) != _spec_identity(spec):
+            changed = sorted(k for k, v in _spec_identity(spec).items() if _spec_identity(stored).get(k) != v)
+            raise KdtuneError(
+                f"--resume: the spec differs from the one study '{study_dir.name}' was started with "
+                f"(changed: {', '.join(changed)}); Ray cannot change a search space on resume. "
+                f"Start a new study with --name instead"
+            )
+        return spec
+    study_dir.mkdir(parents=True, exist_ok=True)
+    text = spec_source.read_text() if spec_source else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    (study_dir / "spec.yaml").write_text(text)
+    return spec
+
+
+def write_study_json(study_dir: Path, info: dict[str, Any]) -> None:
+    """Atomically update ``study.json``."""
+    path = study_dir / "study.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(info)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(current, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _quiet_ray_environment() -> None:
+    # The new console output prints a config table per trial even at verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Save the experiment state after every step so that a killed driver loses no
+    # finished trial (resume then never runs a completed trial twice).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, dashboard: bool, log: Log) -> Iterator[None]:
+    """Start a local Ray instance (or join ``address``) and shut it down afterwards.
+
+    The local default keeps Ray's token authentication on and the dashboard off;
+    ``dashboard=True`` binds it to 127.0.0.1 only. An already initialised Ray
+    (a notebook, kdtune's tests) is reused and left running.
+    """
+    import ray
+
+    _quiet_ray_environment()
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False,
+        configure_logging=True,
+    )
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
+    if address:
+        log(f"joining the Ray cluster at {address}")
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _progress_callback(total: int, log: Log, interval_s: float = 15.0):
+    from ray.tune import Callback
+
+    from kdtune.tables import trial_config
+
+    class ProgressLine(Callback):
+        """One line per finished trial (and every ``interval_s`` while busy)."""
+
+        def __init__(self) -> None:
+            self.counts = {"completed": 0, "stopped early": 0, "diverged": 0, "error": 0}
+            self.best: dict[Any, float] = {}
+            self.running: set[str] = set()
+            self.last_print = 0.0
+
+        def _line(self) -> str:
+            done = sum(self.counts.values())
+            counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
+            best = " ".join(f"{k:g}:{v:.3f}" if isinstance(k, (int, float)) else f"{k}:{v:.3f}" for k, v in sorted(self.best.items()))
+            return f"[{done}/{total} done{': ' + counts if counts else ''}; {len(self.running)} running] best val_acc by width {best or '-'}"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("status") == "completed":
+                width = trial_config(trial.config).get("width")
+                self.best[width] = max(self.best.get(width, 0.0), float(result.get("val_acc", 0.0)))
+            self.last_result = result
+
+        def _finish(self, trial, kind: str) -> None:
+            self.running.discard(trial.trial_id)
+            self.counts[kind] += 1
+            log(self._line())
+            self.last_print = time.monotonic()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            if last.get("status") == "diverged":
+                kind = "diverged"
+            elif int(last.get("epoch", 0)) >= int(trial_config(trial.config).get("epochs", 0) or 0):
+                kind = "completed"
+            else:
+                kind = "stopped early"
+            self._finish(trial, kind)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finish(trial, "error")
+
+        def on_step_end(self, iteration, trials, **info):
+            if self.running and time.monotonic() - self.last_print > interval_s:
+                self.last_print = time.monotonic()
+                log(self._line())
+
+    return ProgressLine()
+
+
+def _scheduler(spec: SearchSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from kdtune.scheduler import SizeAwareASHA
+
+    rule = spec.early_stopping
+    if rule.rule == "none":
+        return FIFOScheduler(), []
+    if rule.rule == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max",
+                                  max_t=max_epochs(spec), grace_period=rule.grace_period,
+                                  reduction_factor=rule.reduction_factor)
+        from kdtune.scheduler import rung_milestones
+        return scheduler, rung_milestones(rule.grace_period, max_epochs(spec), rule.reduction_factor)
+    scheduler = SizeAwareASHA(metric="val_acc", mode="max", max_t=max_epochs(spec), grace_period=rule.grace_period,
+                              reduction_factor=rule.reduction_factor, size_key=rule.size_key)
+    return scheduler, scheduler.milestones
+
+
+def _searcher(spec: SearchSpec, journal: Path, study: str):
+    from kdtune.searcher import OBJECTIVE_MODES, KdOptunaSearch, build_sampler, journal_storage, to_optuna_distribution
+
+    objectives = list(spec.sampler.objectives)
+    multi = len(objectives) > 1
+    space = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
+    if not space:
+        raise KdtuneError("space: nothing to search (every hyperparameter is fixed); make at least one a distribution")
+    return KdOptunaSearch(
+        space=space,
+        metric=objectives if multi else objectives[0],
+        mode=[OBJECTIVE_MODES[o] for o in objectives] if multi else OBJECTIVE_MODES[objectives[0]],
+        sampler=build_sampler(spec.sampler, spec.seed, multi),
+        study_name=study,
+        storage=journal_storage(journal),
+    )
+
+
+def _run_config(name: str, storage_path: str, spec: SearchSpec, callbacks: list):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def _fit(tuner_factory: Callable[[], Any], experiment: str, restore: Callable[[], Any] | None) -> Any:
+    from ray import tune
+
+    if restore is not None and tune.Tuner.can_restore(experiment):
+        tuner = restore()
+    else:
+        tuner = tuner_factory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuner.fit()
+
+
+def search(
+    spec: SearchSpec | str | Path,
+    *,
+    num_samples: int | None = None,
+    name: str | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
+    dashboard: bool = False,
+    results_root: str | Path = "results",
+    log: Log = print,
+) -> SearchResult:
+    """Run (or resume) a distillation search and return its tables.
+
+    ``spec`` is a path to a YAML spec or a validated :class:`SearchSpec`.
+    ``address`` joins an existing Ray cluster ("auto", "ray://host:10001", host:port);
+    ``storage`` is where Ray keeps the experiment (a path every node sees, or a
+    pyarrow URI such as s3://bucket/kdtune), by default the study folder.
+    Bad input raises :class:`KdtuneError` before Ray starts.
+    """
+    from ray import tune
+
+    from kdtune.searcher import reconcile_journal
+    from kdtune.tables import write_tables
+    from kdtune.trainable import DataArrays, distill_trainable
+
+    spec_source = None
+    if not isinstance(spec, SearchSpec):
+        spec_source = Path(spec)
+        spec = load_spec(spec_source)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise KdtuneError(f"--num-samples: must be >= 1, got {num_samples}")
+        spec = spec.model_copy(update={"num_samples": num_samples})
+    study = name or spec.study
+    if name is not None:
+        spec = parse_spec({**spec.model_dump(mode="json"), "study": name}, "--name")
+    source = str(spec_source or "spec")
+    preflight(spec, source)
+    results_root = Path(results_root).expanduser().resolve()
+    study_dir = results_root / study
+
+    with study_lock(study_dir):
+        open_study(spec, spec_source, study_dir, resume)
+        data = load_spec_data(spec)
+        check_teacher_checkpoints(spec, data)
+        prepared = prepare_teachers(teacher_configs(spec), data, study_dir / "teacher", with_features=spec.uses_features(), log=log)
+        teacher_info = prepared.info
+        experiment_root = f"{storage.rstrip('/')}/{study}" if storage else str(study_dir)
+        search_path = f"{experiment_root}/{SEARCH_DIR}"
+        baseline_path = f"{experiment_root}/{BASELINE_DIR}"
+
+        with ray_session(address, dashboard, log):
+            import ray
+
+            placement = plan_placement(spec, ray.cluster_resources(), spec.num_samples)
+            for note in placement.warnings:
+                log(f"warning: {note}")
+            scheduler, rungs = _scheduler(spec)
+            write_study_json(study_dir, {
+                "study": study, "kdtune_version": __version__, "state": "running",
+                "teacher": teacher_info[0], "teachers": teacher_info, "teacher_key": prepared.key,
+                "rungs": rungs, "num_samples": spec.num_samples, "experiment_root": experiment_root,
+                "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
+            })
+            config = base_config(spec, placement)
+            if spec.faults is not None and spec.faults.raise_at_epoch:
+                config["fault"] = {**spec.faults.model_dump(), "dir": str(study_dir / "faults")}
+            trainable = tune.with_resources(
+                tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets),
+                placement.resources,
+            )
+            log(f"study '{study}': {spec.num_samples} trials, up to {placement.max_concurrent} at a time, "
+                f"{spec.early_stopping.rule} early stopping, results in {study_dir}")
+
+            def new_search_tuner():
+                return tune.Tuner(
+                    trainable,
+                    param_space=config,
+                    tune_config=tune.TuneConfig(
+                        search_alg=_searcher(spec, study_dir / "optuna.journal", study),
+                        scheduler=scheduler,
+                        num_samples=spec.num_samples,
+                        max_concurrent_trials=placement.max_concurrent,
+                        reuse_actors=True,
+                    ),
+                    run_config=_run_config(SEARCH_DIR, experiment_root, spec, [_progress_callback(spec.num_samples, log)]),
+                )
+
+            def restore_search_tuner():
+                log(f"resuming the search from {search_path}")
+                return tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=False,
+                                          restart_errored=False)
+
+            _fit(new_search_tuner, search_path, restore_search_tuner if resume else None)
+            trials, history = write_tables(study_dir, study, experiment_root)
+            finished = trials[trials["status"].isin(["completed", "stopped_early", "diverged", "error"])]
+            interrupted = len(finished) < spec.num_samples
+            if not interrupted and spec.baselines:
+                overrides = baseline_configs(spec, trials[trials["phase"] == "search"])
+                if overrides:
+                    log(f"baselines: {len(overrides)} no-distillation runs (alpha=1) of widths "
+                        + ", ".join(f"{o['width']:g}" for o in overrides))
+                    baseline_space = {**config, "phase": "baseline", "overrides": tune.grid_search(overrides)}
+                    baseline_space.pop("fault", None)
+
+                    def new_baseline_tuner():
+                        return tune.Tuner(
+                            trainable, param_space=baseline_space,
+                            tune_config=tune.TuneConfig(max_concurrent_trials=placement.max_concurrent, reuse_actors=True),
+                            run_config=_run_config(BASELINE_DIR, experiment_root, spec, [_progress_callback(len(overrides), log)]),
+                        )
+
+                    def restore_baseline_tuner():
+                        return tune.Tuner.restore(baseline_path, trainable, resume_unfinished=True, resume_errored=False)
+
+                    _fit(new_baseline_tuner, baseline_path, restore_baseline_tuner)
+                    trials, history = write_tables(study_dir, study, experiment_root)
+                    finished_baselines = trials[(trials["phase"] == "baseline") & trials["status"].isin(["completed", "diverged", "error"])]
+                    interrupted = len(finished_baselines) < len(overrides)
+
+        ray_ids = set(trials.loc[trials["phase"] == "search", "trial_id"]) if len(trials) else set()
+        lost = reconcile_journal(study_dir / "optuna.journal", study, ray_ids) if not interrupted else 0
+        if lost:
+            log(f"optuna journal: {lost} trial(s) asked before the restart and never run marked FAIL")
+        resume_command = f"kdtune search {spec_source or '<spec>'} --resume" + (f" --name {name}" if name else "")
+        write_study_json(study_dir, {"state": "interrupted" if interrupted else "complete"})
+    return SearchResult(study_dir, trials, history, teacher_info, interrupted, resume_command)

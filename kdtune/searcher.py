@@ -1,0 +1,146 @@
+"""The Optuna side of the search: distributions, samplers, and an honest OptunaSearch.
+
+Ray's ``OptunaSearch`` tells Optuna that a trial stopped early by the scheduler
+is COMPLETE with its partial accuracy: the sampler then learns that those
+configurations are bad at full budget, which they were never shown to be.
+:class:`KdOptunaSearch` tells such trials PRUNED, diverged trials FAIL, and only
+trials that ran their whole epoch budget COMPLETE.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
+
+logger = logging.getLogger(__name__)
+
+#: Optimisation direction of each objective the sampler can use.
+OBJECTIVE_MODES = {"val_acc": "max", "params": "min", "bytes": "min"}
+
+
+def to_optuna_distribution(value: Any) -> BaseDistribution:
+    """The Optuna distribution for one searched spec value."""
+    if isinstance(value, Uniform):
+        return FloatDistribution(*map(float, value.uniform))
+    if isinstance(value, LogUniform):
+        return FloatDistribution(*map(float, value.loguniform), log=True)
+    if isinstance(value, IntRange):
+        return IntDistribution(*map(int, value.int), log=value.log)
+    if isinstance(value, Choice):
+        return CategoricalDistribution(list(value.choice))
+    raise TypeError(f"not a distribution: {value!r}")
+
+
+def build_sampler(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler a spec names.
+
+    The default, multi-objective TPE over (val accuracy, params), models the whole
+    front, so it keeps sampling small students instead of collapsing onto the
+    widest one; ``constant_liar`` keeps parallel trials from all asking for the
+    same point.
+    """
+    if spec.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if spec.name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.n_startup_trials)
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=spec.n_startup_trials,
+        multivariate=spec.multivariate or multi_objective,
+        constant_liar=spec.constant_liar,
+    )
+
+
+def journal_storage(path: str | Path) -> JournalStorage:
+    """Optuna storage in an append-only journal file (``optuna.load_study`` can open it live)."""
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def trial_outcome(result: dict[str, Any] | None, error: bool) -> str:
+    """How a finished Ray trial is told to Optuna: "complete", "pruned" or "fail".
+
+    A trial is complete only when it reported its last budgeted epoch; a trial
+    that stopped earlier without diverging was stopped by the scheduler (pruned).
+    """
+    if error or not result:
+        return "fail"
+    if result.get("status") == "diverged":
+        return "fail"
+    epoch, budget = result.get("epoch"), result.get("epochs")
+    if epoch is None or budget is None:
+        return "fail"
+    return "complete" if int(epoch) >= int(budget) else "pruned"
+
+
+class KdOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that reports early-stopped trials as PRUNED and diverged ones as FAIL.
+
+    It also records the Ray trial id on every Optuna trial (user attribute
+    ``ray_trial_id``) so the journal can be reconciled with Ray's tables.
+    """
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        outcome = trial_outcome(result, error)
+        try:
+            if outcome == "complete":
+                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+                values = [result.get(m) for m in metrics]  # type: ignore[union-attr]
+                if any(v is None or not math.isfinite(float(v)) for v in values):
+                    self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+                else:
+                    self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
+            elif outcome == "pruned":
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        except Exception as exc:  # noqa: BLE001 - a failed tell must not end the search
+            logger.warning("could not tell Optuna the outcome of trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+
+
+def reconcile_journal(storage_path: str | Path, study_name: str, finished_ray_trials: set[str]) -> int:
+    """Mark journal trials that Ray lost (asked before a driver crash, never run) as FAIL.
+
+    Returns how many were marked. Trials still RUNNING in the journal whose Ray
+    trial is not among ``finished_ray_trials`` get the user attribute
+    ``lost_on_restart`` so they can be told apart from real failures.
+    """
+    storage = journal_storage(storage_path)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    marked = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        ray_id = trial.user_attrs.get("ray_trial_id")
+        if ray_id in finished_ray_trials:
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "lost_on_restart", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        marked += 1
+    return marked

@@ -1,0 +1,331 @@
+"""Search specs: the YAML file a user writes, validated before anything starts.
+
+A spec names the data, the teacher(s), the student family, the search space, the
+sampler, the early-stopping rule, the budget and the resources. Every hyperparameter
+in ``space`` is either a fixed value or one distribution::
+
+    temperature: {loguniform: [1, 20]}
+    alpha: {uniform: [0.0, 0.5]}
+    width: {choice: [4, 8, 16, 32, 64]}
+    epochs: {int: [5, 30]}
+    beta: 0.0
+
+:func:`load_spec` reads a file with ``yaml.safe_load`` and returns a validated
+:class:`SearchSpec`; anything wrong raises one :class:`~kdtune.errors.KdtuneError`
+naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdtune.errors import KdtuneError
+
+SEARCHABLE = ("temperature", "alpha", "beta", "noise", "width", "lr", "weight_decay", "batch_size", "epochs", "soft_loss")
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Uniform(_Strict):
+    uniform: tuple[float, float]
+
+
+class LogUniform(_Strict):
+    loguniform: tuple[float, float]
+
+
+class IntRange(_Strict):
+    int: tuple[int, int]
+    log: bool = False
+
+
+class Choice(_Strict):
+    choice: list[Any] = Field(min_length=1)
+
+
+Distribution = Union[Uniform, LogUniform, IntRange, Choice]
+Value = Union[Uniform, LogUniform, IntRange, Choice, float, int, str]
+
+
+def bounds(value: Any) -> tuple[Any, Any] | list[Any] | None:
+    """The range (lo, hi) of a uniform/loguniform/int distribution, the list of a
+    choice, or None for a fixed value."""
+    if isinstance(value, Uniform):
+        return value.uniform
+    if isinstance(value, LogUniform):
+        return value.loguniform
+    if isinstance(value, IntRange):
+        return value.int
+    if isinstance(value, Choice):
+        return value.choice
+    return None
+
+
+def possible_values(value: Any) -> list[Any]:
+    """Extreme values a hyperparameter can take (both ends of a range, every choice, or the value)."""
+    b = bounds(value)
+    if b is None:
+        return [value]
+    return list(b)
+
+
+class DataSpec(_Strict):
+    dataset: str = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.2, gt=0, lt=0.9)
+    test_fraction: float = Field(0.2, gt=0, lt=0.9)
+    image_size: int | None = Field(None, ge=4, le=1024)
+    train_subset: int | None = Field(None, ge=1)
+    split_seed: int = 0
+
+
+class TeacherSpec(_Strict):
+    family: str = "mlp"
+    width: float = Field(1024, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class StudentSpec(_Strict):
+    family: str = "mlp"
+    options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    amp: bool = False
+
+
+class SpaceSpec(_Strict):
+    temperature: Value = LogUniform(loguniform=(1.0, 20.0))
+    alpha: Value = Uniform(uniform=(0.0, 0.5))
+    beta: Value = 0.0
+    noise: Value = 0.0
+    width: Value = Choice(choice=[4, 8, 16, 32, 64])
+    lr: Value = 1e-2
+    weight_decay: Value = 0.0
+    batch_size: Value = 32
+    epochs: Value = 27
+    soft_loss: Value = "kl"
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "SpaceSpec":
+        rules: dict[str, tuple[Any, str]] = {
+            "temperature": (lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
+            "alpha": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "numbers in [0, 1]"),
+            "beta": (lambda v: isinstance(v, (int, float)) and v >= 0, "numbers >= 0"),
+            "noise": (lambda v: isinstance(v, (int, float)) and v >= 0, "numbers >= 0"),
+            "width": (lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
+            "lr": (lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
+            "weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "numbers >= 0"),
+            "batch_size": (lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
+            "epochs": (lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
+            "soft_loss": (lambda v: v in ("kl", "logit_mse"), "'kl' or 'logit_mse'"),
+        }
+        for name, (ok, allowed) in rules.items():
+            value = getattr(self, name)
+            b = bounds(value)
+            if isinstance(b, tuple):
+                lo, hi = b
+                if lo > hi:
+                    raise ValueError(f"{name}: range [{lo}, {hi}] is empty (low > high)")
+                if isinstance(value, LogUniform) and lo <= 0:
+                    raise ValueError(f"{name}: loguniform needs a low bound > 0, got {lo}")
+            if name in ("epochs", "batch_size", "soft_loss") and isinstance(value, (Uniform, LogUniform)):
+                raise ValueError(f"{name}: must be a fixed value, an int range or a choice")
+            for candidate in possible_values(value):
+                if isinstance(candidate, bool) or not ok(candidate):
+                    raise ValueError(f"{name}: value {candidate!r} is not allowed; allowed: {allowed}")
+        return self
+
+    def fixed(self) -> dict[str, Any]:
+        """The hyperparameters that are not searched, with their values."""
+        return {name: getattr(self, name) for name in SEARCHABLE if bounds(getattr(self, name)) is None}
+
+    def searched(self) -> dict[str, Any]:
+        """The hyperparameters that are searched, with their distributions."""
+        return {name: getattr(self, name) for name in SEARCHABLE if bounds(getattr(self, name)) is not None}
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
+    objectives: list[Literal["val_acc", "params", "bytes"]] = Field(default_factory=lambda: ["val_acc", "params"])
+    n_startup_trials: int = Field(10, ge=0)
+    multivariate: bool = True
+    constant_liar: bool = True
+
+    @field_validator("objectives")
+    @classmethod
+    def _accuracy_first(cls, value: list[str]) -> list[str]:
+        if not value or value[0] != "val_acc" or len(set(value)) != len(value):
+            raise ValueError("must start with val_acc, optionally followed by params or bytes, without repeats")
+        return value
+
+
+class EarlyStoppingSpec(_Strict):
+    rule: Literal["size_aware_asha", "asha", "none"] = "size_aware_asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+    size_key: Literal["width", "params"] = "width"
+
+
+class ResourcesSpec(_Strict):
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class FaultSpec(_Strict):
+    """Fault injection for kdtune's own tests: raise inside a trial at an epoch."""
+
+    raise_at_epoch: int | None = Field(None, ge=1)
+    raise_times: int = Field(1, ge=1)
+    raise_in_trials: int = Field(1, ge=1)
+
+
+class SearchSpec(_Strict):
+    """A validated search spec (see the module docstring and the README)."""
+
+    study: str = "digits"
+    seed: int = 0
+    num_samples: int = Field(40, ge=1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec | list[TeacherSpec] = Field(default_factory=TeacherSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_failures: int = Field(2, ge=0)
+    baselines: bool = True
+    checkpoint_every: int = Field(0, ge=0)
+    faults: FaultSpec | None = None
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, value: str) -> str:
+        if not STUDY_NAME.match(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return value
+
+    @field_validator("teacher")
+    @classmethod
+    def _teachers_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("needs at least one teacher")
+        return value
+
+    def teachers(self) -> list[TeacherSpec]:
+        """The teachers as a list (one or several)."""
+        return list(self.teacher) if isinstance(self.teacher, list) else [self.teacher]
+
+    def uses_features(self) -> bool:
+        """Whether any trial can have beta > 0 (then teacher features are cached)."""
+        return any(float(v) > 0 for v in possible_values(self.space.beta))
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("Uniform", "LogUniform", "IntRange", "Choice", "float", "int", "str", "list[TeacherSpec]", "TeacherSpec"):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    kind, msg, loc = error["type"], error["msg"], error["loc"]
+    key = _format_location(loc)
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "literal_error":
+        return f"{key}: {msg.replace('Input should be', 'must be')}, got {error.get('input')!r}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{key}: {msg} (got {error.get('input')!r})" if "input" in error and not isinstance(error.get("input"), dict) else f"{key}: {msg}"
+
+
+def _allowed_keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> SearchSpec:
+    """Validate an already-parsed spec (a dict); errors name ``source`` and the key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise KdtuneError(f"{source}: the spec must be a YAML mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return SearchSpec.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # Distributions are a union; report the most relevant branch, not all four.
+        seen, lines = set(), []
+        for error in errors:
+            line = _format_error(error)
+            key = line.split(":", 1)[0]
+            if key in seen:
+                continue
+            seen.add(key)
+            if line.endswith("unknown key"):
+                section = error["loc"][:-1]
+                model = _model_at(section)
+                if model is not None:
+                    line += f"; allowed keys: {_allowed_keys(model)}"
+            lines.append(line)
+        raise KdtuneError(f"{source}: " + "\n  ".join(lines)) from None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = SearchSpec
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(str(item))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def load_spec(path: str | Path) -> SearchSpec:
+    """Read and validate a spec file; raise :class:`KdtuneError` with one clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdtuneError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KdtuneError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise KdtuneError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    return parse_spec(raw, str(path))
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for ints/floats that are finite (used where NaN/inf would slip through)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,238 @@
+"""Teachers: trained once (or loaded from a checkpoint), evaluated, and cached.
+
+The cache holds each teacher's weights and its logits (and penultimate features
+when the search uses a feature term) on the training split, as plain ``.npy``
+files, under a key that hashes everything that determines them: the teacher
+configs, the checkpoint file's bytes, the data fingerprint and the cache format.
+A second search with the same teacher does no teacher work. Every file's sha256
+is recorded, so a truncated or corrupted cache is detected and rebuilt, never
+silently used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kdtune.data import DatasetSplits
+from kdtune.distill import RunConfig, TeacherTargets, evaluate, predict_logits, run, select_device
+from kdtune.errors import ConfigError
+from kdtune.models import Network, build_model, count_parameters, model_size_bytes
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class TeacherConfig:
+    """How to obtain one teacher: train ``family``/``width`` from scratch, or load ``checkpoint``."""
+
+    family: str = "mlp"
+    width: float = 1024
+    model_options: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class PreparedTeachers:
+    """Cached teacher outputs plus what the results need to know about the teachers."""
+
+    targets: TeacherTargets
+    key: str
+    info: list[dict[str, Any]]
+    cache_dir: Path
+    cache_hit: bool
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_cache_key(teachers: list[TeacherConfig], data_fingerprint: str, with_features: bool) -> str:
+    """Hash of everything that determines the cached teacher outputs."""
+    described = []
+    for teacher in teachers:
+        entry = dataclasses.asdict(teacher)
+        if teacher.checkpoint:
+            entry["checkpoint"] = _sha256_file(Path(teacher.checkpoint))
+        described.append(entry)
+    payload = json.dumps(
+        {"format": CACHE_FORMAT, "teachers": described, "data": data_fingerprint, "features": with_features},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_checkpoint(model: Network, path: str | Path, field_name: str = "teacher.checkpoint") -> None:
+    """Load a state_dict saved with ``torch.save`` into ``model`` (``weights_only=True``).
+
+    Accepts a bare state_dict or a dict holding one under ``state_dict``/``model``.
+    A checkpoint of another architecture raises :class:`ConfigError` listing the
+    mismatched keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field_name, f"{path} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        raise ConfigError(field_name, f"{path} is not a readable weights-only torch checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ConfigError(field_name, f"{path} holds a {type(state).__name__}, expected a state_dict")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"missing keys {missing[:4]}{'…' if len(missing) > 4 else ''}")
+        if unexpected:
+            details.append(f"unexpected keys {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
+        raise ConfigError(
+            field_name,
+            f"{path} does not match the teacher architecture ({type(model).__name__}): " + "; ".join(details),
+        )
+    model.load_state_dict(state)
+
+
+def build_teacher(config: TeacherConfig, data: DatasetSplits, device: torch.device, log: Callable[[str], None]) -> Network:
+    """Train the teacher (or load its checkpoint); returns it in eval mode."""
+    if config.checkpoint:
+        model = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
+        load_checkpoint(model, config.checkpoint)
+        return model.to(device).eval()
+    run_config = RunConfig(
+        family=config.family, width=config.width, model_options=dict(config.model_options),
+        alpha=1.0, beta=0.0, lr=config.lr, batch_size=config.batch_size, epochs=config.epochs,
+        optimizer=config.optimizer, weight_decay=config.weight_decay, seed=config.seed,
+        device=str(device),
+    )
+    last_log = [0.0]
+
+    def progress(epoch: int, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if epoch == config.epochs or now - last_log[0] > 5:
+            last_log[0] = now
+            log(f"  teacher {config.family}(width={config.width}) epoch {epoch}/{config.epochs}: val_acc={metrics['val_acc']:.4f}")
+
+    result = run(run_config, data, teacher=None, report=progress)
+    if result.metrics.get("status") == "diverged":
+        raise ConfigError("teacher.lr", f"teacher training diverged at lr={config.lr}; lower it")
+    return result.student.eval()
+
+
+def _read_cache(entry: Path) -> tuple[TeacherTargets, list[dict[str, Any]]] | None:
+    """The cached outputs if every file is present and matches its recorded hash."""
+    meta_path = entry / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        for name, digest in meta["files"].items():
+            if _sha256_file(entry / name) != digest:
+                return None
+        logits = np.load(entry / "logits.npy", allow_pickle=False)
+        features = np.load(entry / "features.npy", allow_pickle=False) if "features.npy" in meta["files"] else None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    return TeacherTargets(logits=logits, features=features, key=meta["key"]), meta["teachers"]
+
+
+def prepare_teachers(
+    teachers: list[TeacherConfig],
+    data: DatasetSplits,
+    cache_root: str | Path,
+    with_features: bool = False,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> PreparedTeachers:
+    """Cached teacher targets for ``data``'s training split, building them if needed.
+
+    Several teachers give logits of shape ``(K, N, C)`` (averaged in probability
+    space by the loss); features come from the first teacher. The cache entry is
+    written to a temporary folder and renamed into place, so a crash never
+    leaves a half-written entry.
+    """
+    if not teachers:
+        raise ConfigError("teacher", "at least one teacher is needed")
+    key = teacher_cache_key(teachers, data.fingerprint, with_features)
+    cache_root = Path(cache_root)
+    entry = cache_root / key
+    if entry.exists():
+        cached = _read_cache(entry)
+        if cached is not None:
+            targets, info = cached
+            log(f"teacher cache hit: {entry}")
+            return PreparedTeachers(targets, key, info, entry, cache_hit=True)
+        log(f"teacher cache at {entry} is incomplete or corrupted (hash mismatch): rebuilding it")
+        shutil.rmtree(entry, ignore_errors=True)
+
+    torch_device = select_device(device)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root))
+    try:
+        all_logits, features, info = [], None, []
+        for index, config in enumerate(teachers):
+            log(f"teacher {index + 1}/{len(teachers)}: {'loading ' + config.checkpoint if config.checkpoint else 'training'} {config.family}(width={config.width})")
+            model = build_teacher(config, data, torch_device, log)
+            val_acc, val_loss = evaluate(model, data.val, torch_device)
+            if with_features and index == 0:
+                logits, feats = predict_logits(model, data.train.x, torch_device, with_features=True)
+                features = feats.numpy().astype(np.float32)
+            else:
+                logits = predict_logits(model, data.train.x, torch_device)
+            all_logits.append(logits.numpy().astype(np.float32))
+            torch.save(model.state_dict(), staging / f"teacher_{index}.pt")
+            info.append({
+                "index": index, "family": config.family, "width": config.width,
+                "params": count_parameters(model), "bytes": model_size_bytes(model),
+                "val_acc": val_acc, "val_loss": val_loss, "checkpoint": config.checkpoint,
+                "feature_dim": int(getattr(model, "feature_dim", 0)),
+            })
+            log(f"teacher {index + 1}: val_acc={val_acc:.4f}, params={info[-1]['params']:,}")
+        logits_array = all_logits[0] if len(all_logits) == 1 else np.stack(all_logits)
+        np.save(staging / "logits.npy", logits_array)
+        if features is not None:
+            np.save(staging / "features.npy", features)
+        files = {p.name: _sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        meta = {"key": key, "files": files, "teachers": info, "data": data.fingerprint, "format": CACHE_FORMAT}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    targets = TeacherTargets(logits=logits_array, features=features, key=key)
+    return PreparedTeachers(targets, key, info, entry, cache_hit=False)
+
+
+def load_cached_teacher(entry: str | Path, index: int, data: DatasetSplits, config: TeacherConfig) -> Network:
+    """A cached teacher network (for online-teacher runs and export), weights-only loaded."""
+    model = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
+    load_checkpoint(model, Path(entry) / f"teacher_{index}.pt", field_name="teacher cache")
+    return model.eval()
