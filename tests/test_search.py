@@ -1,0 +1,98 @@
+"""End-to-end search through the CLI, and the decisions made before trials start."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kdtune.cli import main
+from kdtune.errors import ConfigError
+from kdtune.search import plan_placement
+from kdtune.spec import parse_spec
+from kdtune.searcher import journal_storage
+from tests.conftest import TINY_SPEC, write_spec
+
+
+@pytest.mark.slow
+def test_cli_search_on_digits_writes_a_complete_study(ray_session, tmp_path):
+    spec = {**TINY_SPEC, "study": "e2e", "num_samples": 8,
+            "space": {**TINY_SPEC["space"], "width": {"choice": [4, 16, 64]}},
+            "early_stopping": {"rule": "size_aware_asha", "grace_period": 1, "reduction_factor": 3}}
+    spec_path = write_spec(tmp_path, spec)
+    results = tmp_path / "results"
+    outcome = CliRunner().invoke(main, ["search", str(spec_path), "--results", str(results)])
+    assert outcome.exit_code == 0, outcome.output
+    assert "validation Pareto front" in outcome.output
+
+    study = results / "e2e"
+    for name in ("spec.yaml", "study.json", "optuna.journal", "trials.parquet", "history.parquet"):
+        assert (study / name).is_file(), name
+    assert any((study / "search").glob("experiment_state-*.json"))
+    assert any((study / "teacher").glob("*/logits.npy"))
+    meta = json.loads((study / "study.json").read_text())
+    assert meta["state"] == "complete" and meta["teacher"]["params"] > 0
+
+    trials = pd.read_parquet(study / "trials.parquet")
+    search = trials[trials["phase"] == "search"]
+    assert len(search) == 8 and search["trial_id"].is_unique
+    assert set(search["status"]) <= {"completed", "stopped_early"}
+    # Size-aware stopping keeps at least one student of every width to the end.
+    assert set(search.loc[search["status"] == "completed", "width"]) == {4, 16, 64}
+    baselines = trials[trials["phase"] == "baseline"]
+    assert sorted(baselines["width"]) == [4, 16, 64]
+    assert (baselines["alpha"] == 1.0).all() and (baselines["status"] == "completed").all()
+    completed = search[search["status"] == "completed"]
+    gains = completed["val_acc"] - completed["width"].map(baselines.set_index("width")["val_acc"])
+    assert completed["kd_gain"].to_numpy() == pytest.approx(gains.to_numpy())
+
+    history = pd.read_parquet(study / "history.parquet")
+    epochs_per_trial = history[history["phase"] == "search"].groupby("trial_id")["epoch"].agg(list)
+    for trial_id, epochs in epochs_per_trial.items():
+        expected_run = int(search.set_index("trial_id").loc[trial_id, "epochs_run"])
+        assert epochs == list(range(1, expected_run + 1))
+
+    # Optuna saw early-stopped trials as PRUNED, full-budget ones as COMPLETE.
+    loaded = optuna.load_study(study_name="e2e", storage=journal_storage(study / "optuna.journal"))
+    states = {t.user_attrs["ray_trial_id"]: t.state for t in loaded.trials}
+    for row in search.itertuples():
+        expected = optuna.trial.TrialState.COMPLETE if row.status == "completed" else optuna.trial.TrialState.PRUNED
+        assert states[row.trial_id] == expected, row.trial_id
+    complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in complete:
+        row = search.set_index("trial_id").loc[t.user_attrs["ray_trial_id"]]
+        assert t.values == pytest.approx([row["val_acc"], row["params"]])
+
+
+def _spec(**resources):
+    return parse_spec({"resources": resources})
+
+
+def test_placement_fills_the_cpus_and_sets_concurrency():
+    placement = plan_placement(_spec(cpus=1), {"CPU": 8.0}, num_samples=40)
+    assert placement.max_concurrent == 8 and placement.device == "cpu" and placement.threads == 1
+    assert plan_placement(_spec(cpus=2), {"CPU": 8.0}, num_samples=3).max_concurrent == 3
+
+
+def test_fractional_gpus_bound_concurrency_and_select_cuda():
+    placement = plan_placement(_spec(cpus=2, gpus=0.5), {"CPU": 16.0, "GPU": 2.0}, num_samples=40)
+    assert placement.resources == {"cpu": 2, "gpu": 0.5}
+    assert placement.device == "cuda" and placement.max_concurrent == 4
+
+
+def test_gpus_on_a_cpu_only_cluster_fall_back_with_a_warning():
+    placement = plan_placement(_spec(cpus=1, gpus=1), {"CPU": 2.0}, num_samples=5)
+    assert placement.resources["gpu"] == 0 and placement.device == "cpu"
+    assert any("no GPU" in note for note in placement.warnings)
+
+
+def test_more_gpus_per_trial_than_the_cluster_has_is_an_error():
+    with pytest.raises(ConfigError, match="resources.gpus"):
+        plan_placement(_spec(gpus=4), {"CPU": 16.0, "GPU": 2.0}, num_samples=5)
+
+
+def test_explicit_max_concurrent_trials_wins():
+    assert plan_placement(_spec(cpus=1, max_concurrent_trials=1), {"CPU": 8.0}, 10).max_concurrent == 1
