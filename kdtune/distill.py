@@ -28,7 +28,7 @@ from kdtune.losses import (
     feature_matching_loss,
     perturb_teacher_logits,
 )
-from kdtune.models import Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
+from kdtune.models import MODELS, Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -83,6 +83,7 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"allowed: {', '.join(OPTIMIZERS)}"),
             ("batch_size", int(self.batch_size) >= 1, "must be >= 1"),
             ("epochs", int(self.epochs) >= 1, "must be >= 1"),
+            ("family", self.family in MODELS, f"allowed: {', '.join(MODELS.names())}"),
             ("width", self.width > 0, "must be > 0"),
             ("train_subset", self.train_subset is None or int(self.train_subset) >= 1, "must be >= 1 or null"),
         ]

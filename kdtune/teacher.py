@@ -74,6 +74,9 @@ def teacher_cache_key(teachers: list[TeacherConfig], data_fingerprint: str, with
     for teacher in teachers:
         entry = dataclasses.asdict(teacher)
         if teacher.checkpoint:
+            # Hashing comes before load_checkpoint, so a missing file must be reported here.
+            if not Path(teacher.checkpoint).is_file():
+                raise ConfigError("teacher.checkpoint", f"{teacher.checkpoint} does not exist or is not a file")
             entry["checkpoint"] = _sha256_file(Path(teacher.checkpoint))
         described.append(entry)
     payload = json.dumps(
