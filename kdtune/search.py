@@ -415,6 +415,7 @@ def _searcher(spec: SearchSpec, journal: Path, study: str):
         sampler=build_sampler(spec.sampler, spec.seed, multi),
         study_name=study,
         storage=journal_storage(journal),
+        size_values=list(spec.space.width.choice) if isinstance(spec.space.width, Choice) else None,
     )
 
 

@@ -97,6 +97,19 @@ class KdOptunaSearch(OptunaSearch):
     ``ray_trial_id``) so the journal can be reconciled with Ray's tables.
     """
 
+    def __init__(self, *args: Any, size_param: str = "width", size_values: list[Any] | None = None, **kwargs: Any) -> None:
+        """Arguments as :class:`OptunaSearch`, plus the student sizes to try first.
+
+        ``size_values`` (the discrete widths of the space) are enqueued as the
+        first trials, one per width, the other hyperparameters left to the
+        sampler: a random start of 10 trials over 5 widths misses one width in
+        about one search in ten, and TPE then never learns that width exists.
+        """
+        super().__init__(*args, **kwargs)
+        if size_values and self._ot_study is not None and not self._ot_study.trials:
+            for value in size_values:
+                self._ot_study.enqueue_trial({size_param: value}, skip_if_exists=True)
+
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
