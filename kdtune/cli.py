@@ -138,7 +138,10 @@ def evaluate(results: Path, seeds: int) -> None:
     from kdtune.report import format_terminal_table
 
     table = final_evaluation(results, seeds=seeds, log=click.echo)
-    click.echo(format_terminal_table(table, list(table.columns)))
+    shown = ["width", "params", "temperature", "alpha", "test_acc_mean", "test_acc_std",
+             "baseline_test_acc_mean", "kd_gain_mean", "kd_gain_std", "latency_ms"]
+    click.echo(format_terminal_table(table, [c for c in shown if c in table.columns]))
+    click.echo(f"all columns in {results}/final.csv")
 
 
 @main.command()

@@ -38,8 +38,10 @@ class DataArrays:
 
     @classmethod
     def from_splits(cls, data: DatasetSplits) -> "DataArrays":
+        """Train and validation arrays only: trials never see the test split, which
+        only ``kdtune evaluate`` reads."""
         arrays = {}
-        for split in ("train", "val", "test"):
+        for split in ("train", "val"):
             part: TensorSplit = getattr(data, split)
             arrays[f"{split}_x"] = part.x.numpy()
             arrays[f"{split}_y"] = part.y.numpy()
@@ -51,9 +53,10 @@ class DataArrays:
             warnings.simplefilter("ignore", UserWarning)
             splits = {
                 split: TensorSplit(torch.from_numpy(self.arrays[f"{split}_x"]), torch.from_numpy(self.arrays[f"{split}_y"]))
-                for split in ("train", "val", "test")
+                for split in ("train", "val")
             }
-        return DatasetSplits(self.name, splits["train"], splits["val"], splits["test"],
+        no_test = TensorSplit(splits["val"].x[:0], splits["val"].y[:0])
+        return DatasetSplits(self.name, splits["train"], splits["val"], no_test,
                              self.num_classes, self.input_shape, self.fingerprint)
 
 

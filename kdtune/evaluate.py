@@ -1,0 +1,428 @@
+"""Final evaluation: the one place where kdtune reads the held-out test split.
+
+A search picks configurations by validation accuracy, so the validation numbers
+of its winners are optimistic (they won partly by luck of the seed). The final
+protocol keeps the reported numbers honest:
+
+1. take the validation Pareto front of the finished study
+   (:func:`kdtune.analysis.pareto_front`);
+2. re-train every front configuration, and the no-distillation baseline of the
+   same width (alpha=1, beta=0, noise=0, every other hyperparameter the same),
+   with fresh seeds that no trial of the search used, for the trial's full
+   epoch budget;
+3. evaluate each re-trained student once on the test split, and report the
+   mean and std over seeds, plus the KD gain paired by seed (the distilled and
+   the baseline student of one seed share their seed, hence their
+   initialisation and batch order).
+
+Results go to ``final.csv`` (one row per front configuration) and
+``final_runs.csv`` (one row per re-training run) in the study folder.
+
+This module also holds the small helpers that find a trial's files in a study
+folder (used by :mod:`kdtune.export` too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from kdtune.errors import ResultsError
+
+Log = Callable[[str], None]
+
+#: Fresh seeds are ``spec.seed + FRESH_SEED_OFFSET + i``, skipping seeds the search used.
+FRESH_SEED_OFFSET = 1000
+FINAL_FILE, RUNS_FILE = "final.csv", "final_runs.csv"
+FINAL_COLUMNS = [
+    "trial_id", "width", "params", "bytes", "temperature", "alpha", "beta", "noise", "val_acc",
+    "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "baseline_test_acc_std",
+    "kd_gain_mean", "kd_gain_std", "n_seeds", "seeds", "latency_ms", "throughput_per_s", "device", "threads",
+]
+RUN_COLUMNS = ["trial_id", "role", "seed", "width", "test_acc", "val_acc", "status", "epochs", "train_time_s"]
+#: What a study folder must hold for anything here to work, and why.
+STUDY_FILES = {"study.json": "what the study is", "spec.yaml": "the spec it was run with"}
+_TRIAL_SUBFOLDERS = ("search", "baselines")
+
+
+# --------------------------------------------------------------------------- study folders
+
+
+def require_study(study_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``study.json`` of ``study_dir``, after checking it is a kdtune study folder.
+
+    Raises :class:`ResultsError` saying what the folder holds and what is missing.
+    """
+    from kdtune.analysis import read_study_meta
+
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise ResultsError(f"{study_dir}: no such folder; give the folder of a study, e.g. results/digits")
+    missing = [name for name in STUDY_FILES if not (study_dir / name).is_file()]
+    if missing:
+        present = sorted(p.name for p in study_dir.iterdir())
+        shown = ", ".join(present[:12]) + (f", … ({len(present) - 12} more)" if len(present) > 12 else "")
+        wanted = ", ".join(f"{name} ({STUDY_FILES[name]})" for name in missing)
+        raise ResultsError(
+            f"{study_dir} is not a kdtune study folder: it holds {shown or 'nothing'} but is missing {wanted}. "
+            f"A study folder is what `kdtune search SPEC` writes under results/<study>/"
+        )
+    return read_study_meta(study_dir)
+
+
+def _experiment_roots(study_dir: Path, meta: dict[str, Any]) -> list[Path]:
+    """Where trial folders may live: the study folder first (it may have been copied or
+    moved), then the ``--storage`` location the search recorded, when it is a local path."""
+    roots = [study_dir]
+    recorded = meta.get("experiment_root")
+    if recorded and "://" not in str(recorded) and Path(recorded) != study_dir:
+        roots.append(Path(recorded))
+    return roots
+
+
+def _recorded_trial_id(folder: Path) -> str | None:
+    """The trial id in the first line of a trial folder's ``result.json`` (None when it is empty)."""
+    try:
+        with open(folder / "result.json", encoding="utf-8") as handle:
+            first = handle.readline().strip()
+        return json.loads(first).get("trial_id") if first else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None) -> Path:
+    """The Ray trial folder of ``trial_id`` (search or baseline) that holds its ``params.json``.
+
+    Ray names trial folders ``<trainable>_<trial_id>_<index>_<params>_<date>``.
+    Raises :class:`ResultsError` when no such folder exists.
+    """
+    study_dir = Path(study_dir)
+    meta = meta if meta is not None else require_study(study_dir)
+    roots = _experiment_roots(study_dir, meta)
+    pattern = f"*_{glob.escape(str(trial_id))}_*"
+    for root in roots:
+        for sub in _TRIAL_SUBFOLDERS:
+            for folder in sorted((root / sub).glob(pattern)):
+                if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
+                    return folder
+    recorded = str(meta.get("experiment_root") or "")
+    hint = (
+        f"; the search kept its trials at {recorded}: copy that experiment into {study_dir} first"
+        if "://" in recorded else ""
+    )
+    searched = ", ".join(str(root / sub) for root in roots for sub in _TRIAL_SUBFOLDERS)
+    raise ResultsError(f"trial {trial_id}: no trial folder with params.json in {searched}{hint}")
+
+
+def read_trial_config(folder: str | Path) -> dict[str, Any]:
+    """The exact config a trial ran with: its ``params.json``, baseline ``overrides`` merged in."""
+    from kdtune.tables import trial_config
+
+    path = Path(folder) / "params.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ResultsError(f"{path}: cannot read the trial's config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return trial_config(raw)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``checkpoint_*/state.pt`` of a trial folder, or None when it has none."""
+    found = sorted(Path(folder).glob("checkpoint_*/state.pt"))
+    return found[-1] if found else None
+
+
+def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` as CSV via a temporary file in the same folder, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- protocol pieces
+
+
+def fresh_seeds(count: int, base: int, used: set[int] | frozenset[int]) -> list[int]:
+    """``count`` seeds ``base + FRESH_SEED_OFFSET + i`` (i = 0, 1, ...), skipping every seed in ``used``."""
+    seeds: list[int] = []
+    candidate = int(base) + FRESH_SEED_OFFSET
+    while len(seeds) < count:
+        if candidate not in used:
+            seeds.append(candidate)
+        candidate += 1
+    return seeds
+
+
+def baseline_of(config: Any) -> Any:
+    """The no-distillation twin of a :class:`~kdtune.distill.RunConfig`: alpha=1, beta=0,
+    noise=0, everything else (width, lr, batch size, epochs, seed...) unchanged.
+    The temperature is irrelevant at alpha=1 and set to 1 like the search's baselines."""
+    return dataclasses.replace(config, alpha=1.0, beta=0.0, noise=0.0, temperature=1.0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(call: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        _synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    repeats: int = 50,
+    warmup: int = 5,
+    throughput_batch: int = 256,
+    budget_s: float = 2.0,
+) -> tuple[float, float]:
+    """Inference speed of ``model`` on ``device``, in float32 and eval mode.
+
+    Returns ``(latency_ms, throughput_per_s)``: the median wall time of a batch-1
+    forward pass over ``repeats`` passes after ``warmup`` passes, and images per
+    second of a ``throughput_batch`` forward pass (median over as many passes as
+    fit in ``budget_s``, at least one; NaN when the batch does not fit in memory).
+    Inputs are random: the models' cost does not depend on pixel values.
+    """
+    generator = torch.Generator().manual_seed(0)
+    model = model.to(device).eval()
+    single = torch.randn((1, *input_shape), generator=generator).to(device)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(single)
+        _synchronize(device)
+        latency_ms = 1000.0 * _median_seconds(lambda: model(single), repeats, device)
+        try:
+            batch = torch.randn((throughput_batch, *input_shape), generator=generator).to(device)
+            first = _median_seconds(lambda: model(batch), 1, device)  # also the warm-up
+            passes = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
+            throughput = throughput_batch / _median_seconds(lambda: model(batch), passes, device)
+        except torch.OutOfMemoryError:
+            throughput = math.nan
+    return latency_ms, throughput
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (NaN for a single value: one seed says nothing about spread)."""
+    return float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
+
+
+def _front_or_explain(trials: pd.DataFrame, study_dir: Path) -> pd.DataFrame:
+    from kdtune.analysis import pareto_front
+
+    try:
+        return pareto_front(trials)
+    except ResultsError:
+        search = trials[trials["phase"] == "search"] if "phase" in trials.columns else trials
+        counts = search["status"].value_counts().to_dict() if len(search) else {}
+        held = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no search trials"
+        raise ResultsError(
+            f"{study_dir}: no completed search trial to evaluate (the study holds {held}); final evaluation "
+            f"re-trains the validation Pareto front, which needs trials that ran their full epoch budget. "
+            f"Resume or extend the search first"
+        ) from None
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def final_evaluation(
+    study_dir: str | Path, seeds: int = 3, log: Log = print, device: str = "auto"
+) -> pd.DataFrame:
+    """Re-train the validation Pareto front and its baselines with fresh seeds; test once.
+
+    For every configuration on the validation Pareto front of ``study_dir``
+    (completed search trials only), and for the no-distillation baseline of the
+    same config (alpha=1, beta=0, noise=0, same width, lr, batch size, epochs,
+    data subset), trains ``seeds`` students in this process with seeds
+    ``spec.seed + 1000 + i``, skipping any seed a trial of the search used, for
+    the trial's full epoch budget, on ``device`` ("auto": CUDA when available).
+    Each student is evaluated once on the test split. Identical baseline runs
+    (front points sharing every non-KD hyperparameter) are trained once.
+
+    Writes, each atomically, ``final.csv`` (the returned table, one row per
+    front configuration, columns :data:`FINAL_COLUMNS`) and ``final_runs.csv``
+    (one row per training run: trial_id, role "distilled"/"baseline", seed,
+    test_acc, val_acc, status, ...; a shared baseline run is listed under the
+    first front trial that needed it). ``*_std`` are sample standard deviations
+    (NaN with one seed); ``kd_gain_*`` are the mean and std over seeds of the
+    paired difference (distilled − baseline, same seed). ``seeds`` is a
+    ";"-joined list. ``latency_ms`` is the median batch-1 forward time of the
+    first seed's student on ``device`` and ``throughput_per_s`` its images per
+    second at batch 256 (see :func:`measure_latency`), both in float32 with
+    ``threads`` torch threads: the trials' own setting when they had one (the
+    caller's thread count is restored afterwards).
+
+    Raises :class:`ResultsError` when ``study_dir`` is not a study folder or has
+    no completed search trial, and :class:`~kdtune.errors.ConfigError` for
+    ``seeds < 1`` or an unknown device.
+    """
+    from kdtune.analysis import load_results
+    from kdtune.distill import RunConfig, select_device
+    from kdtune.errors import ConfigError
+    from kdtune.search import load_spec_data, teacher_configs
+    from kdtune.spec import load_spec
+    from kdtune.teacher import prepare_teachers
+
+    if int(seeds) < 1:
+        raise ConfigError("seeds", f"must be >= 1 fresh seeds per configuration, got {seeds}")
+    study_dir = Path(study_dir)
+    meta = require_study(study_dir)
+    trials = load_results(study_dir)
+    front = _front_or_explain(trials, study_dir)
+    torch_device = select_device(device)
+
+    spec = load_spec(study_dir / "spec.yaml")
+    used = {int(s) for s in pd.to_numeric(trials["seed"], errors="coerce").dropna()}
+    seed_list = fresh_seeds(int(seeds), spec.seed, used)
+    configs = {}
+    for trial_id in front["trial_id"]:
+        base = RunConfig.from_dict(read_trial_config(trial_folder(study_dir, trial_id, meta)))
+        configs[trial_id] = dataclasses.replace(base, device=str(torch_device))
+
+    data = load_spec_data(spec)
+    prepared = prepare_teachers(teacher_configs(spec), data, study_dir / "teacher",
+                                with_features=spec.uses_features(), log=log)
+    if meta.get("teacher_key") and prepared.key != meta["teacher_key"]:
+        log(f"warning: the teacher cache key is {prepared.key} but the search used {meta['teacher_key']}: "
+            f"the data or teacher changed since the search, so the re-trained students learn from other targets")
+
+    planned = _plan_runs(configs, seed_list)
+    log(f"final evaluation of study '{meta['study']}': {len(front)} front configuration(s) × {len(seed_list)} "
+        f"fresh seed(s) ({', '.join(map(str, seed_list))}) → {len(planned)} training runs on {torch_device}")
+    # run() applies each trial's thread count (the search's placement, usually one
+    # thread per trial) process-wide; give the caller its own setting back afterwards.
+    caller_threads = torch.get_num_threads()
+    try:
+        records, students = _train_and_test(planned, data, prepared.targets, torch_device, log)
+        table = _summarise(front, configs, seed_list, records, students, tuple(data.input_shape), torch_device, log)
+    finally:
+        torch.set_num_threads(caller_threads)
+
+    runs = pd.DataFrame([records[_config_key(config)] for _, _, config in planned], columns=RUN_COLUMNS)
+    write_csv_atomic(runs, study_dir / RUNS_FILE)
+    write_csv_atomic(table, study_dir / FINAL_FILE)
+    log(f"wrote {study_dir / FINAL_FILE} and {study_dir / RUNS_FILE}")
+    return table
+
+
+def _config_key(config: Any) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def _plan_runs(configs: dict[str, Any], seed_list: list[int]) -> list[tuple[str, str, Any]]:
+    """``(trial_id, role, RunConfig)`` of every training run, each distinct config once.
+
+    Front points that share every non-KD hyperparameter share their baseline
+    runs (the same config and seed would train the same student twice)."""
+    planned, seen = [], set()
+    for trial_id, config in configs.items():
+        for seed in seed_list:
+            distilled = dataclasses.replace(config, seed=seed)
+            for role, run_config in (("distilled", distilled), ("baseline", baseline_of(distilled))):
+                key = _config_key(run_config)
+                if key not in seen:
+                    seen.add(key)
+                    planned.append((trial_id, role, run_config))
+    return planned
+
+
+def _train_and_test(
+    planned: list[tuple[str, str, Any]], data: Any, teacher: Any, device: torch.device, log: Log
+) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
+    """Train every planned run and test each student once.
+
+    Returns the run records keyed by config and the first-seed student of each
+    front trial (for the latency measurement)."""
+    from kdtune.distill import evaluate, run
+
+    records: dict[str, dict[str, Any]] = {}
+    students: dict[str, nn.Module] = {}
+    for number, (trial_id, role, config) in enumerate(planned, start=1):
+        what = f"trial {trial_id}" if role == "distilled" else "baseline, alpha=1"
+        log(f"retraining {number}/{len(planned)}: width {config.width:g}, seed {config.seed} ({what}) ...")
+        started = time.perf_counter()
+        outcome = run(config, data, teacher if role == "distilled" else None)
+        train_time = time.perf_counter() - started
+        # The single read of the test split for this student.
+        test_acc, _ = evaluate(outcome.student, data.test, device)
+        status = str(outcome.metrics.get("status", ""))
+        if status == "diverged":
+            log(f"warning: {what}, seed {config.seed} diverged during re-training; its test accuracy counts as is")
+        records[_config_key(config)] = {
+            "trial_id": trial_id, "role": role, "seed": config.seed, "width": config.width,
+            "test_acc": float(test_acc), "val_acc": float(outcome.metrics.get("val_acc", math.nan)),
+            "status": status, "epochs": int(outcome.metrics.get("epoch", 0)), "train_time_s": train_time,
+        }
+        if role == "distilled":
+            students.setdefault(trial_id, outcome.student)
+    return records, students
+
+
+def _summarise(
+    front: pd.DataFrame,
+    configs: dict[str, Any],
+    seed_list: list[int],
+    records: dict[str, dict[str, Any]],
+    students: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    log: Log,
+) -> pd.DataFrame:
+    """One row per front configuration: test accuracy, baseline, paired gain, speed."""
+    rows = []
+    for trial_id, config in configs.items():
+        point = front[front["trial_id"] == trial_id].iloc[0]
+        distilled, baseline = [], []
+        for seed in seed_list:
+            seeded = dataclasses.replace(config, seed=seed)
+            distilled.append(records[_config_key(seeded)]["test_acc"])
+            baseline.append(records[_config_key(baseline_of(seeded))]["test_acc"])
+        gains = [d - b for d, b in zip(distilled, baseline)]
+        latency_ms, throughput = measure_latency(students[trial_id], input_shape, device)
+        row = {
+            "trial_id": trial_id, "width": point["width"], "params": point["params"], "bytes": point["bytes"],
+            "temperature": config.temperature, "alpha": config.alpha, "beta": config.beta, "noise": config.noise,
+            "val_acc": point["val_acc"],
+            "test_acc_mean": float(np.mean(distilled)), "test_acc_std": _std(distilled),
+            "baseline_test_acc_mean": float(np.mean(baseline)), "baseline_test_acc_std": _std(baseline),
+            "kd_gain_mean": float(np.mean(gains)), "kd_gain_std": _std(gains),
+            "n_seeds": len(seed_list), "seeds": ";".join(map(str, seed_list)),
+            "latency_ms": latency_ms, "throughput_per_s": throughput, "device": str(device),
+            "threads": torch.get_num_threads(),
+        }
+        rows.append(row)
+        log(f"trial {trial_id} (width {config.width:g}): test {row['test_acc_mean']:.4f} vs baseline "
+            f"{row['baseline_test_acc_mean']:.4f}, KD gain {row['kd_gain_mean']:+.4f} over {len(seed_list)} "
+            f"seed(s); {latency_ms:.3f} ms per image at batch 1")
+    return pd.DataFrame(rows, columns=FINAL_COLUMNS)

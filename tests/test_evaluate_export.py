@@ -1,0 +1,229 @@
+"""Final evaluation (fresh seeds, one test read) and student export, on the shared tiny study.
+
+These tests write into the study folder (final.csv, exports/) and some remove
+or alter files, so they work on private copies of the session's tiny study.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY_SPEC
+from kdtune.analysis import pareto_front
+from kdtune.cli import main
+from kdtune.errors import KdtuneError, ResultsError
+from kdtune.evaluate import final_evaluation
+from kdtune.export import export_student
+from kdtune.models import build_model
+from kdtune.search import load_spec_data
+from kdtune.spec import load_spec
+
+REQUIRED_COLUMNS = [
+    "trial_id", "width", "params", "bytes", "temperature", "alpha", "beta", "noise", "val_acc",
+    "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "baseline_test_acc_std",
+    "kd_gain_mean", "kd_gain_std", "n_seeds", "seeds", "latency_ms", "device",
+]
+
+
+def copy_study(source: Path, parent: Path) -> Path:
+    target = parent / source.name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def study(tiny_study, tmp_path_factory) -> Path:
+    """A private copy of the tiny study, shared by this module's read-mostly tests."""
+    return copy_study(tiny_study[0], tmp_path_factory.mktemp("evaluate_export"))
+
+
+@pytest.fixture(scope="module")
+def trials(study) -> pd.DataFrame:
+    return pd.read_parquet(study / "trials.parquet")
+
+
+@pytest.fixture(scope="module")
+def evaluated(study):
+    lines: list[str] = []
+    table = final_evaluation(study, seeds=2, log=lines.append, device="cpu")
+    return table, lines
+
+
+@pytest.fixture(scope="module")
+def digits(study):
+    return load_spec_data(load_spec(study / "spec.yaml"))
+
+
+def student_of(width: float) -> torch.nn.Module:
+    """The tiny spec's student architecture, built here from the spec dict."""
+    return build_model(TINY_SPEC["student"]["family"], (1, 8, 8), 10, width, **TINY_SPEC["student"]["options"])
+
+
+def checkpoint_of(study: Path, trial_id: str) -> Path:
+    found = sorted(study.glob(f"*/*_{trial_id}_*/checkpoint_*/state.pt"))
+    assert found, f"no checkpoint for {trial_id}"
+    return found[-1]
+
+
+# --------------------------------------------------------------------------- final evaluation
+
+
+def test_final_csv_has_one_row_per_front_point_with_fresh_seeds(study, trials, evaluated):
+    table, lines = evaluated
+    written = pd.read_csv(study / "final.csv")
+    assert set(REQUIRED_COLUMNS) <= set(written.columns)
+    front = pareto_front(trials)
+    assert sorted(written["trial_id"]) == sorted(front["trial_id"])
+    assert len(written) == len(table) == len(front)
+    assert (written["n_seeds"] == 2).all()
+    search_seeds = {int(s) for s in trials["seed"].dropna()}
+    for seeds in written["seeds"]:
+        used = [int(s) for s in str(seeds).split(";")]
+        assert len(set(used)) == 2 and not set(used) & search_seeds
+    for column in ("test_acc_mean", "baseline_test_acc_mean"):
+        assert written[column].between(0.0, 1.0).all()
+    # Pairing by seed leaves the mean unchanged: mean(kd - base) = mean(kd) - mean(base).
+    expected_gain = written["test_acc_mean"] - written["baseline_test_acc_mean"]
+    assert written["kd_gain_mean"].to_numpy() == pytest.approx(expected_gain.to_numpy(), abs=1e-12)
+    for column in ("test_acc_std", "baseline_test_acc_std", "kd_gain_std"):
+        assert (written[column] >= 0).all()
+    assert (written["latency_ms"] > 0).all() and (written["device"] == "cpu").all()
+    by_trial = written.set_index("trial_id")
+    for trial_id, point in front.set_index("trial_id").iterrows():
+        assert by_trial.loc[trial_id, "val_acc"] == pytest.approx(point["val_acc"])
+        assert by_trial.loc[trial_id, "params"] == point["params"]
+    assert any(line.startswith("retraining 1/") for line in lines)
+
+
+def test_per_run_file_reproduces_the_summary(study, evaluated):
+    """Means, sample stds and seed-paired gains recomputed from final_runs.csv."""
+    summary = pd.read_csv(study / "final.csv")
+    runs = pd.read_csv(study / "final_runs.csv")
+    assert runs["test_acc"].between(0.0, 1.0).all()
+    assert (runs["epochs"] == TINY_SPEC["space"]["epochs"]).all()
+    for _, row in summary.iterrows():
+        seeds = [int(s) for s in str(row["seeds"]).split(";")]
+        kd = runs[(runs["trial_id"] == row["trial_id"]) & (runs["role"] == "distilled")].set_index("seed")
+        base = runs[(runs["role"] == "baseline") & (runs["width"] == row["width"])].set_index("seed")
+        kd_acc = [kd.loc[s, "test_acc"] for s in seeds]
+        base_acc = [base.loc[s, "test_acc"] for s in seeds]
+        gains = [k - b for k, b in zip(kd_acc, base_acc)]
+        assert row["test_acc_mean"] == pytest.approx(sum(kd_acc) / 2, abs=1e-12)
+        assert row["baseline_test_acc_mean"] == pytest.approx(sum(base_acc) / 2, abs=1e-12)
+        assert row["test_acc_std"] == pytest.approx(statistics.stdev(kd_acc), abs=1e-12)
+        assert row["kd_gain_std"] == pytest.approx(statistics.stdev(gains), abs=1e-12)
+
+
+def test_evaluate_on_a_folder_that_is_not_a_study(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a study")
+    with pytest.raises(ResultsError, match=r"notes\.txt.*missing study\.json"):
+        final_evaluation(tmp_path, seeds=1, log=lambda m: None)
+
+
+def test_evaluate_a_study_without_completed_trials(study, tmp_path):
+    copy = copy_study(study, tmp_path)
+    (copy / "final.csv").unlink(missing_ok=True)
+    table = pd.read_parquet(copy / "trials.parquet")
+    table.loc[table["phase"] == "search", "status"] = "stopped_early"
+    table.to_parquet(copy / "trials.parquet", index=False)
+    with pytest.raises(ResultsError, match="no completed search trial.*stopped_early"):
+        final_evaluation(copy, seeds=1, log=lambda m: None)
+    assert not (copy / "final.csv").exists()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_state_dict_reproduces_val_acc(study, trials, digits):
+    front = pareto_front(trials)
+    chosen = front.iloc[-1]
+    path, sidecar = export_student(study, pareto_index=len(front) - 1)
+    assert path == study / "exports" / f"{chosen['trial_id']}.pt"
+    assert sidecar == study / "exports" / f"{chosen['trial_id']}.pt.json"
+    model = student_of(chosen["width"])
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(digits.val.x).argmax(dim=1) == digits.val.y).float().mean().item()
+    assert accuracy == pytest.approx(chosen["val_acc"], abs=1e-6)
+
+    meta = json.loads(sidecar.read_text())
+    study_meta = json.loads((study / "study.json").read_text())
+    assert meta["trial_id"] == chosen["trial_id"] and meta["format"] == "state_dict"
+    assert meta["teacher_key"] == study_meta["teacher_key"]
+    assert meta["input_shape"] == [1, 8, 8] and meta["num_classes"] == 10
+    assert meta["val_acc_reproduced"] == pytest.approx(chosen["val_acc"], abs=1e-6)
+    assert meta["config"]["width"] == chosen["width"] and meta["metrics"]["val_acc"] == chosen["val_acc"]
+    assert meta["kdtune_version"]
+
+
+def test_export_torchscript_matches_the_eager_student(study, trials, digits):
+    chosen = pareto_front(trials).iloc[0]
+    path, sidecar = export_student(study, trial_id=chosen["trial_id"], fmt="torchscript")
+    assert path.name == f"{chosen['trial_id']}.ts" and sidecar.is_file()
+    eager = student_of(chosen["width"])
+    state = torch.load(checkpoint_of(study, chosen["trial_id"]), map_location="cpu", weights_only=True)
+    eager.load_state_dict(state["student"])
+    eager.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still loadable
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    batch = digits.val.x[:17]  # not the batch size the export traced with
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(batch), eager(batch), rtol=0.0, atol=1e-6)
+
+
+def test_export_of_a_stopped_early_trial_is_refused(study, trials):
+    stopped = trials[trials["status"] == "stopped_early"]
+    if stopped.empty:
+        pytest.skip("the tiny study's scheduler stopped no trial early this time")
+    with pytest.raises(ResultsError, match="stopped_early.*full epoch budget"):
+        export_student(study, trial_id=stopped.iloc[0]["trial_id"])
+
+
+def test_export_of_a_trial_whose_checkpoint_is_gone_is_refused(study, trials, tmp_path):
+    copy = copy_study(study, tmp_path)
+    baseline = trials[(trials["phase"] == "baseline") & (trials["status"] == "completed")].iloc[0]
+    shutil.rmtree(checkpoint_of(copy, baseline["trial_id"]).parent)
+    with pytest.raises(ResultsError, match="no checkpoint"):
+        export_student(copy, trial_id=baseline["trial_id"])
+    assert not (copy / "exports" / f"{baseline['trial_id']}.pt").exists()
+
+
+def test_export_that_does_not_reproduce_val_acc_writes_nothing(study, trials, tmp_path):
+    copy = copy_study(study, tmp_path)
+    shutil.rmtree(copy / "exports", ignore_errors=True)
+    table = pd.read_parquet(copy / "trials.parquet")
+    chosen = pareto_front(table).iloc[0]
+    table.loc[table["trial_id"] == chosen["trial_id"], "val_acc"] += 0.01
+    table.to_parquet(copy / "trials.parquet", index=False)
+    with pytest.raises(ResultsError, match="recorded"):
+        export_student(copy, trial_id=chosen["trial_id"])
+    assert list((copy / "exports").iterdir()) == []
+
+
+def test_export_unknown_trial_or_index_lists_valid_choices(study, trials):
+    completed = trials.loc[trials["status"] == "completed", "trial_id"].tolist()
+    with pytest.raises(ResultsError, match=f"unknown trial id 'no-such-trial'.*{completed[0]}"):
+        export_student(study, trial_id="no-such-trial")
+    size = len(pareto_front(trials))
+    with pytest.raises(ResultsError, match=f"has {size} point"):
+        export_student(study, pareto_index=size)
+    result = CliRunner().invoke(main, ["export", str(study), "--trial", "no-such-trial"])
+    assert result.exit_code == 2 and "unknown trial id" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is not None, reason="onnx is installed")
+def test_onnx_without_the_package_says_how_to_install_it(study, trials):
+    with pytest.raises(KdtuneError, match=r"pip install 'kdtune\[onnx\]'"):
+        export_student(study, trial_id=pareto_front(trials).iloc[0]["trial_id"], fmt="onnx")
