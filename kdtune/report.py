@@ -196,7 +196,7 @@ def _plot_pareto(path: Path, study: str, trials: pd.DataFrame, teacher: dict) ->
             if "width" in row and not pd.isna(row["width"]):
                 parts.append(f"w={row['width']:g}")
             if "temperature" in row and not pd.isna(row["temperature"]):
-                parts.append(f"T={row['temperature']:g}")
+                parts.append(f"T={row['temperature']:.3g}")
             if parts:
                 # Up and to the left of each point lies clear of the step line, which leaves rightwards.
                 ax.annotate(", ".join(parts), (row["params"], row["val_acc"]), textcoords="offset points",
