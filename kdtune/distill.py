@@ -133,11 +133,24 @@ class TeacherTargets:
                 logits, features = self.online_model.forward_features(x)
             return logits, features
         assert self.logits is not None
-        logits = torch.from_numpy(np.ascontiguousarray(self.logits[..., indices, :])).to(device)
-        features = None
-        if self.features is not None:
-            features = torch.from_numpy(np.ascontiguousarray(self.features[indices])).to(device)
+        logits_all, features_all = self._as_tensors()
+        index = torch.from_numpy(indices)
+        logits = logits_all.index_select(logits_all.dim() - 2, index).to(device)
+        features = features_all.index_select(0, index).to(device) if features_all is not None else None
         return logits, features
+
+    def _as_tensors(self) -> tuple[Tensor, Tensor | None]:
+        # Zero-copy views of the (possibly read-only, object-store) arrays, made
+        # once: indexing a tensor per batch is cheaper than numpy fancy indexing
+        # plus a copy. The views are only ever read.
+        cached = getattr(self, "_tensors", None)
+        if cached is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                logits = torch.from_numpy(self.logits)
+                features = torch.from_numpy(self.features) if self.features is not None else None
+            cached = self._tensors = (logits, features)
+        return cached
 
 
 @dataclass
