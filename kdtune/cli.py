@@ -42,11 +42,12 @@ def main() -> None:
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 def validate(spec: Path) -> None:
     """Check a search spec (and the data and checkpoints it names) without running anything."""
-    from kdtune.search import preflight
+    from kdtune.search import check_inputs, preflight
     from kdtune.spec import load_spec
 
     parsed = load_spec(spec)
     preflight(parsed, str(spec))
+    check_inputs(parsed, str(spec))
     searched = ", ".join(parsed.space.searched()) or "nothing"
     click.echo(f"{spec}: ok: study '{parsed.study}', {parsed.num_samples} trials on {parsed.data.dataset}, "
                f"searching {searched}")
@@ -65,16 +66,38 @@ def validate(spec: Path) -> None:
 def search(spec: Path, num_samples: int | None, name: str | None, address: str | None, storage: str | None,
            resume: bool, dashboard: bool, results_root: Path) -> None:
     """Run a distillation search described by SPEC (a YAML file)."""
+    from kdtune.search import SearchInterrupted, resume_command
     from kdtune.search import search as run_search
 
-    result = run_search(spec, num_samples=num_samples, name=name, address=address, storage=storage,
-                        resume=resume, dashboard=dashboard, results_root=results_root,
-                        log=lambda m: click.echo(m, err=False))
+    try:
+        result = run_search(spec, num_samples=num_samples, name=name, address=address, storage=storage,
+                            resume=resume, dashboard=dashboard, results_root=results_root,
+                            log=lambda m: click.echo(m, err=False))
+    except SearchInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        study_dir = results_root.resolve() / (name or _spec_study(spec))
+        if (study_dir / "study.json").exists():
+            click.echo(f"search interrupted; everything finished so far is kept in {study_dir}.\n"
+                       f"resume with: {resume_command(spec, study_dir, name)}", err=True)
+        else:
+            click.echo("search interrupted before it started; nothing was written", err=True)
+        sys.exit(130)
     if result.interrupted:
         click.echo(f"search interrupted; everything finished so far is kept in {result.study_dir}.\n"
                    f"resume with: {result.resume_command}", err=True)
         sys.exit(130)
     _print_front(result.trials, result.study_dir)
+
+
+def _spec_study(spec: Path) -> str:
+    from kdtune.spec import load_spec
+
+    try:
+        return load_spec(spec).study
+    except KdtuneError:
+        return ""
 
 
 def _print_front(trials: Any, study_dir: Path) -> None:
@@ -97,14 +120,38 @@ def _study_command(fn: Callable) -> Callable:
     return click.argument("results", type=click.Path(file_okay=False, path_type=Path))(fn)
 
 
+def _trials_with_finished_search(results: Path) -> Any:
+    """The study's trials, or a :class:`ResultsError` when no search trial has
+    finished yet (a study interrupted before its first trial, or still starting)."""
+    import json
+
+    from kdtune.analysis import load_results
+    from kdtune.errors import ResultsError
+
+    trials = load_results(results)
+    finished = trials
+    if {"phase", "status"} <= set(trials.columns):
+        finished = trials[(trials["phase"] == "search") & (trials["status"] == "completed")]
+    if finished.empty:
+        try:
+            state = json.loads((results / "study.json").read_text()).get("state", "unknown")
+        except (OSError, ValueError):
+            state = "unknown"
+        raise ResultsError(
+            f"{results}: no search trial has completed yet ({len(trials)} trial(s) recorded, study state "
+            f"'{state}'); finish the search first (kdtune search SPEC --resume)"
+        )
+    return trials
+
+
 @main.command("best-t")
 @_study_command
 def best_t(results: Path) -> None:
     """Recommend a temperature per student size from a finished study."""
-    from kdtune.analysis import best_temperature, load_results, parameter_importance
+    from kdtune.analysis import best_temperature, parameter_importance
     from kdtune.report import format_terminal_table
 
-    trials = load_results(results)
+    trials = _trials_with_finished_search(results)
     table = best_temperature(trials)
     click.echo(format_terminal_table(table, list(table.columns)))
     try:
@@ -121,10 +168,10 @@ def best_t(results: Path) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for summary.md and PNGs (default: the study folder).")
 def report(results: Path, out: Path | None) -> None:
     """Write summary.md and plots (Pareto front, accuracy vs T, learning curves)."""
-    from kdtune.analysis import load_history, load_results
+    from kdtune.analysis import load_history
     from kdtune.report import write_report
 
-    written = write_report(results, load_results(results), load_history(results), out)
+    written = write_report(results, _trials_with_finished_search(results), load_history(results), out)
     for name, path in written.items():
         click.echo(f"wrote {path}")
 

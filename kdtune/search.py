@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import shlex
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -90,9 +90,11 @@ def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int
         notes.append(f"resources.gpus={gpus} but the cluster has no GPU: running on the CPU")
         gpus = 0.0
     if gpus > total_gpu > 0:
-        raise ConfigError("resources.gpus", f"{gpus} GPUs per trial but the cluster has {total_gpu:g}")
+        raise ConfigError("resources.gpus", f"{gpus:g} GPUs per trial but the cluster has {total_gpu:g}; "
+                                            f"allowed: at most {total_gpu:g} (fractions share a GPU)")
     if cpus > total_cpu:
-        raise ConfigError("resources.cpus", f"{cpus} CPUs per trial but the cluster has {total_cpu:g}")
+        raise ConfigError("resources.cpus", f"{cpus:g} CPUs per trial but the cluster has {total_cpu:g}; "
+                                            f"allowed: at most {total_cpu:g}")
     fit = math.floor(total_cpu / cpus)
     if gpus > 0:
         fit = min(fit, math.floor(total_gpu / gpus + 1e-9))
@@ -102,22 +104,64 @@ def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int
                      max(1, int(cpus)), notes)
 
 
+def _located(exc: ConfigError, section: str) -> str:
+    """A model/dataset error re-keyed to where it sits in the spec, e.g. the
+    ``depth`` error of ``build_model`` becomes ``student.options.depth``."""
+    message = str(exc)
+    rest = message[len(exc.field) + 2:] if message.startswith(f"{exc.field}: ") else message
+    if exc.field in ("model", "family"):
+        key = f"{section}.family"
+    elif exc.field == "dataset":
+        key = f"{section}.dataset"
+    elif exc.field in ("width", "checkpoint") or exc.field.startswith(section.split("[")[0] + "."):
+        key = exc.field if "." in exc.field else f"{section}.{exc.field}"
+    else:
+        key = f"{section}.options.{exc.field}"
+    return f"{key}: {rest}"
+
+
 def preflight(spec: SearchSpec, source: str = "spec") -> None:
-    """Check everything that can be checked without data or Ray; raise on the first problem."""
-    check_dataset_root(spec.data.dataset, spec.data.root, spec.data.download)
+    """Check everything that can be checked without data or Ray; raise on the first problem
+    (a :class:`KdtuneError` naming ``source`` and the spec key)."""
+    try:
+        check_dataset_root(spec.data.dataset, spec.data.root, spec.data.download)
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {_located(exc, 'data')}") from None
     widths = [float(w) for w in possible_values(spec.space.width)]
     input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
+    section = "student"
     try:
         MODELS.get(spec.student.family)
         for width in (min(widths), max(widths)):
             build_model(spec.student.family, input_shape, classes, width, **spec.student.options)
-        for index, teacher in enumerate(spec.teachers()):
+        teachers = spec.teachers()
+        for index, teacher in enumerate(teachers):
+            section = "teacher" if len(teachers) == 1 else f"teacher[{index}]"
             MODELS.get(teacher.family)
             build_model(teacher.family, input_shape, classes, teacher.width, **teacher.options)
             if teacher.checkpoint and not Path(teacher.checkpoint).expanduser().is_file():
-                raise ConfigError(f"teacher.checkpoint", f"{teacher.checkpoint} does not exist")
+                raise ConfigError("checkpoint", f"{teacher.checkpoint} does not exist or is not a file")
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {_located(exc, section)}") from None
+    except TypeError as exc:
+        # Keyword arguments a model family does not take (a misspelt option).
+        raise KdtuneError(f"{source}: {section}.options: {exc}") from None
+
+
+def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = None) -> DatasetSplits:
+    """The checks after :func:`preflight` that need the data: load it, load every
+    teacher checkpoint into its architecture, and check the per-trial resources
+    against the cluster when that is known without starting Ray. Writes nothing.
+    Returns the data; raises :class:`KdtuneError` naming ``source`` and the key."""
+    try:
+        data = load_spec_data(spec)
+        check_teacher_checkpoints(spec, data)
+        known = known_cluster_resources(address)
+        if known is not None:
+            plan_placement(spec, known, spec.num_samples)
     except ConfigError as exc:
         raise KdtuneError(f"{source}: {exc}") from None
+    return data
 
 
 def teacher_configs(spec: SearchSpec) -> list[TeacherConfig]:
@@ -213,6 +257,24 @@ def baseline_configs(spec: SearchSpec, search_trials: pd.DataFrame) -> list[dict
     return overrides
 
 
+def _in_use_error(study_dir: Path, owner: str) -> KdtuneError:
+    return KdtuneError(f"study folder {study_dir} is in use by another kdtune search ({owner or 'another process'}); "
+                       f"wait for it to finish, or use --name NEW for a separate study")
+
+
+def check_not_locked(study_dir: Path) -> None:
+    """Fail at once, without creating anything, if another search holds the study's lock."""
+    path = study_dir / ".lock"
+    if not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use_error(study_dir, handle.read().strip()) from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def study_lock(study_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the study folder for the whole search.
@@ -226,9 +288,9 @@ def study_lock(study_dir: Path) -> Iterator[None]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        owner = handle.read().strip() or "another process"
+        owner = handle.read().strip()
         handle.close()
-        raise KdtuneError(f"study folder {study_dir} is in use by another kdtune search ({owner}); wait for it to finish") from None
+        raise _in_use_error(study_dir, owner) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
@@ -241,34 +303,62 @@ def study_lock(study_dir: Path) -> Iterator[None]:
 
 
 def _spec_identity(spec: SearchSpec) -> dict[str, Any]:
+    # The folder names the study (--name may differ from the spec's `study`), and
+    # --num-samples may change on resume: neither makes it another search.
     data = spec.model_dump(mode="json")
     data.pop("num_samples", None)
+    data.pop("study", None)
     return data
 
 
-def open_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path, resume: bool) -> SearchSpec:
-    """Create the study folder, or check that ``--resume`` continues the same spec."""
+def check_study(spec: SearchSpec, study_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing study, to resume a missing one, or to resume
+    with another spec. Reads only; safe to call before anything is written."""
     marker = study_dir / "study.json"
     if marker.exists() and not resume:
         raise KdtuneError(
             f"study '{study_dir.name}' already exists at {study_dir}: pass --resume to continue it, "
             f"or --name NEW to start a separate study"
         )
+    if not resume:
+        return
+    if not marker.exists():
+        raise KdtuneError(f"--resume: no study at {study_dir} (nothing to resume); run without --resume to start it")
+    stored_path = study_dir / "spec.yaml"
+    try:
+        stored = parse_spec(yaml.safe_load(stored_path.read_text()), str(stored_path))
+    except (OSError, yaml.YAMLError) as exc:
+        raise KdtuneError(f"--resume: cannot read the spec the study was started with ({stored_path}: {exc})") from None
+    if _spec_identity(stored) != _spec_identity(spec):
+        changed = sorted(k for k, v in _spec_identity(spec).items() if _spec_identity(stored).get(k) != v)
+        raise KdtuneError(
+            f"--resume: the spec differs from the one study '{study_dir.name}' was started with "
+            f"(changed: {', '.join(changed)}); Ray cannot change a search space on resume. "
+            f"Start a new study with --name instead"
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def open_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path, resume: bool) -> SearchSpec:
+    """Create the study folder (spec.yaml, then study.json in state "starting"), or
+    check that ``--resume`` continues the same spec.
+
+    ``study.json`` is written before any long work, so that a search killed while
+    its teacher trains can already be resumed with ``--resume``.
+    """
+    check_study(spec, study_dir, resume)
     if resume:
-        if not marker.exists():
-            raise KdtuneError(f"--resume: no study at {study_dir} (nothing to resume); run without --resume to start it")
-        stored = parse_spec(yaml.safe_load((study_dir / "spec.yaml").read_text()), str(study_dir / "spec.yaml"))
-        if _spec_identity(stored) != _spec_identity(spec):
-            changed = sorted(k for k, v in _spec_identity(spec).items() if _spec_identity(stored).get(k) != v)
-            raise KdtuneError(
-                f"--resume: the spec differs from the one study '{study_dir.name}' was started with "
-                f"(changed: {', '.join(changed)}); Ray cannot change a search space on resume. "
-                f"Start a new study with --name instead"
-            )
         return spec
     study_dir.mkdir(parents=True, exist_ok=True)
     text = spec_source.read_text() if spec_source else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    (study_dir / "spec.yaml").write_text(text)
+    _write_atomic(study_dir / "spec.yaml", text)
+    write_study_json(study_dir, {"study": study_dir.name, "kdtune_version": __version__, "state": "starting",
+                                 "num_samples": spec.num_samples})
     return spec
 
 
@@ -277,9 +367,7 @@ def write_study_json(study_dir: Path, info: dict[str, Any]) -> None:
     path = study_dir / "study.json"
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(info)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, default=str))
-    os.replace(tmp, path)
+    _write_atomic(path, json.dumps(current, indent=2, default=str))
 
 
 def _quiet_ray_environment() -> None:
@@ -294,20 +382,15 @@ def _quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None, dashboard: bool, log: Log) -> Iterator[None]:
-    """Start a local Ray instance (or join ``address``) and shut it down afterwards.
+def ray_init_kwargs(address: str | None, dashboard: bool, num_cpus: int | None = None) -> dict[str, Any]:
+    """The keyword arguments kdtune passes to ``ray.init``.
 
-    The local default keeps Ray's token authentication on and the dashboard off;
-    ``dashboard=True`` binds it to 127.0.0.1 only. An already initialised Ray
-    (a notebook, kdtune's tests) is reused and left running.
+    Token authentication is never turned off: kdtune sets no auth option at all,
+    so Ray 2.59+ enables it for the local cluster it starts. The dashboard (an
+    HTTP server that accepts jobs) is off unless asked for, and then bound to
+    127.0.0.1 only. Joining ``address`` passes no resource counts (Ray forbids
+    them when connecting to an existing cluster).
     """
-    import ray
-
-    _quiet_ray_environment()
-    if ray.is_initialized():
-        yield
-        return
     kwargs: dict[str, Any] = dict(
         include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False,
         configure_logging=True,
@@ -315,10 +398,60 @@ def ray_session(address: str | None, dashboard: bool, log: Log) -> Iterator[None
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
     if address:
-        log(f"joining the Ray cluster at {address}")
-        ray.init(address=address, **kwargs)
+        kwargs["address"] = address
     else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    return kwargs
+
+
+def ray_auth_environment(address: str | None, environ: dict[str, str], home: Path) -> dict[str, str]:
+    """Environment variables to set before joining ``address`` so that the token is sent.
+
+    Ray enables token authentication on the client side only for clusters it finds
+    itself (no address, or "auto"); joining an explicit ``host:port`` sends no token,
+    and a cluster with token auth refuses the connection. When a token is
+    available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``)
+    and ``RAY_AUTH_MODE`` is unset, this turns token mode on. It never turns it off.
+    """
+    if not address or address == "auto" or address.startswith("ray://") or "RAY_AUTH_MODE" in environ:
+        return {}
+    token_path = environ.get("RAY_AUTH_TOKEN_PATH")
+    has_token = bool(environ.get("RAY_AUTH_TOKEN")) or (token_path is not None and Path(token_path).is_file()) \
+        or (home / ".ray" / "auth_token").is_file()
+    return {"RAY_AUTH_MODE": "token"} if has_token else {}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, dashboard: bool, log: Log) -> Iterator[None]:
+    """Start a local Ray instance (or join ``address``) and shut it down afterwards.
+
+    The local default keeps Ray's token authentication on and the dashboard off;
+    ``dashboard=True`` binds it to 127.0.0.1 only (see :func:`ray_init_kwargs`).
+    An already initialised Ray (a notebook, kdtune's tests) is reused and left running.
+    """
+    import ray
+
+    _quiet_ray_environment()
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        auth = ray_auth_environment(address, dict(os.environ), Path.home())
+        if auth:
+            os.environ.update(auth)
+            # Ray reads RAY_AUTH_MODE once, at import; re-read it as Ray's own
+            # token setup does after changing it.
+            from ray._raylet import Config
+
+            Config.initialize("")
+        log(f"joining the Ray cluster at {address}")
+    try:
+        ray.init(**ray_init_kwargs(address, dashboard))
+    except ConnectionError as exc:
+        if not address:
+            raise
+        raise KdtuneError(f"--address {address}: cannot connect to a Ray cluster there ({exc}); "
+                          f"check the address and that this machine has the cluster's auth token") from None
     try:
         yield
     finally:
@@ -432,16 +565,72 @@ def _run_config(name: str, storage_path: str, spec: SearchSpec, callbacks: list)
     )
 
 
+def can_restore(experiment: str) -> bool:
+    """Whether a Ray experiment folder holds a run to resume.
+
+    ``Tuner.can_restore`` only looks for ``tuner.pkl``, which Ray writes before the
+    first experiment state: a driver killed in between leaves a folder that
+    ``Tuner.restore`` cannot resume (it then runs a broken, near-empty search).
+    """
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment):
+        return False
+    if "://" in experiment:
+        return True
+    return any(Path(experiment).glob("experiment_state-*.json"))
+
+
 def _fit(tuner_factory: Callable[[], Any], experiment: str, restore: Callable[[], Any] | None) -> Any:
     from ray import tune
 
-    if restore is not None and tune.Tuner.can_restore(experiment):
+    if restore is not None and can_restore(experiment):
         tuner = restore()
     else:
         tuner = tuner_factory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tuner.fit()
+
+
+FINISHED = ("completed", "stopped_early", "diverged", "error")
+
+
+class SearchInterrupted(KdtuneError):
+    """Ctrl-C before the trials started; the study folder can be resumed."""
+
+    exit_code = 130
+
+    def __init__(self, study_dir: Path, resume_cmd: str) -> None:
+        self.study_dir, self.resume_command = study_dir, resume_cmd
+        super().__init__(f"search interrupted; everything finished so far is kept in {study_dir}.\n"
+                         f"resume with: {resume_cmd}")
+
+
+def resume_command(spec_source: Path | None, study_dir: Path, name: str | None) -> str:
+    """The command line that resumes a study (printed when a search is interrupted)."""
+    spec_arg = str(spec_source) if spec_source is not None else str(study_dir / "spec.yaml")
+    parts = ["kdtune", "search", spec_arg, "--resume"]
+    if name or spec_source is None:
+        parts += ["--name", study_dir.name]
+    if study_dir.parent != Path("results").resolve():
+        parts += ["--results", str(study_dir.parent)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def known_cluster_resources(address: str | None) -> dict[str, float] | None:
+    """The resources of the cluster a search will use, if known without starting Ray:
+    an already initialised Ray's, or what a new local instance will have (all CPUs,
+    the visible GPUs). None when joining another cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    if address:
+        return None
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def search(
@@ -462,13 +651,12 @@ def search(
     ``address`` joins an existing Ray cluster ("auto", "ray://host:10001", host:port);
     ``storage`` is where Ray keeps the experiment (a path every node sees, or a
     pyarrow URI such as s3://bucket/kdtune), by default the study folder.
-    Bad input raises :class:`KdtuneError` before Ray starts.
+    Bad input raises :class:`KdtuneError` before Ray starts (a joined cluster's
+    resources are checked right after joining) and before anything is written.
+    Ctrl-C before the trials start raises :class:`SearchInterrupted`; during the
+    trials Ray stops them, and the result has ``interrupted=True``.
     """
-    from ray import tune
-
-    from kdtune.searcher import reconcile_journal
-    from kdtune.tables import write_tables
-    from kdtune.trainable import DataArrays, distill_trainable
+    from kdtune.searcher import clear_stale_journal_lock, reconcile_journal
 
     spec_source = None
     if not isinstance(spec, SearchSpec):
@@ -485,90 +673,118 @@ def search(
     preflight(spec, source)
     results_root = Path(results_root).expanduser().resolve()
     study_dir = results_root / study
+    resume_cmd = resume_command(spec_source, study_dir, name)
 
-    with study_lock(study_dir):
-        open_study(spec, spec_source, study_dir, resume)
-        data = load_spec_data(spec)
-        check_teacher_checkpoints(spec, data)
-        prepared = prepare_teachers(teacher_configs(spec), data, study_dir / "teacher", with_features=spec.uses_features(), log=log)
-        teacher_info = prepared.info
-        experiment_root = f"{storage.rstrip('/')}/{study}" if storage else str(study_dir)
-        search_path = f"{experiment_root}/{SEARCH_DIR}"
-        baseline_path = f"{experiment_root}/{BASELINE_DIR}"
+    # Everything that can reject the input runs before anything is written, so a
+    # rejected spec leaves no study folder behind.
+    check_study(spec, study_dir, resume)
+    check_not_locked(study_dir)
+    data = check_inputs(spec, source, address)
+    experiment_root = f"{storage.rstrip('/')}/{study}" if storage else str(study_dir)
 
-        with ray_session(address, dashboard, log):
-            import ray
+    with ray_session(address, dashboard, log), study_lock(study_dir):
+        import ray
 
+        try:
             placement = plan_placement(spec, ray.cluster_resources(), spec.num_samples)
-            for note in placement.warnings:
-                log(f"warning: {note}")
-            scheduler, rungs = _scheduler(spec)
-            write_study_json(study_dir, {
-                "study": study, "kdtune_version": __version__, "state": "running",
-                "teacher": teacher_info[0], "teachers": teacher_info, "teacher_key": prepared.key,
-                "rungs": rungs, "num_samples": spec.num_samples, "experiment_root": experiment_root,
-                "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
-            })
-            config = base_config(spec, placement)
-            if spec.faults is not None and spec.faults.raise_at_epoch:
-                config["fault"] = {**spec.faults.model_dump(), "dir": str(study_dir / "faults")}
-            trainable = tune.with_resources(
-                tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets),
-                placement.resources,
-            )
-            log(f"study '{study}': {spec.num_samples} trials, up to {placement.max_concurrent} at a time, "
-                f"{spec.early_stopping.rule} early stopping, results in {study_dir}")
-
-            def new_search_tuner():
-                return tune.Tuner(
-                    trainable,
-                    param_space=config,
-                    tune_config=tune.TuneConfig(
-                        search_alg=_searcher(spec, study_dir / "optuna.journal", study),
-                        scheduler=scheduler,
-                        num_samples=spec.num_samples,
-                        max_concurrent_trials=placement.max_concurrent,
-                        reuse_actors=True,
-                    ),
-                    run_config=_run_config(SEARCH_DIR, experiment_root, spec, [_progress_callback(spec.num_samples, log)]),
-                )
-
-            def restore_search_tuner():
-                log(f"resuming the search from {search_path}")
-                return tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=False,
-                                          restart_errored=False)
-
-            _fit(new_search_tuner, search_path, restore_search_tuner if resume else None)
-            trials, history = write_tables(study_dir, study, experiment_root)
-            finished = trials[trials["status"].isin(["completed", "stopped_early", "diverged", "error"])]
-            interrupted = len(finished) < spec.num_samples
-            if not interrupted and spec.baselines:
-                overrides = baseline_configs(spec, trials[trials["phase"] == "search"])
-                if overrides:
-                    log(f"baselines: {len(overrides)} no-distillation runs (alpha=1) of widths "
-                        + ", ".join(f"{o['width']:g}" for o in overrides))
-                    baseline_space = {**config, "phase": "baseline", "overrides": tune.grid_search(overrides)}
-                    baseline_space.pop("fault", None)
-
-                    def new_baseline_tuner():
-                        return tune.Tuner(
-                            trainable, param_space=baseline_space,
-                            tune_config=tune.TuneConfig(max_concurrent_trials=placement.max_concurrent, reuse_actors=True),
-                            run_config=_run_config(BASELINE_DIR, experiment_root, spec, [_progress_callback(len(overrides), log)]),
-                        )
-
-                    def restore_baseline_tuner():
-                        return tune.Tuner.restore(baseline_path, trainable, resume_unfinished=True, resume_errored=False)
-
-                    _fit(new_baseline_tuner, baseline_path, restore_baseline_tuner)
-                    trials, history = write_tables(study_dir, study, experiment_root)
-                    finished_baselines = trials[(trials["phase"] == "baseline") & trials["status"].isin(["completed", "diverged", "error"])]
-                    interrupted = len(finished_baselines) < len(overrides)
-
-        ray_ids = set(trials.loc[trials["phase"] == "search", "trial_id"]) if len(trials) else set()
-        lost = reconcile_journal(study_dir / "optuna.journal", study, ray_ids) if not interrupted else 0
-        if lost:
-            log(f"optuna journal: {lost} trial(s) asked before the restart and never run marked FAIL")
-        resume_command = f"kdtune search {spec_source or '<spec>'} --resume" + (f" --name {name}" if name else "")
+        except ConfigError as exc:
+            raise KdtuneError(f"{source}: {exc}") from None
+        for note in placement.warnings:
+            log(f"warning: {note}")
+        try:
+            open_study(spec, spec_source, study_dir, resume)
+            if clear_stale_journal_lock(study_dir / "optuna.journal"):
+                log("removed the Optuna journal lock left by a killed search")
+            prepared = prepare_teachers(teacher_configs(spec), data, study_dir / "teacher",
+                                        with_features=spec.uses_features(), log=log)
+        except KeyboardInterrupt:
+            if (study_dir / "study.json").exists():
+                write_study_json(study_dir, {"state": "interrupted"})
+            raise SearchInterrupted(study_dir, resume_cmd) from None
+        scheduler, rungs = _scheduler(spec)
+        write_study_json(study_dir, {
+            "study": study, "kdtune_version": __version__, "state": "running",
+            "teacher": prepared.info[0], "teachers": prepared.info, "teacher_key": prepared.key,
+            "rungs": rungs, "num_samples": spec.num_samples, "experiment_root": experiment_root,
+            "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
+        })
+        interrupted, trials, history = _run_trials(spec, study, study_dir, experiment_root, data, prepared,
+                                                   placement, scheduler, resume, log)
+        if not interrupted:
+            ray_ids = set(trials.loc[trials["phase"] == "search", "trial_id"]) if len(trials) else set()
+            lost = reconcile_journal(study_dir / "optuna.journal", study, ray_ids)
+            if lost:
+                log(f"optuna journal: {lost} trial(s) asked before the restart and never run marked FAIL")
         write_study_json(study_dir, {"state": "interrupted" if interrupted else "complete"})
-    return SearchResult(study_dir, trials, history, teacher_info, interrupted, resume_command)
+    return SearchResult(study_dir, trials, history, prepared.info, interrupted, resume_cmd)
+
+
+def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: str, data: DatasetSplits,
+                prepared: Any, placement: Placement, scheduler: Any, resume: bool,
+                log: Log) -> tuple[bool, pd.DataFrame, pd.DataFrame]:
+    """Run (or resume) the search trials, then the baselines, writing the tables after
+    each; returns (stopped before the end, trials, history)."""
+    from ray import tune
+
+    from kdtune.tables import write_tables
+    from kdtune.trainable import DataArrays, distill_trainable
+
+    search_path = f"{experiment_root}/{SEARCH_DIR}"
+    baseline_path = f"{experiment_root}/{BASELINE_DIR}"
+    config = base_config(spec, placement)
+    if spec.faults is not None and spec.faults.raise_at_epoch:
+        config["fault"] = {**spec.faults.model_dump(), "dir": str(study_dir / "faults")}
+    trainable = tune.with_resources(
+        tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets),
+        placement.resources,
+    )
+    log(f"study '{study}': {spec.num_samples} trials, up to {placement.max_concurrent} at a time, "
+        f"{spec.early_stopping.rule} early stopping, results in {study_dir}")
+
+    def new_search_tuner():
+        return tune.Tuner(
+            trainable,
+            param_space=config,
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(spec, study_dir / "optuna.journal", study),
+                scheduler=scheduler,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=placement.max_concurrent,
+                reuse_actors=True,
+            ),
+            run_config=_run_config(SEARCH_DIR, experiment_root, spec, [_progress_callback(spec.num_samples, log)]),
+        )
+
+    def restore_search_tuner():
+        log(f"resuming the search from {search_path}")
+        return tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+
+    _fit(new_search_tuner, search_path, restore_search_tuner if resume else None)
+    trials, history = write_tables(study_dir, study, experiment_root)
+    search_trials = trials[trials["phase"] == "search"] if len(trials) else trials
+    finished = search_trials[search_trials["status"].isin(FINISHED)] if len(search_trials) else search_trials
+    if len(finished) < spec.num_samples:
+        return True, trials, history
+    overrides = baseline_configs(spec, search_trials) if spec.baselines else []
+    if not overrides:
+        return False, trials, history
+    log(f"baselines: {len(overrides)} no-distillation runs (alpha=1) of widths "
+        + ", ".join(f"{o['width']:g}" for o in overrides))
+    baseline_space = {**config, "phase": "baseline", "overrides": tune.grid_search(overrides)}
+    baseline_space.pop("fault", None)
+
+    def new_baseline_tuner():
+        return tune.Tuner(
+            trainable, param_space=baseline_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=placement.max_concurrent, reuse_actors=True),
+            run_config=_run_config(BASELINE_DIR, experiment_root, spec, [_progress_callback(len(overrides), log)]),
+        )
+
+    def restore_baseline_tuner():
+        return tune.Tuner.restore(baseline_path, trainable, resume_unfinished=True, resume_errored=False)
+
+    _fit(new_baseline_tuner, baseline_path, restore_baseline_tuner)
+    trials, history = write_tables(study_dir, study, experiment_root)
+    baselines = trials[(trials["phase"] == "baseline") & trials["status"].isin(FINISHED)]
+    return len(baselines) < len(overrides), trials, history

@@ -74,6 +74,21 @@ def journal_storage(path: str | Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def clear_stale_journal_lock(path: str | Path) -> bool:
+    """Remove the journal's write lock left behind by a killed search; True if there was one.
+
+    Optuna's file lock is a ``<journal>.lock`` link that a SIGKILLed process never
+    removes; the next writer then waits 30 s before breaking it. Only call this
+    while holding the study lock (:func:`kdtune.search.study_lock`): no other
+    kdtune process can then be writing to the journal.
+    """
+    lock = Path(f"{path}.lock")
+    if lock.is_symlink() or lock.exists():
+        lock.unlink(missing_ok=True)
+        return True
+    return False
+
+
 def trial_outcome(result: dict[str, Any] | None, error: bool) -> str:
     """How a finished Ray trial is told to Optuna: "complete", "pruned" or "fail".
 
@@ -121,22 +136,49 @@ class KdOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        outcome = trial_outcome(result, error)
+        state, values = self._outcome(result, error)
         try:
-            if outcome == "complete":
-                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-                values = [result.get(m) for m in metrics]  # type: ignore[union-attr]
-                if any(v is None or not math.isfinite(float(v)) for v in values):
-                    self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-                else:
-                    self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
-            elif outcome == "pruned":
-                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-            else:
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            self._ot_study.tell(ot_trial, values if values is None or len(values) > 1 else values[0], state=state)
+        except ValueError:
+            # The journal already holds an outcome for this trial: it finished just
+            # before a driver crash, after Ray's last saved experiment state, and Ray
+            # ran it again after --resume.
+            self._record_rerun(ot_trial.number, trial_id, state, values)
         except Exception as exc:  # noqa: BLE001 - a failed tell must not end the search
             logger.warning("could not tell Optuna the outcome of trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+    def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None]:
+        outcome = trial_outcome(result, error)
+        if outcome == "pruned":
+            return TrialState.PRUNED, None
+        if outcome == "complete":
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [result.get(m) for m in metrics]  # type: ignore[union-attr]
+            if all(v is not None and math.isfinite(float(v)) for v in values):
+                return TrialState.COMPLETE, [float(v) for v in values]
+        return TrialState.FAIL, None
+
+    def _record_rerun(self, number: int, trial_id: str, state: TrialState, values: list[float] | None) -> None:
+        """Keep the journal agreeing with Ray when a trial ran again after a restart.
+
+        A finished Optuna trial cannot change, so when the second run ended
+        differently (say PRUNED before the crash, COMPLETE after it, because the
+        scheduler's rungs are not restored) a new trial with the same parameters
+        records the outcome Ray keeps, with user attributes ``ray_trial_id`` and
+        ``rerun_of`` (the number of the trial it supersedes).
+        """
+        earlier = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number)
+        same_values = (values is None) == (earlier.values is None) and (
+            values is None or all(math.isclose(a, b) for a, b in zip(values, earlier.values)))
+        if earlier.state == state and same_values:
+            return
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            params=earlier.params, distributions=earlier.distributions, state=state, values=values,
+            user_attrs={**earlier.user_attrs, "ray_trial_id": trial_id, "rerun_of": number},
+        ))
+        logger.info("trial %s ran again after a restart: recorded its new outcome (%s) as a new Optuna trial",
+                    trial_id, state.name)
 
 
 def reconcile_journal(storage_path: str | Path, study_name: str, finished_ray_trials: set[str]) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdtune.errors import KdtuneError
 
@@ -32,7 +32,16 @@ STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are never meaningful settings (an infinite lr, a NaN width).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_stray_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `num_samples: true` as 1; a boolean is only meant for a switch.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("true/false is not allowed here; expected a number or a setting")
+        return value
 
 
 class Uniform(_Strict):
@@ -54,6 +63,35 @@ class Choice(_Strict):
 
 Distribution = Union[Uniform, LogUniform, IntRange, Choice]
 Value = Union[Uniform, LogUniform, IntRange, Choice, float, int, str]
+DISTRIBUTIONS: dict[str, type[_Strict]] = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange, "choice": Choice}
+DISTRIBUTION_FORMS = "{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]} or {choice: [v1, v2, ...]}"
+
+
+def parse_value(raw: Any) -> Any:
+    """One ``space`` entry: a fixed number or string, or exactly one distribution.
+
+    Raises ``ValueError`` with one message saying what is wrong and which forms are
+    allowed (instead of pydantic's one error per union branch).
+    """
+    if isinstance(raw, bool):
+        raise ValueError(f"must be a number, a string or a distribution ({DISTRIBUTION_FORMS})")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ValueError("must be a finite number")
+    if isinstance(raw, (list, tuple)):
+        raise ValueError(f"a list is not a value; to search over values write {{choice: {list(raw)!r}}}")
+    if not isinstance(raw, dict):
+        return raw
+    kinds = [key for key in raw if key in DISTRIBUTIONS]
+    extra = [key for key in raw if key not in DISTRIBUTIONS and not (key == "log" and "int" in raw)]
+    if len(kinds) != 1 or extra:
+        raise ValueError(f"a distribution is exactly one of {DISTRIBUTION_FORMS}; got keys {sorted(map(str, raw))}")
+    kind = kinds[0]
+    try:
+        return DISTRIBUTIONS[kind].model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ValueError(f"{where}: {error['msg']} (got {raw[kind]!r})") from None
 
 
 def bounds(value: Any) -> tuple[Any, Any] | list[Any] | None:
@@ -120,6 +158,11 @@ class SpaceSpec(_Strict):
     batch_size: Value = 32
     epochs: Value = 27
     soft_loss: Value = "kl"
+
+    @field_validator(*SEARCHABLE, mode="before")
+    @classmethod
+    def _one_value(cls, raw: Any) -> Any:
+        return parse_value(raw)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "SpaceSpec":
@@ -192,8 +235,18 @@ class FaultSpec(_Strict):
     """Fault injection for kdtune's own tests: raise inside a trial at an epoch."""
 
     raise_at_epoch: int | None = Field(None, ge=1)
-    raise_times: int = Field(1, ge=1)
+    #: Times each faulty trial raises; a list gives one count per faulty trial
+    #: (then the number of faulty trials is its length).
+    raise_times: int | list[int] = Field(1)
     raise_in_trials: int = Field(1, ge=1)
+
+    @field_validator("raise_times")
+    @classmethod
+    def _positive_counts(cls, value: int | list[int]) -> int | list[int]:
+        counts = value if isinstance(value, list) else [value]
+        if not counts or any(c < 1 for c in counts):
+            raise ValueError("must be an integer >= 1 or a non-empty list of them")
+        return value
 
 
 class SearchSpec(_Strict):
@@ -237,12 +290,16 @@ class SearchSpec(_Strict):
         return any(float(v) > 0 for v in possible_values(self.space.beta))
 
 
+#: Names pydantic puts into an error's location for the branch of a union that failed.
+UNION_TAGS = ("Uniform", "LogUniform", "IntRange", "Choice", "float", "int", "str", "list[TeacherSpec]", "TeacherSpec")
+
+
 def _format_location(loc: tuple[Any, ...]) -> str:
     parts = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("Uniform", "LogUniform", "IntRange", "Choice", "float", "int", "str", "list[TeacherSpec]", "TeacherSpec"):
+        elif item in UNION_TAGS:
             continue
         else:
             parts.append(("." if parts else "") + str(item))
@@ -274,18 +331,20 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SearchSpec:
     try:
         return SearchSpec.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        # Distributions are a union; report the most relevant branch, not all four.
+        formatted = [(error, _format_error(error)) for error in exc.errors()]
+        keys = [line.split(":", 1)[0] for _, line in formatted]
         seen, lines = set(), []
-        for error in errors:
-            line = _format_error(error)
-            key = line.split(":", 1)[0]
+        for (error, line), key in zip(formatted, keys):
+            # A union (one teacher or a list of them) fails in every branch; when a
+            # branch got as far as a key inside, the other branches' "wrong type"
+            # complaints about the whole value are noise.
+            if error["type"].endswith("_type") and any(k.startswith((key + ".", key + "[")) for k in keys):
+                continue
             if key in seen:
                 continue
             seen.add(key)
             if line.endswith("unknown key"):
-                section = error["loc"][:-1]
-                model = _model_at(section)
+                model = _model_at(error["loc"][:-1])
                 if model is not None:
                     line += f"; allowed keys: {_allowed_keys(model)}"
             lines.append(line)
@@ -295,7 +354,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SearchSpec:
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = SearchSpec
     for item in loc:
-        if isinstance(item, int):
+        if isinstance(item, int) or item in UNION_TAGS:
             continue
         field = model.model_fields.get(str(item))
         if field is None:

@@ -60,31 +60,42 @@ class DataArrays:
                              self.num_classes, self.input_shape, self.fingerprint)
 
 
+def fault_counts(fault: dict[str, Any]) -> list[int]:
+    """How many times each faulty trial raises, in the order trials claim a slot."""
+    times = fault.get("raise_times", 1)
+    if isinstance(times, (list, tuple)):
+        return [int(t) for t in times]
+    return [int(times)] * int(fault.get("raise_in_trials", 1))
+
+
 def _claim_fault_slot(fault: dict[str, Any], trial_id: str) -> bool:
     """Whether this trial should raise the injected fault now (tests only).
 
-    The first ``raise_in_trials`` trials to get here each raise ``raise_times``
-    times; attempts are counted in files so that retries of a trial see them.
+    The first trials to get here each take a slot; slot ``i`` raises
+    ``fault_counts(fault)[i]`` times. Attempts are counted in files (``trial-<id>``
+    holds "slot attempts") so that retries of a trial, in a new actor or after a
+    driver restart, see them.
     """
     folder = Path(fault["dir"])
     folder.mkdir(parents=True, exist_ok=True)
+    counts = fault_counts(fault)
     mine = folder / f"trial-{trial_id}"
     if not mine.exists():
-        for slot in range(int(fault["raise_in_trials"])):
+        for slot in range(len(counts)):
             try:
                 fd = os.open(folder / f"slot-{slot}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 continue
             os.write(fd, trial_id.encode())
             os.close(fd)
-            mine.write_text("0")
+            mine.write_text(f"{slot} 0")
             break
         else:
             return False
-    attempts = int(mine.read_text() or 0)
-    if attempts >= int(fault["raise_times"]):
+    slot, attempts = (int(v) for v in mine.read_text().split())
+    if attempts >= counts[slot]:
         return False
-    mine.write_text(str(attempts + 1))
+    mine.write_text(f"{slot} {attempts + 1}")
     return True
 
 
@@ -120,7 +131,10 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     pending: dict[int, Any] = {}
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
-        folder = tempfile.mkdtemp(prefix="kdtune-ckpt-")
+        # Staged in the trial's working directory (inside Ray's temp dir), not in
+        # /tmp: when the scheduler stops a trial at its last report, tune.report
+        # never returns and the rmtree below never runs.
+        folder = tempfile.mkdtemp(prefix="kdtune-ckpt-", dir=os.getcwd())
         torch.save(state, Path(folder) / STATE_FILE)
         pending[epoch] = folder
 
