@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmark helpers' pure functions (no Ray, no timing assertions)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_parallel_efficiency_and_overhead_follow_their_formulas():
+    # 10 trials of 1 s own time on 2 slots finishing in 6 s: 10 / (6 * 2) of the slots
+    # did the trials' work, and (12 - 10) / 10 = 0.2 s per trial went elsewhere.
+    assert common.parallel_efficiency(10.0, 6.0, 2) == pytest.approx(10 / 12)
+    assert common.per_trial_overhead(10.0, 6.0, 2, 10) == pytest.approx(0.2)
+
+
+def test_ratio_and_median_handle_empty_and_zero():
+    assert common.ratio(3.0, 4.0) == 0.75
+    assert math.isnan(common.ratio(1.0, 0.0))
+    assert math.isnan(common.ratio(1.0, float("nan")))
+    assert common.median([3, 1, 2]) == 2
+    assert math.isnan(common.median([]))
+
+
+def test_deep_merge_merges_nested_dicts_and_replaces_the_rest():
+    base = {"space": {"width": {"choice": [8, 16]}, "epochs": 27}, "sampler": {"objectives": ["val_acc", "params"]}}
+    merged = common.deep_merge(base, {"space": {"epochs": 3}, "sampler": {"objectives": ["val_acc"]}, "seed": 2})
+    assert merged == {"space": {"width": {"choice": [8, 16]}, "epochs": 3}, "sampler": {"objectives": ["val_acc"]}, "seed": 2}
+    assert base["space"]["epochs"] == 27  # the base is not modified
+
+
+def test_markdown_table_formats_cells():
+    table = common.markdown_table(["a", "b"], [[1234, 0.5], [float("nan"), "x"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1,234 | 0.500 |", "| - | x |"]
+
+
+def test_report_writes_targets_with_verdicts(tmp_path):
+    report = common.Report("demo", "Demo")
+    report.add("Section", "body")
+    report.target("x ≥ 1", "2", True)
+    report.target("y ≤ 1", "3", False)
+    path = report.write("python bench/run_all.py", tmp_path)
+    text = path.read_text()
+    assert path.name == "demo.md"
+    assert "**MET**: x ≥ 1 — measured 2" in text
+    assert "**NOT MET**: y ≤ 1 — measured 3" in text
+    assert "cores" in text and "ray" in text
+
+
+def test_digits_spec_applies_overrides_to_the_default_spec():
+    spec = common.digits_spec({"baselines": False, "num_samples": 7, "early_stopping": {"rule": "none"}})
+    assert spec.num_samples == 7 and spec.baselines is False
+    assert spec.early_stopping.rule == "none"
+    assert spec.data.dataset == "digits"  # the rest comes from search_spaces/digits.yaml
+
+
+def test_run_all_arguments():
+    args = run_all.parse_args(["--quick", "--only", "overhead", "--only", "distill_step"])
+    assert args.quick and args.only == ["overhead", "distill_step"]
+    with pytest.raises(SystemExit):
+        run_all.parse_args(["--only", "no_such_benchmark"])
+
+
+def _profile_with(events: dict[str, tuple[float, float]], started: float = 0.0):
+    from profiling import DriverProfile, TrialEvents
+
+    profile = DriverProfile()
+    profile.started = started
+    for trial_id, (start, end) in events.items():
+        profile.trials[trial_id] = TrialEvents(start=start, complete=end)
+    return profile
+
+
+def test_steady_state_skips_each_slots_first_trial_and_adds_the_gap():
+    import overhead
+
+    # Two slots: a and b start at once (warm-up), c starts 0.1 s after a ends, d 0.3 s after b ends.
+    profile = _profile_with({"a": (0.0, 2.0), "b": (0.0, 3.0), "c": (2.1, 3.6), "d": (3.3, 4.5)})
+    own = {tid: 1.0 for tid in "abcd"}
+    steady = overhead.steady_state(profile, list("abcd"), own, concurrent=2)
+    assert [t["trial_id"] for t in steady["trials"]] == ["c", "d"]
+    assert [round(t["gap_s"], 6) for t in steady["trials"]] == [0.1, 0.3]
+    # slot = duration + gap: c 1.5 + 0.1, d 1.2 + 0.3; overhead = slot - own.
+    assert steady["slot_s"] == pytest.approx([1.6, 1.5])
+    assert steady["overhead_s"] == pytest.approx([0.6, 0.5])
+
+
+def test_throughput_blocks_count_completions_per_minute():
+    import bookkeeping
+
+    profile = _profile_with({str(i): (0.0, float(i + 1)) for i in range(4)})  # one completion per second
+    rows = bookkeeping.throughput_blocks(profile, block=2)
+    assert [r[0] for r in rows] == ["1–2", "3–4"]
+    assert [r[1] for r in rows] == pytest.approx([2.0, 2.0])
+    assert [r[2] for r in rows] == pytest.approx([60.0, 60.0])
