@@ -127,6 +127,9 @@ def preflight(spec: SearchSpec, source: str = "spec") -> None:
         check_dataset_root(spec.data.dataset, spec.data.root, spec.data.download)
     except ConfigError as exc:
         raise KdtuneError(f"{source}: {_located(exc, 'data')}") from None
+    if not spec.space.searched():
+        raise KdtuneError(f"{source}: space: nothing to search (every hyperparameter is fixed); "
+                          f"make at least one a distribution, e.g. temperature: {{loguniform: [1, 20]}}")
     widths = [float(w) for w in possible_values(spec.space.width)]
     input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
     section = "student"

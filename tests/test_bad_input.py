@@ -97,6 +97,8 @@ BAD_SPECS = [
     ("epochs-fractional-int-range", changed("space.epochs", {"int": [1.5, 3]}), ["space.epochs", "integer"]),
     ("epochs-continuous", changed("space.epochs", {"uniform": [1, 3]}), ["epochs", "int range or a choice"]),
     ("batch-size-zero", changed("space.batch_size", 0), ["batch_size", "integers >= 1"]),
+    ("nothing-searched", changed("space", {"temperature": 4.0, "alpha": 0.5, "width": 16}),
+     ["space", "nothing to search", "distribution"]),
     ("temperature-nan", changed("space.temperature", float("nan")), ["space.temperature", "finite"]),
     ("lr-infinite", changed("space.lr", float("inf")), ["space.lr", "finite"]),
     ("lr-range-to-infinity", changed("space.lr", {"loguniform": [0.001, float("inf")]}), ["space.lr", "finite"]),

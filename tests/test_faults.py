@@ -139,10 +139,15 @@ FAULT_SPEC = tiny_spec(
 
 
 @pytest.fixture(scope="module")
-def fault_runs(ray_session, tmp_path_factory):
-    """The fault spec searched twice under different names: (spec path, results root, logs)."""
+def fault_runs(ray_session, tmp_path_factory, cluster_run):
+    """The fault spec searched twice under different names: (spec path, results root, logs).
+
+    The two-node cluster test's run is started first, in the background: it spends
+    most of its time waiting, which these searches fill.
+    """
     from kdtune.search import search
 
+    cluster_run.start()
     root = tmp_path_factory.mktemp("faults")
     spec_path = write_spec(root, FAULT_SPEC)
     logs: dict[str, list[str]] = {}
@@ -198,6 +203,41 @@ def test_optuna_is_told_fail_for_errors_and_divergence_and_values_for_completed(
     journal = journal_trials(study_dir)
     for trial_id in trials.loc[trials["status"] == "diverged", "trial_id"]:
         assert journal[trial_id].state == TrialState.FAIL and journal[trial_id].params["lr"] == 1.0e6
+
+
+def test_a_trial_run_again_after_a_restart_is_recorded_as_its_new_outcome(tmp_path):
+    """Ray copies its experiment state to storage in the background, so a driver
+    killed just after a trial ended may resume from a state where it still runs:
+    Ray runs it again, possibly to a different end (the scheduler's rungs are not
+    restored). The journal, which already holds the first outcome and cannot change
+    it, gets a new trial for the outcome Ray keeps."""
+    from optuna.distributions import FloatDistribution
+
+    from kdtune.searcher import KdOptunaSearch
+
+    def searcher() -> KdOptunaSearch:
+        return KdOptunaSearch(space={"temperature": FloatDistribution(1.0, 10.0)}, metric=["val_acc", "params"],
+                              mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+                              storage=journal_storage(tmp_path / "optuna.journal"))
+
+    first = searcher()
+    config = first.suggest("t1")
+    first.save(str(tmp_path / "searcher.pkl"))  # the last state Ray saved: t1 running
+    first.on_trial_complete("t1", {"epoch": 1, "epochs": 3, "status": "running", "val_acc": 0.3, "params": 100})
+    # The driver dies; --resume restores the older state and runs t1 to the end.
+    second = searcher()
+    second.restore(str(tmp_path / "searcher.pkl"))
+    second.on_trial_complete("t1", {"epoch": 3, "epochs": 3, "status": "completed", "val_acc": 0.8, "params": 100})
+
+    trials = optuna.load_study(study_name="s", storage=journal_storage(tmp_path / "optuna.journal")).trials
+    assert [(t.state, t.values) for t in trials] == [(TrialState.PRUNED, None), (TrialState.COMPLETE, [0.8, 100.0])]
+    assert trials[1].params == trials[0].params == {"temperature": config["temperature"]}
+    assert trials[1].user_attrs == {"ray_trial_id": "t1", "rerun_of": 0}
+    # The same outcome twice (a deterministic rerun) adds nothing.
+    third = searcher()
+    third.restore(str(tmp_path / "searcher.pkl"))
+    third.on_trial_complete("t1", {"epoch": 1, "epochs": 3, "status": "running", "val_acc": 0.3, "params": 100})
+    assert len(optuna.load_study(study_name="s", storage=journal_storage(tmp_path / "optuna.journal")).trials) == 2
 
 
 def _by_trial_number(study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -670,30 +710,63 @@ CLUSTER_SPEC = tiny_spec(
 )
 
 
+class ClusterRun:
+    """The two-node cluster script, run in the background: it mostly waits (Ray
+    starting, nodes registering), so it overlaps well with the in-process searches."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.proc, self.output = root, None, None
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        home, self.tmpdir = self.root / "home", short_tmpdir()
+        (home / ".ray").mkdir(parents=True)
+        # The cluster runs with token authentication, with a token of its own.
+        (home / ".ray" / "auth_token").write_text(os.urandom(32).hex())
+        script = self.root / "cluster_run.py"
+        script.write_text(CLUSTER_SCRIPT)
+        spec_path = write_spec(self.root, CLUSTER_SPEC)
+        self.log = self.root / "cluster.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), str(self.root / "results"), str(spec_path)], cwd=self.root,
+                env=subprocess_env(home, self.tmpdir, RAY_AUTH_MODE="token"),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def result(self) -> tuple[int, str]:
+        """Wait for the run: (exit status, output)."""
+        self.start()
+        if self.output is None:
+            try:
+                self.proc.wait(timeout=400)
+            finally:
+                self.stop()
+            self.output = self.log.read_text(errors="replace")
+        return self.proc.returncode, self.output
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_run(tmp_path_factory):
+    run = ClusterRun(tmp_path_factory.mktemp("cluster"))
+    yield run
+    run.stop()
+
+
 @pytest.mark.slow
-def test_trials_on_a_lost_worker_node_are_retried_elsewhere_and_the_search_completes(tmp_path):
-    home, tmpdir = tmp_path / "home", short_tmpdir()
-    (home / ".ray").mkdir(parents=True)
-    # The cluster runs with token authentication, with a token of its own.
-    (home / ".ray" / "auth_token").write_text(os.urandom(32).hex())
-    script = tmp_path / "cluster_run.py"
-    script.write_text(CLUSTER_SCRIPT)
-    spec_path = write_spec(tmp_path, CLUSTER_SPEC)
-    results = tmp_path / "results"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(results), str(spec_path)], cwd=tmp_path,
-        env=subprocess_env(home, tmpdir, RAY_AUTH_MODE="token"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=400)
-    finally:
-        kill_group(proc)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    assert proc.returncode == 0, output[-4000:]
+def test_trials_on_a_lost_worker_node_are_retried_elsewhere_and_the_search_completes(cluster_run):
+    code, output = cluster_run.result()
+    assert code == 0, output[-4000:]
     events = json.loads(re.search(r"^EVENTS (.*)$", output, flags=re.M).group(1))
     assert "killed_mid_trial" in events, f"the worker node was never removed:\n{output[-3000:]}"
     assert events["interrupted"] is False
+    results = cluster_run.root / "results"
 
     study_dir = results / "cluster"
     trials = pd.read_parquet(study_dir / "trials.parquet")
