@@ -75,7 +75,8 @@ class Placement:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int) -> Placement:
+def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int,
+                   joined_cluster: bool = False) -> Placement:
     """Decide per-trial resources and concurrency from the spec and the cluster.
 
     GPUs asked for on a cluster without any are dropped with a warning (the same
@@ -86,6 +87,11 @@ def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int
     cpus, gpus = spec.resources.cpus, spec.resources.gpus
     notes: list[str] = []
     total_cpu, total_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if gpus > 0 and total_gpu == 0 and joined_cluster:
+        # On a cluster (--address) a missing GPU means the GPU workers have not
+        # joined yet: silently training on CPUs would waste the whole search.
+        raise ConfigError("resources.gpus", f"{gpus:g} GPUs per trial but the cluster has no GPU registered; "
+                                            "start the GPU workers first (see `ray status`), or set resources.gpus: 0")
     if gpus > 0 and total_gpu == 0:
         notes.append(f"resources.gpus={gpus} but the cluster has no GPU: running on the CPU")
         gpus = 0.0
@@ -689,7 +695,8 @@ def search(
         import ray
 
         try:
-            placement = plan_placement(spec, ray.cluster_resources(), spec.num_samples)
+            placement = plan_placement(spec, ray.cluster_resources(), spec.num_samples,
+                                       joined_cluster=address is not None)
         except ConfigError as exc:
             raise KdtuneError(f"{source}: {exc}") from None
         for note in placement.warnings:

@@ -96,3 +96,8 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_an_error():
 
 def test_explicit_max_concurrent_trials_wins():
     assert plan_placement(_spec(cpus=1, max_concurrent_trials=1), {"CPU": 8.0}, 10).max_concurrent == 1
+
+
+def test_gpus_missing_on_a_joined_cluster_is_an_error_not_a_cpu_fallback():
+    with pytest.raises(ConfigError, match="no GPU registered"):
+        plan_placement(_spec(cpus=1, gpus=1), {"CPU": 64.0}, num_samples=5, joined_cluster=True)
