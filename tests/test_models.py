@@ -56,7 +56,10 @@ def test_output_and_feature_shapes(family, shape, width, options, feature_shape)
 
 
 def test_every_registered_family_is_covered_by_the_shape_tests():
-    assert sorted({case[0] for case in SHAPE_CASES}) == MODELS.names()
+    # Other test modules register their own families (named "*_test") in the
+    # same session; only kdtune's own families must have shape cases.
+    shipped = [name for name in MODELS.names() if not name.endswith("_test")]
+    assert sorted({case[0] for case in SHAPE_CASES}) == shipped
 
 
 @pytest.mark.parametrize("width", [1, 4, 32])
