@@ -30,7 +30,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from kdtune.errors import ResultsError
+from kdtune.tables import write_frame_atomic
 
 Log = Callable[[str], None]
 
@@ -148,17 +148,8 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> None:
-    """Write ``df`` as CSV via a temporary file in the same folder, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``df`` as CSV atomically (temporary file + rename)."""
+    write_frame_atomic(df, path, fmt="csv")
 
 
 # --------------------------------------------------------------------------- protocol pieces

@@ -145,13 +145,18 @@ def build_tables(experiment_root: str | Path, study: str) -> tuple[pd.DataFrame,
     return trials.reindex(columns=TRIAL_COLUMNS), history.reindex(columns=HISTORY_COLUMNS)
 
 
-def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> None:
-    """Write ``df`` to ``path`` via a temporary file, so readers never see half a file."""
+def write_frame_atomic(df: pd.DataFrame, path: str | Path, fmt: str = "parquet") -> None:
+    """Write ``df`` as Parquet or CSV via a temporary file in the same folder and a
+    rename, so readers never see half a file and a crash leaves the old one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        df.to_parquet(tmp, index=False)
+        if fmt == "csv":
+            df.to_csv(tmp, index=False)
+        else:
+            df.to_parquet(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -161,6 +166,6 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> None:
 def write_tables(study_dir: str | Path, study: str, experiment_root: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build both tables and write ``trials.parquet`` and ``history.parquet`` into ``study_dir``."""
     trials, history = build_tables(experiment_root or study_dir, study)
-    write_parquet_atomic(trials, Path(study_dir) / "trials.parquet")
-    write_parquet_atomic(history, Path(study_dir) / "history.parquet")
+    write_frame_atomic(trials, Path(study_dir) / "trials.parquet")
+    write_frame_atomic(history, Path(study_dir) / "history.parquet")
     return trials, history
