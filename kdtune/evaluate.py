@@ -28,7 +28,6 @@ import dataclasses
 import glob
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
