@@ -152,7 +152,7 @@ def run(quick: bool = False) -> Report:
 
     # The same search with Ray's default experiment-state period instead of kdtune's 0 s, for its first
     # `compare_n` trials: how much of the slow-down is the experiment-state write on every driver step?
-    compare_n = 100 if quick else 200
+    compare_n = 100
     compare_spec = spec.model_copy(update={"num_samples": compare_n})
     with common.EnvVar("TUNE_GLOBAL_CHECKPOINT_S", "auto"), DriverProfile() as auto_profile:
         auto_result, auto_wall = common.timed_search(compare_spec, root, "scale-auto", teachers)

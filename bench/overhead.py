@@ -250,8 +250,8 @@ def run(quick: bool = False) -> Report:
 
     report = Report("overhead", "Overhead of kdtune's Ray search against a plain in-process Optuna loop", quick=quick)
     concurrent = int(ray.cluster_resources().get("CPU", 1))
-    n_digits = 16 if quick else 30
-    n_synth = 8 if quick else 16
+    n_digits = 16 if quick else 24
+    n_synth = 8 if quick else 12
     repeats = 1 if quick else 2
     periods = [("0", "kdtune default (TUNE_GLOBAL_CHECKPOINT_S=0)")] + ([] if quick else [("auto", "Ray default (auto)")])
     root = Path(tempfile.mkdtemp(prefix="kdtune-bench-overhead-"))
