@@ -13,7 +13,6 @@ exported file reproduced.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.util
 import json
 import math
@@ -30,6 +29,7 @@ import torch
 from kdtune import __version__
 from kdtune.errors import ConfigError, KdtuneError, ResultsError
 from kdtune.evaluate import latest_checkpoint, read_trial_config, require_study, trial_folder
+from kdtune.teacher import sha256_file
 
 #: Export formats and the file suffix each gets by default.
 FORMATS = {"state_dict": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
@@ -186,14 +186,6 @@ def _reproduced_accuracy(path: Path, fmt: str, config: dict[str, Any], data: Any
     return float((logits.argmax(axis=1) == data.val.y.numpy()).mean())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_student(
     study_dir: str | Path,
     trial_id: str | None = None,
@@ -282,7 +274,7 @@ def export_student(
             "study": meta["study"],
             "format": fmt,
             "file": path.name,
-            "sha256": _sha256(tmp),
+            "sha256": sha256_file(tmp),
             "input_shape": [int(v) for v in data.input_shape],  # (C, H, W); the batch axis comes first
             "num_classes": int(data.num_classes),
             "dataset": data.name,

@@ -37,7 +37,7 @@ import yaml
 from kdtune import __version__
 from kdtune.data import DatasetSplits, check_dataset_root, load_dataset
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.models import MODELS, build_model
+from kdtune.models import build_model
 from kdtune.spec import Choice, IntRange, SearchSpec, bounds, load_spec, parse_spec, possible_values
 from kdtune.teacher import TeacherConfig, load_checkpoint, prepare_teachers
 
@@ -140,13 +140,11 @@ def preflight(spec: SearchSpec, source: str = "spec") -> None:
     input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
     section = "student"
     try:
-        MODELS.get(spec.student.family)
         for width in (min(widths), max(widths)):
             build_model(spec.student.family, input_shape, classes, width, **spec.student.options)
         teachers = spec.teachers()
         for index, teacher in enumerate(teachers):
             section = "teacher" if len(teachers) == 1 else f"teacher[{index}]"
-            MODELS.get(teacher.family)
             build_model(teacher.family, input_shape, classes, teacher.width, **teacher.options)
             if teacher.checkpoint and not Path(teacher.checkpoint).expanduser().is_file():
                 raise ConfigError("checkpoint", f"{teacher.checkpoint} does not exist or is not a file")

@@ -383,8 +383,3 @@ def load_spec(path: str | Path) -> SearchSpec:
     except UnicodeDecodeError:
         raise KdtuneError(f"{path}: not a text file (UTF-8 YAML expected)") from None
     return parse_spec(raw, str(path))
-
-
-def is_finite_number(value: Any) -> bool:
-    """True for ints/floats that are finite (used where NaN/inf would slip through)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

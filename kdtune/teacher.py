@@ -60,7 +60,8 @@ class PreparedTeachers:
     cache_hit: bool
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -77,7 +78,7 @@ def teacher_cache_key(teachers: list[TeacherConfig], data_fingerprint: str, with
             # Hashing comes before load_checkpoint, so a missing file must be reported here.
             if not Path(teacher.checkpoint).is_file():
                 raise ConfigError("teacher.checkpoint", f"{teacher.checkpoint} does not exist or is not a file")
-            entry["checkpoint"] = _sha256_file(Path(teacher.checkpoint))
+            entry["checkpoint"] = sha256_file(Path(teacher.checkpoint))
         described.append(entry)
     payload = json.dumps(
         {"format": CACHE_FORMAT, "teachers": described, "data": data_fingerprint, "features": with_features},
@@ -158,7 +159,7 @@ def _read_cache(entry: Path) -> tuple[TeacherTargets, list[dict[str, Any]]] | No
     try:
         meta = json.loads(meta_path.read_text())
         for name, digest in meta["files"].items():
-            if _sha256_file(entry / name) != digest:
+            if sha256_file(entry / name) != digest:
                 return None
         logits = np.load(entry / "logits.npy", allow_pickle=False)
         features = np.load(entry / "features.npy", allow_pickle=False) if "features.npy" in meta["files"] else None
@@ -223,7 +224,7 @@ def prepare_teachers(
         np.save(staging / "logits.npy", logits_array)
         if features is not None:
             np.save(staging / "features.npy", features)
-        files = {p.name: _sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         meta = {"key": key, "files": files, "teachers": info, "data": data.fingerprint, "format": CACHE_FORMAT}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(staging, entry)
