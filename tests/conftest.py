@@ -43,6 +43,25 @@ def write_spec(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU makes extra threads spin."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The bundled digits dataset with kdtune's default split (tests only read it)."""
+    from kdtune.data import load_dataset
+
+    return load_dataset("digits")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by the whole test session (token auth left on)."""

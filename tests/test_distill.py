@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdtune.data import DatasetSplits, load_dataset
 from kdtune.distill import RunConfig, TeacherTargets, evaluate, run, select_device
 from kdtune.errors import ConfigError
 from kdtune.models import count_parameters, model_size_bytes
@@ -26,18 +25,7 @@ TIMING_KEYS = {"epoch_time_s", "samples_per_s"}
 TEACHER = TeacherConfig(family="mlp", width=512, model_options={"depth": 2}, epochs=20, lr=1e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a busy shared CPU makes extra threads spin."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> DatasetSplits:
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -47,18 +47,7 @@ def _counting_teacher(**overrides) -> TeacherConfig:
     return TeacherConfig(**(values | overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a busy shared CPU makes extra threads spin."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> DatasetSplits:
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sha256(path: Path) -> str:
