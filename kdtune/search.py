@@ -39,11 +39,11 @@ from kdtune.data import DatasetSplits, check_dataset_root, load_dataset
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.models import build_model
 from kdtune.spec import Choice, IntRange, SearchSpec, bounds, load_spec, parse_spec, possible_values
+from kdtune.tables import EXPERIMENT_FOLDERS
 from kdtune.teacher import TeacherConfig, load_checkpoint, prepare_teachers
 
 Log = Callable[[str], None]
-SEARCH_DIR, BASELINE_DIR = "search", "baselines"
-KD_ONLY_KEYS = ("temperature", "alpha", "beta", "noise", "soft_loss")
+SEARCH_DIR, BASELINE_DIR = EXPERIMENT_FOLDERS["search"], EXPERIMENT_FOLDERS["baseline"]
 
 
 @dataclass
@@ -793,6 +793,9 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
         return tune.Tuner.restore(baseline_path, trainable, resume_unfinished=True, resume_errored=False)
 
     _fit(new_baseline_tuner, baseline_path, restore_baseline_tuner)
-    trials, history = write_tables(study_dir, study, experiment_root)
+    # The search's rows are already built: read only the baselines' experiment.
+    search_history = history[history["phase"] == "search"] if len(history) else history
+    trials, history = write_tables(study_dir, study, experiment_root, phases=("baseline",),
+                                   known=(search_trials, search_history))
     baselines = trials[(trials["phase"] == "baseline") & trials["status"].isin(FINISHED)]
     return len(baselines) < len(overrides), trials, history

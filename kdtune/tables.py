@@ -24,6 +24,8 @@ TRIAL_COLUMNS = (
     + ["params", "bytes", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id", "error",
        "baseline_val_acc", "kd_gain"]
 )
+#: Ray experiment folder of each phase, under the study folder or --storage.
+EXPERIMENT_FOLDERS = {"search": "search", "baseline": "baselines"}
 HISTORY_COLUMNS = [
     "study", "trial_id", "phase", "epoch", "val_acc", "val_loss", "train_loss", "params", "bytes",
     "epoch_time_s", "samples_per_s", "width", "temperature", "status", "node_id", "seed",
@@ -124,12 +126,23 @@ def add_kd_gain(trials: pd.DataFrame) -> pd.DataFrame:
     return trials
 
 
-def build_tables(experiment_root: str | Path, study: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def build_tables(
+    experiment_root: str | Path, study: str, phases: tuple[str, ...] = ("search", "baseline"),
+    known: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Both tables of a study, from the ``search`` and ``baselines`` experiments under
-    ``experiment_root`` (the study folder, or the ``--storage`` location: a path or URI)."""
+    ``experiment_root`` (the study folder, or the ``--storage`` location: a path or URI).
+
+    Only the experiments of ``phases`` are read; ``known`` (tables built earlier,
+    e.g. of the finished search) is combined with them, so a finished phase is
+    not parsed again.
+    """
     trial_frames, history_frames = [], []
-    for phase, folder in (("search", "search"), ("baseline", "baselines")):
-        location = f"{str(experiment_root).rstrip('/')}/{folder}"
+    if known is not None:
+        trial_frames.append(known[0])
+        history_frames.append(known[1])
+    for phase in phases:
+        location = f"{str(experiment_root).rstrip('/')}/{EXPERIMENT_FOLDERS[phase]}"
         if "://" not in location and not any(Path(location).glob("experiment_state-*.json")):
             continue
         try:
@@ -163,9 +176,13 @@ def write_frame_atomic(df: pd.DataFrame, path: str | Path, fmt: str = "parquet")
         raise
 
 
-def write_tables(study_dir: str | Path, study: str, experiment_root: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build both tables and write ``trials.parquet`` and ``history.parquet`` into ``study_dir``."""
-    trials, history = build_tables(experiment_root or study_dir, study)
+def write_tables(
+    study_dir: str | Path, study: str, experiment_root: str | None = None,
+    phases: tuple[str, ...] = ("search", "baseline"), known: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build both tables (see :func:`build_tables`) and write ``trials.parquet`` and
+    ``history.parquet`` into ``study_dir``."""
+    trials, history = build_tables(experiment_root or study_dir, study, phases, known)
     write_frame_atomic(trials, Path(study_dir) / "trials.parquet")
     write_frame_atomic(history, Path(study_dir) / "history.parquet")
     return trials, history
