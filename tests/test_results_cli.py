@@ -65,7 +65,8 @@ def test_best_t_command_prints_a_row_per_width(tiny_study):
     assert "recommended_t" in outcome.output
     completed_widths = result.trials.query("phase == 'search' and status == 'completed'")["width"].unique()
     table_lines = [line for line in outcome.output.splitlines() if line.strip()[:1].isdigit()]
-    assert len(table_lines) >= len(completed_widths)
+    buckets = {line.split()[0] for line in table_lines}
+    assert buckets == {f"{w:g}" for w in completed_widths}
 
 
 def test_results_commands_on_a_folder_that_is_not_a_study(tmp_path):
