@@ -492,7 +492,6 @@ def _progress_callback(total: int, log: Log, interval_s: float = 15.0):
             if result.get("status") == "completed":
                 width = trial_config(trial.config).get("width")
                 self.best[width] = max(self.best.get(width, 0.0), float(result.get("val_acc", 0.0)))
-            self.last_result = result
 
         def _finish(self, trial, kind: str) -> None:
             self.running.discard(trial.trial_id)
