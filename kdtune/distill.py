@@ -23,14 +23,22 @@ from torch import Tensor, nn
 from kdtune.data import DatasetSplits, TensorSplit, subset_indices
 from kdtune.errors import ConfigError
 from kdtune.losses import (
+    LOG_TARGET_FLOOR,
     SOFT_LOSSES,
     distillation_loss,
     feature_matching_loss,
+    fused_kd_loss_and_grad,
+    kd_log_targets,
+    kd_loss_scales,
+    kd_loss_weights,
     perturb_teacher_logits,
+    soft_targets,
 )
 from kdtune.models import MODELS, Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Temperatures whose soft targets a :class:`TeacherTargets` keeps.
+_SOFT_TARGET_CACHE = 4
 
 #: Callback ``report(epoch, metrics)`` called after every epoch (epochs count from 1).
 ReportFn = Callable[[int, dict[str, Any]], None]
@@ -139,6 +147,22 @@ class TeacherTargets:
         features = features_all.index_select(0, index).to(device) if features_all is not None else None
         return logits, features
 
+    def soft_targets(self, temperature: float) -> Tensor:
+        """``softmax(logits / T)`` over the whole split, ``(N, C)`` (several teachers averaged
+        in probability space, as :func:`kdtune.losses.soft_targets`).
+
+        Computed once per temperature (the last few are kept); only ever read.
+        """
+        assert self.logits is not None
+        cache: dict[float, Tensor] = self.__dict__.setdefault("_soft_targets", {})
+        key = float(temperature)
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = soft_targets(self._as_tensors()[0], key)
+            while len(cache) > _SOFT_TARGET_CACHE:
+                del cache[next(iter(cache))]
+        return cache[key]
+
     def _as_tensors(self) -> tuple[Tensor, Tensor | None]:
         # Zero-copy views of the (possibly read-only, object-store) arrays, made
         # once: indexing a tensor per batch is cheaper than numpy fancy indexing
@@ -151,6 +175,62 @@ class TeacherTargets:
                 features = torch.from_numpy(self.features) if self.features is not None else None
             cached = self._tensors = (logits, features)
         return cached
+
+
+class _CachedKD:
+    """The KL distillation loss of one run on cached teacher logits, in fused form.
+
+    Without noise the per-sample weights and log targets of
+    :func:`~kdtune.losses.fused_kd_loss_and_grad` are built once per run (per batch
+    size: the last batch may be smaller) and a step only indexes them. With noise the
+    soft targets change every step: the noise is drawn into reused buffers and only
+    the labels' rows of the weights are precomputed. Either way the loss's value is
+    :func:`~kdtune.losses.distillation_loss`'s up to float rounding and the gradient
+    it gives the logits is the same bit for bit.
+    """
+
+    def __init__(self, teacher: TeacherTargets, labels: Tensor, config: RunConfig, device: torch.device) -> None:
+        self.temperature, self.alpha, self.noise = float(config.temperature), float(config.alpha), float(config.noise)
+        self.device, self.labels = device, labels
+        self.probs = teacher.soft_targets(self.temperature)
+        self.logits = teacher._as_tensors()[0]
+        self.log_targets = kd_log_targets(self.probs).to(device) if self.noise == 0 else None
+        self.tables: dict[int, Any] = {}  # batch size → what its steps index
+        self.buffers: dict[tuple[int, ...], Tensor] = {}  # noise draws, by shape
+
+    def _table(self, size: int) -> Any:
+        table = self.tables.get(size)
+        if table is None:
+            weights = kd_loss_weights(self.probs, self.labels, self.temperature, self.alpha, size)
+            if self.noise == 0:
+                table = weights.to(self.device)
+            else:  # the labels' rows of the weights and the soft rows' scale
+                _, soft_scale = kd_loss_scales(self.temperature, self.alpha, size)
+                table = (weights[:, 0].contiguous().to(self.device), (-soft_scale).to(self.device))
+            self.tables[size] = table
+        return table
+
+    def loss_and_grad(self, student_logits: Tensor, batch_idx: np.ndarray, idx_t: Tensor,
+                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The batch's loss (no autograd graph) and its gradient with respect to ``student_logits``.
+
+        ``batch_idx`` are the batch's training-split indices, ``idx_t`` the same on the device.
+        """
+        table = self._table(len(batch_idx))
+        if self.noise == 0:
+            return fused_kd_loss_and_grad(student_logits, table.index_select(0, idx_t),
+                                          self.log_targets.index_select(0, idx_t), self.temperature)
+        hard, soft_scale = table
+        logits = self.logits.index_select(self.logits.dim() - 2, torch.from_numpy(batch_idx))
+        buffer = self.buffers.get(tuple(logits.shape))
+        if buffer is None:
+            buffer = self.buffers[tuple(logits.shape)] = torch.empty(logits.shape, dtype=logits.dtype)
+        with torch.no_grad():
+            noisy = perturb_teacher_logits(logits.to(self.device), self.noise, generator, out=buffer)
+            probs = soft_targets(noisy, self.temperature)
+            weights = torch.stack((hard.index_select(0, idx_t), probs * soft_scale), dim=1)  # as kd_loss_weights
+            log_targets = probs.log().clamp_(min=LOG_TARGET_FLOOR)  # as kd_log_targets
+        return fused_kd_loss_and_grad(student_logits, weights, log_targets, self.temperature)
 
 
 @dataclass
@@ -285,6 +365,13 @@ def run(
         start_epoch = int(resume_state["epoch"]) + 1
         history = list(resume_state.get("history", []))
 
+    # KL distillation on cached logits takes the fused loss (the same gradients bit for bit,
+    # fewer ops per step); online teachers, logit_mse and hard labels take distillation_loss.
+    cached_kd: _CachedKD | None = None
+    if (teacher is not None and config.alpha < 1 and config.soft_loss == "kl"
+            and teacher.online_model is None and teacher.logits is not None):
+        cached_kd = _CachedKD(teacher, data.train.y, config, device)
+
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
@@ -301,23 +388,38 @@ def run(
                 else:
                     s_logits, s_features = student(xb), None
                 t_logits = t_features = None
-                if teacher is not None and needs_teacher:
+                if teacher is not None and needs_teacher and (cached_kd is None or config.beta > 0):
                     t_logits, t_features = teacher.batch(batch_idx, xb, device)
-                    t_logits = perturb_teacher_logits(t_logits, config.noise, noise_gen)
+                    if cached_kd is None:
+                        t_logits = perturb_teacher_logits(t_logits, config.noise, noise_gen)
                 feature_term = None
                 if adapter is not None and s_features is not None and t_features is not None:
                     feature_term = feature_matching_loss(adapter(s_features), t_features)
-                loss = distillation_loss(
-                    s_logits, t_logits, yb, config.temperature, config.alpha,
-                    soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
-                )
-            if not torch.isfinite(loss):
+                if cached_kd is None:
+                    loss = distillation_loss(
+                        s_logits, t_logits, yb, config.temperature, config.alpha,
+                        soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
+                    )
+            logits_grad = None
+            if cached_kd is not None:  # in float32 whatever the autocast, as distillation_loss computes it
+                loss, logits_grad = cached_kd.loss_and_grad(s_logits, batch_idx, idx_t, noise_gen)
+                if feature_term is not None:
+                    loss = loss + config.beta * feature_term
+            value = loss.item()
+            if not math.isfinite(value):
                 diverged = True
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if logits_grad is None:
+                loss.backward()
+            else:  # the KD term's gradient is known at the logits; only a β·feature term is left to autograd
+                roots, grads = [s_logits], [logits_grad]
+                if loss.requires_grad:
+                    roots.append(loss)
+                    grads.append(None)
+                torch.autograd.backward(roots, grads)
             optimizer.step()
-            total_loss += loss.item() * len(batch_idx)
+            total_loss += value * len(batch_idx)
             seen += len(batch_idx)
         elapsed = time.perf_counter() - started
         val_acc, val_loss = evaluate(student, data.val, device)

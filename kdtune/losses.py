@@ -15,6 +15,21 @@ targets in probability space at temperature T.
 
 Other tools differ: torchdistill drops T² at α = 0, RepDistiller/mdistiller weight
 the soft term by its own α, TextBrewer applies no T². Translate with care.
+
+Fused form (what the training loop uses on cached teacher logits). With
+``s`` a sample's logits, ``p`` its soft targets and ``KL(p‖q) = Σ p (log p − log q)``,
+the KL loss of a batch of B samples is::
+
+    Σ_n −(α/B)·log_softmax(s_n)[y_n] − ((1 − α)·T²/B)·Σ_c p_nc (log_softmax(s_n / T)_c − log p_nc)
+
+For a fixed T and B the weights (:func:`kd_loss_weights`) and ``log p``
+(:func:`kd_log_targets`) depend only on the sample, so they are computed once per
+run and indexed per batch. The weights are exactly the float32 gradient of the
+loss with respect to the two log-softmaxes that autograd computes through
+:func:`distillation_loss`, so :func:`fused_kd_loss_and_grad` gives the loss (up to
+rounding) and the logits' gradient (bit for bit) in one log-softmax, one
+log-softmax backward and one dot product, with no autograd graph: training takes
+the same steps as with :func:`distillation_loss`, for a fraction of the per-step cost.
 """
 
 from __future__ import annotations
@@ -98,20 +113,94 @@ def feature_matching_loss(adapted_student_features: Tensor, teacher_features: Te
 
 
 def perturb_teacher_logits(
-    teacher_logits: Tensor, noise_std: float, generator: torch.Generator | None = None
+    teacher_logits: Tensor,
+    noise_std: float,
+    generator: torch.Generator | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Teacher logits plus Gaussian noise of std ``noise_std`` (the "noisy teacher").
 
-    ``noise_std == 0`` returns the input unchanged. Apply during training only.
+    ``noise_std == 0`` returns the input unchanged. Apply during training only. The
+    noise is drawn on the CPU (so a seed gives the same noise on every device); ``out``,
+    a contiguous CPU tensor of the logits' shape and dtype, receives the draw instead of
+    a new allocation; on the CPU the result is then ``out`` itself, valid until its next use.
     """
     if noise_std < 0:
         raise ConfigError("noise", f"must be >= 0, got {noise_std}")
     if noise_std == 0:
         return teacher_logits
-    noise = torch.randn(
-        teacher_logits.shape, generator=generator, dtype=teacher_logits.dtype, device="cpu"
-    ).to(teacher_logits.device)
-    return teacher_logits + noise_std * noise
+    if out is None:
+        noise = torch.randn(teacher_logits.shape, generator=generator, dtype=teacher_logits.dtype, device="cpu")
+    else:
+        noise = torch.randn(teacher_logits.shape, generator=generator, out=out)
+    noise.mul_(noise_std)
+    # σ·ε + t is t + σ·ε bit for bit (IEEE addition commutes): the same numbers as ever.
+    return noise.to(teacher_logits.device).add_(teacher_logits)
+
+
+#: Floor of the log soft targets in the fused loss: where p = 0 its weight is 0 too,
+#: and a finite floor keeps 0·(log q − log p) at 0 (the reference's xlogy(0, 0) = 0).
+LOG_TARGET_FLOOR = -1e4
+
+
+def kd_loss_scales(temperature: float, alpha: float, batch_size: int) -> tuple[Tensor, Tensor]:
+    """The float32 scalars autograd gives ``∂/∂log_softmax(s)`` and ``∂/∂log_softmax(s/T)``
+    in :func:`distillation_loss` on a batch of ``batch_size`` B: α/B (α·CE, mean) and
+    (1 − α)·T²/B (T²·KL, batchmean), rounded op by op in autograd's order."""
+    one = torch.ones((), dtype=torch.float32)
+    return one * alpha / batch_size, one * (1 - alpha) * temperature**2 / batch_size
+
+
+def kd_loss_weights(
+    soft_targets_: Tensor, labels: Tensor, temperature: float, alpha: float, batch_size: int
+) -> Tensor:
+    """Per-sample weights ``(N, 2, C)`` of :func:`fused_kd_loss_and_grad` for batches of ``batch_size`` B.
+
+    Row 0 is ``−(α/B)·onehot(labels)``, the weight of ``log_softmax(s)``; row 1 is
+    ``−((1 − α)·T²/B)·p_t``, that of ``log_softmax(s/T)``, with ``p_t`` the ``(N, C)``
+    :func:`soft_targets` at the same ``temperature``. They are the gradient of the
+    loss with respect to those log-probabilities, rounded exactly as autograd rounds
+    them in :func:`distillation_loss`, so that the student's gradient is bit for bit
+    the same.
+    """
+    _check_hyperparameters(temperature, alpha)
+    hard, soft = kd_loss_scales(temperature, alpha, batch_size)
+    targets = soft_targets_.float()
+    onehot = F.one_hot(labels.long(), targets.shape[-1]).to(targets.dtype)
+    return torch.stack((onehot * -hard, targets * -soft), dim=1)
+
+
+def kd_log_targets(soft_targets_: Tensor) -> Tensor:
+    """``log p_t`` ``(N, C)``, the companion of :func:`kd_loss_weights`, floored at
+    :data:`LOG_TARGET_FLOOR` where ``p_t = 0``."""
+    return soft_targets_.float().log().clamp_(min=LOG_TARGET_FLOOR)
+
+
+def fused_kd_loss_and_grad(
+    student_logits: Tensor, weights: Tensor, log_targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """``α·CE + (1 − α)·T²·KL`` (batchmean) of one batch and its gradient with respect to
+    ``student_logits``, computed without autograd: backpropagate with
+    ``student_logits.backward(grad)``.
+
+    ``weights`` ``(B, 2, C)`` and ``log_targets`` ``(B, C)`` are the batch's rows of
+    :func:`kd_loss_weights` (built for this batch size B) and :func:`kd_log_targets`.
+    The loss is ``Σ_n Σ_k ⟨w_nk, log_softmax(s_n / τ_k) − log_targets_nk⟩`` with
+    ``τ = (1, T)`` and no log targets for k = 0: :func:`distillation_loss` with
+    ``soft_loss_kind="kl"`` and ``β = 0``, equal up to float rounding. The gradient is
+    bit for bit the one autograd computes through :func:`distillation_loss`: the
+    weights are ``∂loss/∂log-probabilities``, and they go back through the same
+    log-softmax backward kernel, the division by T and the sum of the two terms.
+    """
+    with torch.no_grad():
+        student = student_logits.float()
+        log_probs = torch.log_softmax(torch.stack((student, student / temperature), dim=1), dim=-1)
+        hard, soft = torch._log_softmax_backward_data(weights, log_probs, -1, log_probs.dtype).unbind(1)
+        grad = hard + soft / temperature
+        log_probs.select(1, 1).sub_(log_targets)
+        loss = torch.dot(log_probs.view(-1), weights.reshape(-1))
+    return loss, grad.to(student_logits.dtype)
 
 
 def distillation_loss(

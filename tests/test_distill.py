@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from kdtune.data import subset_indices
 from kdtune.distill import RunConfig, TeacherTargets, evaluate, run, select_device
 from kdtune.errors import ConfigError
-from kdtune.models import count_parameters, model_size_bytes
+from kdtune.losses import distillation_loss
+from kdtune.models import build_model, count_parameters, model_size_bytes
 from kdtune.teacher import TeacherConfig, load_cached_teacher, prepare_teachers
 
 REPORTED_KEYS = {"val_acc", "val_loss", "train_loss", "params", "bytes", "epoch_time_s", "samples_per_s", "status"}
@@ -115,6 +117,79 @@ def test_distillation_beats_hard_labels_with_little_data(digits, teacher) -> Non
     assert sum(d > h for d, h in zip(distilled, hard)) >= 3, (hard, distilled)
 
 
+# ---------------------------------------------------------------- the fused loss changes no number
+
+
+def _reference_training(config: RunConfig, data, teacher_logits: np.ndarray) -> tuple[list[float], torch.nn.Module]:
+    """run()'s training loop written out with the reference loss: ``distillation_loss`` on the
+    batch's teacher logits (plus fresh noise, drawn as ``perturb_teacher_logits`` draws it)
+    and autograd for the gradient. Returns the per-epoch mean training losses and the student."""
+    torch.manual_seed(config.seed)
+    student = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    indices = subset_indices(len(data.train), config.train_subset, config.data_seed, labels=data.train.y).numpy()
+    shuffle = torch.Generator().manual_seed(config.seed)
+    noise = torch.Generator().manual_seed(config.seed + 1)
+    logits = torch.from_numpy(teacher_logits)
+    losses = []
+    for _ in range(config.epochs):
+        student.train()
+        order = indices[torch.randperm(len(indices), generator=shuffle).numpy()]
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = torch.from_numpy(order[start : start + config.batch_size])
+            teacher = logits.index_select(logits.dim() - 2, batch)
+            if config.noise > 0:
+                teacher = teacher + config.noise * torch.randn(teacher.shape, generator=noise)
+            loss = distillation_loss(student(data.train.x[batch]), teacher, data.train.y[batch],
+                                     config.temperature, config.alpha)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        losses.append(total / len(order))
+    return losses, student
+
+
+@pytest.mark.parametrize(
+    ("overrides", "teachers"),
+    [
+        ({"temperature": 3.7, "alpha": 0.3}, 1),
+        ({"temperature": 2.0, "alpha": 0.0, "noise": 0.3}, 1),
+        ({"temperature": 10.0, "alpha": 0.6}, 2),
+        ({"temperature": 1.5, "alpha": 0.2, "noise": 0.5}, 2),
+    ],
+)
+def test_cached_kd_run_takes_the_same_steps_as_the_reference_loss(digits, teacher, overrides, teachers) -> None:
+    # 150 images in batches of 32: four full batches and one of 22 every epoch.
+    config = RunConfig(width=16, lr=1e-2, batch_size=32, epochs=3, seed=3, train_subset=150, **overrides)
+    logits = teacher.targets.logits
+    if teachers == 2:  # a second, weaker teacher: the same logits shrunk and jittered
+        jitter = np.random.default_rng(0).standard_normal(logits.shape).astype(np.float32)
+        logits = np.stack([logits, 0.5 * logits + jitter])
+    losses, reference = _reference_training(config, digits, logits)
+    result = run(config, digits, TeacherTargets(logits=logits))
+
+    # Bit-for-bit the same student, hence the same validation metrics ...
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(result.student.state_dict()[name], tensor), name
+    val_acc, val_loss = evaluate(reference, digits.val, torch.device("cpu"))
+    assert result.metrics["val_acc"] == val_acc and result.metrics["val_loss"] == val_loss
+    # ... and the same training loss up to float rounding of its value.
+    assert [row["train_loss"] for row in result.history] == pytest.approx(losses, rel=1e-6, abs=1e-6)
+
+
+def test_teacher_soft_targets_are_computed_once_per_temperature(teacher) -> None:
+    logits = teacher.targets.logits
+    targets = TeacherTargets(logits=np.stack([logits, -logits]))
+    probs = targets.soft_targets(2.0)
+    z = torch.from_numpy(logits).double() / 2.0
+    by_hand = (torch.softmax(z, dim=-1) + torch.softmax(-z, dim=-1)) / 2  # averaged in probability space
+    torch.testing.assert_close(probs.double(), by_hand, rtol=1e-5, atol=1e-7)
+    assert targets.soft_targets(2.0) is probs
+    assert targets.soft_targets(3.0) is not probs
+
+
 # ---------------------------------------------------------------- divergence
 
 
@@ -126,6 +201,16 @@ def test_huge_learning_rate_diverges_without_raising(digits) -> None:
     assert len(report.calls) < config.epochs  # stopped early
     assert report.calls[-1][1]["status"] == "diverged"
     assert all(m["status"] == "running" for _, m in report.calls[:-1])
+
+
+def test_huge_learning_rate_diverges_with_distillation_too(digits, teacher) -> None:
+    report = _Recorder()
+    config = RunConfig(width=16, alpha=0.5, noise=0.1, optimizer="sgd", lr=1e6, epochs=10, train_subset=150,
+                       batch_size=32)
+    result = run(config, digits, teacher.targets, report)
+    assert result.metrics["status"] == "diverged"
+    assert len(report.calls) < config.epochs
+    assert math.isnan(result.metrics["train_loss"])
 
 
 def test_nan_teacher_logits_diverge_in_the_first_epoch(digits, teacher) -> None:

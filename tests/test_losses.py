@@ -2,6 +2,9 @@
 
 Convention under test: ``α·CE + (1−α)·T²·KL(softmax(t/T) ‖ softmax(s/T)) + β·feature``
 (batchmean KL, T² always applied), and ``logit_mse = mean_n Σ_c (ẑ_s − ẑ_t)²/(2C)``.
+The fused form the training loop uses on cached logits (``fused_kd_loss_and_grad``) is
+checked against the same formulas, and its gradient against autograd through
+``distillation_loss`` bit for bit: that is what keeps training results unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from kdtune.errors import ConfigError
 from kdtune.losses import (
     distillation_loss,
     feature_matching_loss,
+    fused_kd_loss_and_grad,
+    kd_log_targets,
+    kd_loss_weights,
     kl_soft_loss,
     logit_mse_loss,
     perturb_teacher_logits,
@@ -175,6 +181,18 @@ def test_seeded_noise_is_reproducible_and_seed_dependent() -> None:
     assert not torch.equal(first, other)
 
 
+def test_noise_drawn_into_a_buffer_is_the_same_noise() -> None:
+    teacher = _logits(17).float()
+    fresh = perturb_teacher_logits(teacher, 0.4, torch.Generator().manual_seed(9))
+    buffer = torch.full_like(teacher, 123.0)
+    reused = perturb_teacher_logits(teacher, 0.4, torch.Generator().manual_seed(9), out=buffer)
+    expected = teacher + 0.4 * torch.randn(teacher.shape, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(fresh, expected)
+    assert torch.equal(reused, expected)
+    assert reused.data_ptr() == buffer.data_ptr()  # drawn in place, no new tensor
+    assert torch.equal(teacher, _logits(17).float())  # the teacher's logits are left alone
+
+
 def test_negative_noise_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         perturb_teacher_logits(_logits(0), -0.1)
@@ -273,3 +291,98 @@ def test_missing_teacher_or_feature_loss_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         distillation_loss(_logits(0), _logits(1), labels, 4.0, 0.5, beta=0.5)
     assert info.value.field == "beta"
+
+
+# ---------------------------------------------------------------- fused form (the training loop's)
+
+
+def _fused_batch(teacher_all, labels_all, index, temperature, alpha):
+    """The batch's rows of the per-run tables, built on the whole split as the training loop builds them."""
+    probs = soft_targets(teacher_all, temperature)
+    weights = kd_loss_weights(probs, labels_all, temperature, alpha, len(index))
+    return weights[index], kd_log_targets(probs)[index]
+
+
+@pytest.mark.parametrize("teachers", [1, 2])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.7, 10.0])
+def test_fused_loss_matches_hand_formula_and_distillation_loss_gradient_bit_for_bit(
+    temperature: float, alpha: float, teachers: int
+) -> None:
+    g = torch.Generator().manual_seed(int(10 * temperature) + int(10 * alpha) + teachers)
+    n_all, batch = 60, 13
+    teacher_all = 3.0 * torch.randn(teachers, n_all, C, generator=g)
+    if teachers == 1:
+        teacher_all = teacher_all[0]
+    labels_all = torch.randint(0, C, (n_all,), generator=g)
+    index = torch.randperm(n_all, generator=g)[:batch]
+    student = (3.0 * torch.randn(batch, C, generator=g)).requires_grad_(True)
+    labels = labels_all[index]
+    teacher = teacher_all.index_select(teacher_all.dim() - 2, index)
+
+    value, grad = fused_kd_loss_and_grad(student, *_fused_batch(teacher_all, labels_all, index, temperature, alpha),
+                                         temperature)
+
+    # The loss and its gradient written out, in float64.
+    s64 = student.detach().double()
+    p_t = _softmax(teacher.double() / temperature)
+    if teachers > 1:
+        p_t = p_t.mean(dim=0)
+    hard = -torch.log(_softmax(s64))[torch.arange(batch), labels].mean()
+    expected = alpha * hard + (1 - alpha) * _hand_soft_term(s64, p_t, temperature)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    onehot = torch.zeros(batch, C, dtype=torch.float64)
+    onehot[torch.arange(batch), labels] = 1.0
+    expected_grad = (alpha * (_softmax(s64) - onehot)
+                     + (1 - alpha) * temperature * (_softmax(s64 / temperature) - p_t)) / batch
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+    # What training used before: autograd through distillation_loss. Same value up to rounding,
+    # and the very same gradient, so that a run takes exactly the same steps.
+    reference = distillation_loss(student, teacher, labels, temperature, alpha)
+    (reference_grad,) = torch.autograd.grad(reference, student)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+    assert torch.equal(grad, reference_grad)
+    assert student.grad is None  # no autograd graph was built
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_fused_weights_are_the_scaled_labels_and_soft_targets(batch: int) -> None:
+    temperature, alpha = 2.5, 0.4
+    teacher, labels = _logits(30, n=40).float(), torch.arange(40) % C
+    probs = soft_targets(teacher, temperature)
+    weights = kd_loss_weights(probs, labels, temperature, alpha, batch)
+    assert weights.shape == (40, 2, C)
+    onehot = torch.zeros(40, C)
+    onehot[torch.arange(40), labels] = 1.0
+    torch.testing.assert_close(weights[:, 0], -alpha / batch * onehot, rtol=1e-6, atol=0)
+    torch.testing.assert_close(weights[:, 1], -(1 - alpha) * temperature**2 / batch * probs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kd_log_targets(probs), torch.log(probs), rtol=1e-6, atol=0)
+
+
+def test_fused_loss_with_soft_targets_that_underflow_to_zero_is_finite() -> None:
+    # At T = 1 a 200-logit lead leaves every other class a probability of exactly 0 in float32;
+    # KL takes 0·log 0 = 0, so the soft term is −log q_0 and the loss stays finite.
+    temperature, alpha = 1.0, 0.25
+    teacher_all = torch.zeros(20, C)
+    teacher_all[:, 0] = 200.0
+    labels_all = torch.arange(20) % C
+    assert (soft_targets(teacher_all, temperature) == 0).sum() == 20 * (C - 1)
+    index = torch.arange(8)
+    student = _logits(31, n=8).float().requires_grad_(True)
+    value, grad = fused_kd_loss_and_grad(student, *_fused_batch(teacher_all, labels_all, index, temperature, alpha),
+                                         temperature)
+    log_q = torch.log(_softmax(student.detach().double()))
+    expected = alpha * -log_q[torch.arange(8), labels_all[:8]].mean() + (1 - alpha) * -log_q[:, 0].mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    reference = distillation_loss(student, teacher_all[index], labels_all[index], temperature, alpha)
+    assert torch.equal(grad, torch.autograd.grad(reference, student)[0])
+
+
+def test_fused_loss_of_nan_teacher_logits_is_nan() -> None:
+    # The training loop stops a run as diverged on a non-finite loss value.
+    teacher_all = torch.full((20, C), math.nan)
+    index = torch.arange(8)
+    value, _ = fused_kd_loss_and_grad(_logits(32, n=8).float(),
+                                      *_fused_batch(teacher_all, torch.arange(20) % C, index, 4.0, 0.5), 4.0)
+    assert math.isnan(value.item())
