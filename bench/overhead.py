@@ -24,10 +24,12 @@ Parallel efficiency = Σ own ÷ (wall × concurrent trials); per-trial overhead 
 slot time (start → completion as the driver sees it, plus the gap before the
 slot's next trial) minus own time, over trials that are not their slot's first.
 
-The driver is profiled with :class:`~profiling.DriverProfile`, once with
-kdtune's ``TUNE_GLOBAL_CHECKPOINT_S=0`` (experiment state written on every
-driver step) and once with Ray's default (``auto``: at most every 10 s, or 19×
-the time a write takes, plus the forced write after each trial checkpoint).
+The driver is profiled with :class:`~profiling.DriverProfile`, with kdtune's
+defaults (Ray's experiment-state period, ``auto``: at most every 10 s, or 19×
+the time a write takes; trials report only at rung epochs and their last epoch;
+trial records for crash safety) and, for comparison, with the experiment state
+written on every driver step (``TUNE_GLOBAL_CHECKPOINT_S=0``, kdtune's earlier
+default).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from common import Report, markdown_table, median, parallel_efficiency, per_tria
 from profiling import DriverProfile
 
 CHECKPOINT_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
+DEFAULT_PERIOD = "auto"
+DEFAULT_LABEL = "kdtune default"
 STEADY_TARGET_EFFICIENCY = 0.9
 STEADY_TARGET_OVERHEAD_S = 0.15
 ONE_AT_A_TIME = "kdtune default, 1 trial at a time (no contention between trials)"
@@ -193,8 +197,16 @@ def ray_run(spec, root: Path, name: str, teachers, checkpoint_period: str) -> di
     history = result.history[result.history["phase"] == "search"]
     first, last = profile.active_window()
     return {"wall_s": wall, "active_s": last - first, "trials": trials, "history": history, "profile": profile,
+            "reports": reports_per_trial(Path(result.study_dir)),
             "epochs": int(trials["epochs_run"].sum()), "setup_s": first - profile.started,
             "teardown_s": profile.stopped - last, "driver_cpu_s": driver_cpu, "period": checkpoint_period}
+
+
+def reports_per_trial(study_dir: Path) -> float:
+    """Median number of ``tune.report`` calls per search trial (lines of Ray's result.json)."""
+    counts = [sum(1 for line in path.read_text().splitlines() if line.strip())
+              for path in (study_dir / "search").glob("*/result.json")]
+    return median(counts) if counts else 0.0
 
 
 def _summary_row(label: str, wall: float, active: float, own: float, n: int, c: int, epochs: int) -> list[Any]:
@@ -226,7 +238,7 @@ def decomposition(shape: str, loop: dict[str, Any], out: dict[str, Any], concurr
     st = steady_state(out["profile"], list(out["trials"]["trial_id"]), own, concurrent)
     steady_ids = {t["trial_id"] for t in st["trials"]}
     train_b = out["history"][out["history"]["trial_id"].isin(steady_ids)].groupby("trial_id")["epoch_time_s"].sum()
-    reports = median(out["trials"]["epochs_run"])
+    reports = out["reports"]
     duration = median(t["duration_s"] for t in st["trials"])
     gap = median(t["gap_s"] for t in st["trials"])
     contention = median(train_b) - train_a
@@ -253,7 +265,8 @@ def run(quick: bool = False) -> Report:
     n_digits = 16 if quick else 24
     n_synth = 8 if quick else 12
     repeats = 1 if quick else 2
-    periods = [("0", "kdtune default (TUNE_GLOBAL_CHECKPOINT_S=0)")] + ([] if quick else [("auto", "Ray default (auto)")])
+    periods = [(DEFAULT_PERIOD, DEFAULT_LABEL)] + (
+        [] if quick else [("0", "state saved every step (TUNE_GLOBAL_CHECKPOINT_S=0)")])
     root = Path(tempfile.mkdtemp(prefix="kdtune-bench-overhead-"))
     teachers = common.shared_teachers()
     base_spec = common.digits_spec(digits_overrides(n_digits))
@@ -275,9 +288,9 @@ def run(quick: bool = False) -> Report:
         # Repeats (of kdtune's default only, to bound the time) interleave with the other period, so that a busy
         # spell on the shared machine hits both.
         runs = [(period, period_label, rep) for rep in range(repeats) for period, period_label in periods
-                if rep == 0 or period == "0"]
+                if rep == 0 or period == DEFAULT_PERIOD]
         if shape == "many_reports":
-            runs.append(("0", ONE_AT_A_TIME, 0))
+            runs.append((DEFAULT_PERIOD, ONE_AT_A_TIME, 0))
         for period, period_label, rep in runs:
             one_at_a_time = period_label == ONE_AT_A_TIME
             run_spec = (common.digits_spec(common.deep_merge(synthetic_overrides(n_synth, epochs, width),
@@ -285,7 +298,7 @@ def run(quick: bool = False) -> Report:
                         if one_at_a_time else spec)
             slots = 1 if one_at_a_time else concurrent
             out = ray_run(run_spec, root, f"synth-{shape}-{period}-{slots}-{rep}", teachers, period)
-            out["label"] = period_label + (f" #{rep + 1}" if repeats > 1 and period == "0" and not one_at_a_time else "")
+            out["label"] = period_label + (f" #{rep + 1}" if repeats > 1 and period == DEFAULT_PERIOD and not one_at_a_time else "")
             own_total = median(t["own_s"] for t in loop["trials"]) * len(out["trials"])
             summary_rows.append(_summary_row(f"{label}: (b) kdtune search, {out['label']}", out["wall_s"],
                                              out["active_s"], own_total, n_synth, slots, out["epochs"]))
@@ -325,7 +338,7 @@ def run(quick: bool = False) -> Report:
                                        out["active_s"], own, n_digits, concurrent, out["epochs"]))
         digit_outs[period] = out
         profiles.append(("digits", period_label, out))
-    zero = digit_outs["0"]
+    zero = digit_outs[DEFAULT_PERIOD]
     report.add(
         f"Default digits task: {n_digits} trials (single-objective TPE on val_acc, 27 epochs, rungs 1/3/9)",
         f"Ray trials' own time is estimated as epochs run × the in-process seconds per epoch of the same width. "
@@ -351,7 +364,7 @@ def run(quick: bool = False) -> Report:
 
     # ---------------------------------------------------------------- targets
     for shape, (width, epochs) in shapes.items():
-        runs_of_shape = verdicts[(shape, "0")]
+        runs_of_shape = verdicts[(shape, DEFAULT_PERIOD)]
         v = {key: median(r[key] for r in runs_of_shape) for key in runs_of_shape[0]}
         what = f"width {width} × {epochs} epoch(s), own {v['own_s']:.2f} s; median of {len(runs_of_shape)} run(s)"
         report.target(f"parallel efficiency ≥ {STEADY_TARGET_EFFICIENCY} for ~1 s trials ({what})",
@@ -361,24 +374,26 @@ def run(quick: bool = False) -> Report:
                       f"{v['round_trip_ms']:.0f} ms × {epochs}, gap {v['gap_s']:.2f} s)",
                       v["overhead_s"] <= STEADY_TARGET_OVERHEAD_S)
     # What is kdtune's to change and what is Ray's, in the numbers measured above.
-    zero_p, auto_p = digit_outs["0"]["profile"], digit_outs.get("auto", {}).get("profile")
-    writes = zero_p.calls("experiment-state write")
+    default_p = digit_outs[DEFAULT_PERIOD]["profile"]
+    every_step = digit_outs.get("0")
+    writes = default_p.calls("experiment-state write")
     report.notes.append(
-        f"kdtune's choice, TUNE_GLOBAL_CHECKPOINT_S=0: Ray then writes the whole experiment state (every trial's "
-        f"JSON state plus a pickle of the Optuna searcher) on every driver step, busy or idle (the loop wakes every "
-        f"0.1 s): {writes} writes for {n_digits} digits trials ({ratio(writes, n_digits):.0f} per trial, "
-        f"{1000 * ratio(zero_p.total('experiment-state write'), writes):.1f} ms each)"
-        + (f", against {auto_p.calls('experiment-state write')} with Ray's default period" if auto_p else "")
-        + ". The cost grows with the number of trials (see bookkeeping.md). CheckpointConfig(num_to_keep=1) already "
-        "forces a write after every trial checkpoint, i.e. after every trial that ran its full budget.")
-    final_ms = median(v["round_trip_ms"] for v in verdicts[("one_report", "0")])
-    many_ms = median(v["round_trip_ms"] for v in verdicts[("many_reports", "0")])
+        f"Experiment-state writes (every trial's JSON state plus a pickle of the Optuna searcher): {writes} for "
+        f"{n_digits} digits trials with kdtune's default (Ray's period)"
+        + (f", against {every_step['profile'].calls('experiment-state write')} when written on every driver step "
+           f"(TUNE_GLOBAL_CHECKPOINT_S=0, kdtune's earlier default; driver CPU "
+           f"{ratio(every_step['driver_cpu_s'], n_digits):.2f} s per trial against "
+           f"{ratio(digit_outs[DEFAULT_PERIOD]['driver_cpu_s'], n_digits):.2f} s)" if every_step else "")
+        + ". A killed search no longer depends on that state being fresh: each trial's record, written as it ends, "
+        "keeps its outcome (see kdtune/records.py).")
+    final_ms = median(v["round_trip_ms"] for v in verdicts[("one_report", DEFAULT_PERIOD)])
+    many_ms = median(v["round_trip_ms"] for v in verdicts[("many_reports", DEFAULT_PERIOD)])
     report.notes.append(
-        f"kdtune's choice, one tune.report per epoch: every report is a synchronous round trip through the driver, "
-        f"during which the trial does not train: {many_ms:.0f} ms per report averaged over a trial of "
-        f"{shapes['many_reports'][1]} reports, {final_ms:.0f} ms for a trial's only report (the one that carries the "
-        f"checkpoint), while a digits epoch is ~{1000 * fallback:.0f} ms of work in-process. The schedulers only need "
-        f"results at the rung epochs (1, 3, 9) and the last one.")
+        f"Reports: a trial reports only at the scheduler's rung epochs, epochs with a checkpoint, its last epoch and "
+        f"otherwise at most every 10 s; every report is a synchronous round trip through the driver, during which "
+        f"the trial does not train ({many_ms:.0f} ms per report in the many-epoch shape, {final_ms:.0f} ms for the "
+        f"one-epoch shape's only report, the one that carries the checkpoint), while a digits epoch is "
+        f"~{1000 * fallback:.0f} ms of work in-process.")
     report.notes.append(
         "Ray's: the function trainable's synchronous reporting, one event per driver step, the JSON/CSV logger "
         "callbacks (several ms per result), actor start; Optuna's: the sampler's ask grows with the study (see "

@@ -117,6 +117,15 @@ def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | No
             for folder in sorted((root / sub).glob(pattern)):
                 if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
                     return folder
+    # A trial that ended just before its search was killed has a record but may
+    # lack Ray's params.json (Ray copies it in the background); its checkpoint,
+    # which the trial uploads itself, is there.
+    if _trial_record(study_dir, trial_id) is not None:
+        for root in roots:
+            for sub in _TRIAL_SUBFOLDERS:
+                for folder in sorted((root / sub).glob(pattern)):
+                    if latest_checkpoint(folder) is not None:
+                        return folder
     recorded = str(meta.get("experiment_root") or "")
     hint = (
         f"; the search kept its trials at {recorded}: copy that experiment into {study_dir} first"
@@ -124,6 +133,27 @@ def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | No
     )
     searched = ", ".join(str(root / sub) for root in roots for sub in _TRIAL_SUBFOLDERS)
     raise ResultsError(f"trial {trial_id}: no trial folder with params.json in {searched}{hint}")
+
+
+def _trial_record(study_dir: Path, trial_id: str) -> dict[str, Any] | None:
+    from kdtune.records import load_records
+
+    for phase in ("search", "baseline"):
+        record = load_records(study_dir, phase).get(str(trial_id))
+        if record is not None:
+            return record
+    return None
+
+
+def trial_run_config(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The exact config a trial ran with, baseline ``overrides`` merged in: from its
+    record, or else from its folder's ``params.json``."""
+    from kdtune.tables import trial_config
+
+    record = _trial_record(Path(study_dir), trial_id)
+    if record is not None and record.get("config"):
+        return trial_config(record["config"])
+    return read_trial_config(trial_folder(study_dir, trial_id, meta))
 
 
 def read_trial_config(folder: str | Path) -> dict[str, Any]:
@@ -297,7 +327,7 @@ def final_evaluation(
     seed_list = fresh_seeds(int(seeds), spec.seed, used)
     configs = {}
     for trial_id in front["trial_id"]:
-        base = RunConfig.from_dict(read_trial_config(trial_folder(study_dir, trial_id, meta)))
+        base = RunConfig.from_dict(trial_run_config(study_dir, trial_id, meta))
         configs[trial_id] = dataclasses.replace(base, device=str(torch_device))
 
     data = load_spec_data(spec)

@@ -28,7 +28,7 @@ import torch
 
 from kdtune import __version__
 from kdtune.errors import ConfigError, KdtuneError, ResultsError
-from kdtune.evaluate import latest_checkpoint, read_trial_config, require_study, trial_folder
+from kdtune.evaluate import latest_checkpoint, require_study, trial_folder, trial_run_config
 from kdtune.teacher import sha256_file
 
 #: Export formats and the file suffix each gets by default.
@@ -238,7 +238,7 @@ def export_student(
     row = _select_trial(trials, trial_id, pareto_index)
     chosen = str(row["trial_id"])
     folder = trial_folder(study_dir, chosen, meta)
-    config = read_trial_config(folder)
+    config = trial_run_config(study_dir, chosen, meta)
     weights = _load_student_state(folder, row, config, trials)
 
     data = load_spec_data(load_spec(study_dir / "spec.yaml"))

@@ -345,6 +345,26 @@ def check_study(spec: SearchSpec, study_dir: Path, resume: bool) -> None:
         )
 
 
+def resumed_num_samples(study_dir: Path, requested: int | None, default: int) -> int:
+    """The number of trials a resumed study runs to: the one it was started with.
+
+    Ray restores a search with its original number of samples, so asking for
+    another one with ``--num-samples`` is refused rather than silently ignored.
+    """
+    try:
+        stored = json.loads((study_dir / "study.json").read_text()).get("num_samples")
+    except (OSError, ValueError):
+        stored = None
+    if stored is None:
+        return requested if requested is not None else default
+    if requested is not None and int(requested) != int(stored):
+        raise KdtuneError(
+            f"--num-samples {requested}: study '{study_dir.name}' was started with {stored} trials and Ray "
+            f"cannot change that on resume; resume without --num-samples (or with --num-samples {stored}), "
+            f"or start a new study with --name")
+    return int(stored)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -382,9 +402,9 @@ def _quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Save the experiment state after every step so that a killed driver loses no
-    # finished trial (resume then never runs a completed trial twice).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # Ray's experiment state keeps its own period (TUNE_GLOBAL_CHECKPOINT_S, 10 s
+    # or more): kdtune's trial records, written as each trial ends, are what make
+    # a killed search lose nothing (see kdtune.records).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 
@@ -521,25 +541,34 @@ def _progress_callback(total: int, log: Log, interval_s: float = 15.0):
 
 
 def _scheduler(spec: SearchSpec):
+    """The Ray scheduler of the spec's early-stopping rule and the epochs it needs results at.
+
+    Every scheduler counts time in the results' ``epoch`` field: trials report only
+    at the returned rung epochs and at their last epoch.
+    """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from kdtune.scheduler import SizeAwareASHA
+    from kdtune.scheduler import ParetoASHA, SizeAwareASHA, rung_milestones
 
     rule = spec.early_stopping
     if rule.rule == "none":
         return FIFOScheduler(), []
     if rule.rule == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_acc", mode="max",
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
                                   max_t=max_epochs(spec), grace_period=rule.grace_period,
                                   reduction_factor=rule.reduction_factor)
-        from kdtune.scheduler import rung_milestones
         return scheduler, rung_milestones(rule.grace_period, max_epochs(spec), rule.reduction_factor)
+    if rule.rule == "pareto_asha":
+        scheduler = ParetoASHA(metric="val_loss", mode="min", front_metric="val_acc", size_attr="params",
+                               max_t=max_epochs(spec), grace_period=rule.grace_period,
+                               reduction_factor=rule.reduction_factor, hv_epsilon=rule.hv_epsilon, time_attr="epoch")
+        return scheduler, scheduler.milestones
     scheduler = SizeAwareASHA(metric="val_acc", mode="max", max_t=max_epochs(spec), grace_period=rule.grace_period,
-                              reduction_factor=rule.reduction_factor, size_key=rule.size_key)
+                              reduction_factor=rule.reduction_factor, size_key=rule.size_key, time_attr="epoch")
     return scheduler, scheduler.milestones
 
 
-def _searcher(spec: SearchSpec, journal: Path, study: str):
+def _searcher(spec: SearchSpec, journal: Path, study: str, records: Path):
     from kdtune.searcher import OBJECTIVE_MODES, KdOptunaSearch, build_sampler, journal_storage, to_optuna_distribution
 
     objectives = list(spec.sampler.objectives)
@@ -555,17 +584,24 @@ def _searcher(spec: SearchSpec, journal: Path, study: str):
         study_name=study,
         storage=journal_storage(journal),
         size_values=list(spec.space.width.choice) if isinstance(spec.space.width, Choice) else None,
+        num_samples=spec.num_samples,
+        records=records,
     )
 
 
 def _run_config(name: str, storage_path: str, spec: SearchSpec, callbacks: list):
     from ray import tune
 
+    # A trial checkpoints once, at its end, unless checkpoint_every asks for more.
+    # num_to_keep makes Ray save the whole experiment state, synchronously, each
+    # time a trial has made that many checkpoints: set it only when old
+    # checkpoints need deleting.
+    keep = 2 if spec.checkpoint_every else None
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         callbacks=callbacks,
         verbose=0,
     )
@@ -684,6 +720,8 @@ def search(
     # Everything that can reject the input runs before anything is written, so a
     # rejected spec leaves no study folder behind.
     check_study(spec, study_dir, resume)
+    if resume:
+        spec = spec.model_copy(update={"num_samples": resumed_num_samples(study_dir, num_samples, spec.num_samples)})
     check_not_locked(study_dir)
     data = check_inputs(spec, source, address)
     experiment_root = f"{storage.rstrip('/')}/{study}" if storage else str(study_dir)
@@ -716,7 +754,7 @@ def search(
             "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
         })
         interrupted, trials, history = _run_trials(spec, study, study_dir, experiment_root, data, prepared,
-                                                   placement, scheduler, resume, log)
+                                                   placement, scheduler, rungs, resume, log)
         if not interrupted:
             ray_ids = set(trials.loc[trials["phase"] == "search", "trial_id"]) if len(trials) else set()
             lost = reconcile_journal(study_dir / "optuna.journal", study, ray_ids)
@@ -726,23 +764,49 @@ def search(
     return SearchResult(study_dir, trials, history, prepared.info, interrupted, resume_cmd)
 
 
+def restore_rungs(tuner: Any, study_dir: Path, study: str, experiment_root: str, log: Log) -> int:
+    """Give a restored search's scheduler the rung results of the trials run so far.
+
+    Ray does not save schedulers: ``Tuner.restore`` brings back the one pickled
+    when the search started, with empty rungs, so trials after a resume would be
+    compared only with each other. Returns the number of rung results restored.
+    """
+    from kdtune.tables import build_tables
+
+    # Ray keeps no public handle on a restored Tuner's scheduler.
+    scheduler = getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None), "scheduler", None)
+    if not hasattr(scheduler, "restore_history"):
+        return 0
+    _, history = build_tables(experiment_root, study, phases=("search",), study_dir=study_dir)
+    restored = scheduler.restore_history(history) if len(history) else 0
+    if restored:
+        log(f"early stopping: restored {restored} rung result(s) of the trials run before the restart")
+    return restored
+
+
 def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: str, data: DatasetSplits,
-                prepared: Any, placement: Placement, scheduler: Any, resume: bool,
+                prepared: Any, placement: Placement, scheduler: Any, rungs: list[int], resume: bool,
                 log: Log) -> tuple[bool, pd.DataFrame, pd.DataFrame]:
     """Run (or resume) the search trials, then the baselines, writing the tables after
     each; returns (stopped before the end, trials, history)."""
     from ray import tune
 
+    from kdtune.records import load_records, recording_callback, records_dir
     from kdtune.tables import write_tables
     from kdtune.trainable import DataArrays, distill_trainable
 
     search_path = f"{experiment_root}/{SEARCH_DIR}"
     baseline_path = f"{experiment_root}/{BASELINE_DIR}"
-    config = base_config(spec, placement)
+    config = {**base_config(spec, placement), "report_epochs": list(rungs)}
     if spec.faults is not None and spec.faults.raise_at_epoch:
         config["fault"] = {**spec.faults.model_dump(), "dir": str(study_dir / "faults")}
+    # Trials that ended before a restart end at once: their records hold their outcome.
+    replays = frozenset()
+    if resume:
+        replays = frozenset(trial_id for phase in ("search", "baseline") for trial_id in load_records(study_dir, phase))
     trainable = tune.with_resources(
-        tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets),
+        tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets,
+                             replays=replays),
         placement.resources,
     )
     log(f"study '{study}': {spec.num_samples} trials, up to {placement.max_concurrent} at a time, "
@@ -753,19 +817,22 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
             trainable,
             param_space=config,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(spec, study_dir / "optuna.journal", study),
+                search_alg=_searcher(spec, study_dir / "optuna.journal", study, records_dir(study_dir, "search")),
                 scheduler=scheduler,
                 num_samples=spec.num_samples,
                 max_concurrent_trials=placement.max_concurrent,
                 reuse_actors=True,
             ),
-            run_config=_run_config(SEARCH_DIR, experiment_root, spec, [_progress_callback(spec.num_samples, log)]),
+            run_config=_run_config(SEARCH_DIR, experiment_root, spec, [
+                recording_callback(study_dir, "search"), _progress_callback(spec.num_samples, log)]),
         )
 
     def restore_search_tuner():
         log(f"resuming the search from {search_path}")
-        return tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
+        tuner = tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+        restore_rungs(tuner, study_dir, study, experiment_root, log)
+        return tuner
 
     _fit(new_search_tuner, search_path, restore_search_tuner if resume else None)
     trials, history = write_tables(study_dir, study, experiment_root)
@@ -778,14 +845,15 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
         return False, trials, history
     log(f"baselines: {len(overrides)} no-distillation runs (alpha=1) of widths "
         + ", ".join(f"{o['width']:g}" for o in overrides))
-    baseline_space = {**config, "phase": "baseline", "overrides": tune.grid_search(overrides)}
+    baseline_space = {**config, "phase": "baseline", "report_epochs": [], "overrides": tune.grid_search(overrides)}
     baseline_space.pop("fault", None)
 
     def new_baseline_tuner():
         return tune.Tuner(
             trainable, param_space=baseline_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=placement.max_concurrent, reuse_actors=True),
-            run_config=_run_config(BASELINE_DIR, experiment_root, spec, [_progress_callback(len(overrides), log)]),
+            run_config=_run_config(BASELINE_DIR, experiment_root, spec, [
+                recording_callback(study_dir, "baseline"), _progress_callback(len(overrides), log)]),
         )
 
     def restore_baseline_tuner():

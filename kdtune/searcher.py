@@ -24,6 +24,7 @@ from optuna.distributions import (
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
@@ -112,20 +113,41 @@ class KdOptunaSearch(OptunaSearch):
     ``ray_trial_id``) so the journal can be reconciled with Ray's tables.
     """
 
-    def __init__(self, *args: Any, size_param: str = "width", size_values: list[Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, size_param: str = "width", size_values: list[Any] | None = None,
+                 num_samples: int | None = None, records: str | Path | None = None, **kwargs: Any) -> None:
         """Arguments as :class:`OptunaSearch`, plus the student sizes to try first.
 
         ``size_values`` (the discrete widths of the space) are enqueued as the
         first trials, one per width, the other hyperparameters left to the
         sampler: a random start of 10 trials over 5 widths misses one width in
         about one search in ten, and TPE then never learns that width exists.
+        ``num_samples`` and ``records`` (the folder of the search's trial records,
+        see :mod:`kdtune.records`) let a restored searcher count the trials that
+        ended after Ray's last saved state, so the search still ends at
+        ``num_samples`` trials.
         """
         super().__init__(*args, **kwargs)
+        self._num_samples = num_samples
+        self._records = str(records) if records is not None else None
+        self._forgotten: set[str] = set()
         if size_values and self._ot_study is not None and not self._ot_study.trials:
             for value in size_values:
                 self._ot_study.enqueue_trial({size_param: value}, skip_if_exists=True)
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore Ray's saved state, then count the recorded trials it does not know:
+        they ended after that state was saved, and they count toward ``num_samples``."""
+        super().restore(checkpoint_path)
+        records = getattr(self, "_records", None)
+        if records and Path(records).is_dir():
+            recorded = {path.stem for path in Path(records).glob("*.json")}
+            self._forgotten = recorded - set(self._ot_trials)
+
     def suggest(self, trial_id: str) -> dict | None:
+        num_samples = getattr(self, "_num_samples", None)
+        forgotten = getattr(self, "_forgotten", set())
+        if forgotten and num_samples is not None and len(self._ot_trials) + len(forgotten) >= num_samples:
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
@@ -134,6 +156,12 @@ class KdOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        records = getattr(self, "_records", None)
+        if records and (Path(records) / f"{trial_id}.json").exists():
+            # A trial that had ended before a restart: its record is written only
+            # after this method told Optuna, so the journal already holds it.
+            self._completed_trials.add(trial_id)
             return
         ot_trial = self._ot_trials[trial_id]
         state, values = self._outcome(result, error)

@@ -2,15 +2,30 @@
 
 The dataset and the teacher's cached outputs travel as numpy arrays through
 Ray's object store (``tune.with_parameters``): put there once, read zero-copy and
-read-only by every trial on a node. The trainable reports once per epoch (Ray's
-``training_iteration`` is the schedulers' epoch axis) and attaches a checkpoint
-to the last report, so every finished student can be exported later.
+read-only by every trial on a node.
+
+Every ``tune.report`` is a synchronous round trip through the driver (the trial
+waits until the driver has processed the result), tens of milliseconds against
+an epoch of a small student that can take ten. So a trial reports only the
+epochs someone acts on: the scheduler's rung epochs (``report_epochs``), epochs
+with a checkpoint, the last epoch, and otherwise at most every
+``report_interval_s`` seconds so long epochs still show progress. The epochs in
+between travel with the next report, in ``unreported_epochs`` (JSON), and the
+tables unpack them: the history keeps one row per epoch. The schedulers read the
+``epoch`` field, not Ray's report counter. The last report carries a checkpoint,
+so every finished student can be exported later.
+
+On ``--resume``, a trial that had already ended before the driver was killed
+(it has a record, see :mod:`kdtune.records`) but that Ray's restored state still
+lists as unfinished ends at once without training: its record keeps its outcome.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -24,6 +39,8 @@ from kdtune.data import DatasetSplits, TensorSplit
 from kdtune.distill import RunConfig, TeacherTargets, run
 
 STATE_FILE = "state.pt"
+#: Report at least this often (seconds) even between the epochs that must be reported.
+DEFAULT_REPORT_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -99,11 +116,46 @@ def _claim_fault_slot(fault: dict[str, Any], trial_id: str) -> bool:
     return True
 
 
-def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, teacher: TeacherTargets | None = None) -> None:
-    """Ray Tune function trainable: train one student and report every epoch.
+class SparseReporter:
+    """Decides which epochs go to Ray now and carries the others to the next report.
+
+    ``on_epoch`` returns the result to report, with the metrics of the epochs held
+    back since the last report attached as ``unreported_epochs`` (a JSON list), or
+    None when this epoch is held back too.
+    """
+
+    def __init__(self, report_epochs: list[int] | tuple[int, ...], interval_s: float, clock=time.monotonic) -> None:
+        self.report_epochs = {int(e) for e in report_epochs}
+        self.interval_s = float(interval_s)
+        self.clock = clock
+        self.last_sent = clock()
+        self.held: list[dict[str, Any]] = []
+
+    def must_send(self, epoch: int, metrics: dict[str, Any], has_checkpoint: bool) -> bool:
+        """Whether this epoch's metrics must reach Ray now."""
+        return (has_checkpoint or epoch in self.report_epochs or metrics.get("status") != "running"
+                or self.clock() - self.last_sent >= self.interval_s)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, Any], has_checkpoint: bool) -> dict[str, Any] | None:
+        """The result to send for this epoch (with the held epochs), or None to hold it."""
+        if not self.must_send(epoch, metrics, has_checkpoint):
+            self.held.append(dict(metrics))
+            return None
+        result = {**metrics, "unreported_epochs": json.dumps(self.held)}
+        self.held = []
+        self.last_sent = self.clock()
+        return result
+
+
+def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, teacher: TeacherTargets | None = None,
+                      replays: frozenset[str] | set[str] | None = None) -> None:
+    """Ray Tune function trainable: train one student, reporting the epochs that matter.
 
     ``config`` holds the fields of :class:`~kdtune.distill.RunConfig` plus
-    ``phase`` ("search" or "baseline") and, in kdtune's own tests, ``fault``.
+    ``phase`` ("search" or "baseline"), ``report_epochs`` (epochs the scheduler
+    decides at), ``report_interval_s`` and, in kdtune's own tests, ``fault``.
+    ``replays`` holds the Ray ids of trials that had ended before a restart: run
+    again, they end at once without training (their record holds their outcome).
     """
     from ray import tune
     import ray
@@ -115,6 +167,8 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     run_config = RunConfig.from_dict(config)
     context = tune.get_context()
     trial_id = context.get_trial_id() or "local"
+    if replays and trial_id in replays:
+        return
     node_id = ray.get_runtime_context().get_node_id()
     resume_state = None
     checkpoint = tune.get_checkpoint()
@@ -129,6 +183,8 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
         "phase": config.get("phase", "search"),
     }
     pending: dict[int, Any] = {}
+    reporter = SparseReporter(config.get("report_epochs") or (),
+                              float(config.get("report_interval_s", DEFAULT_REPORT_INTERVAL_S)))
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # Staged in the trial's working directory (inside Ray's temp dir), not in
@@ -141,9 +197,12 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     def report(epoch: int, metrics: dict[str, Any]) -> None:
         if fault and fault.get("raise_at_epoch") == epoch and _claim_fault_slot(fault, trial_id):
             raise RuntimeError(f"injected fault at epoch {epoch}: simulated CUDA out of memory")
+        result = reporter.on_epoch(epoch, {**metrics, **extras}, has_checkpoint=epoch in pending)
+        if result is None:
+            return
         folder = pending.pop(epoch, None)
         ckpt = tune.Checkpoint.from_directory(folder) if folder else None
-        tune.report({**metrics, **extras}, checkpoint=ckpt)
+        tune.report(result, checkpoint=ckpt)
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
 

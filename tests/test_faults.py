@@ -28,7 +28,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from kdtune.cli import main
+from kdtune.records import load_records
 from kdtune.searcher import journal_storage
 from tests.conftest import write_spec
 
@@ -241,6 +241,52 @@ def test_a_trial_run_again_after_a_restart_is_recorded_as_its_new_outcome(tmp_pa
     assert len(optuna.load_study(study_name="s", storage=journal_storage(tmp_path / "optuna.journal")).trials) == 2
 
 
+def test_a_restored_searcher_skips_recorded_trials_and_counts_those_ray_forgot(tmp_path):
+    """After a SIGKILL, Ray's restored state may be behind: a trial it lists as running
+    had ended (its record exists: the journal holds its outcome), and a trial it never
+    heard of ran and ended after the state was saved. The first must not be told
+    twice; the second still counts toward num_samples."""
+    from optuna.distributions import FloatDistribution
+    from ray.tune.search import Searcher
+
+    from kdtune.records import records_dir, write_record
+    from kdtune.searcher import KdOptunaSearch
+
+    folder = records_dir(tmp_path, "search")
+
+    def searcher() -> KdOptunaSearch:
+        return KdOptunaSearch(space={"temperature": FloatDistribution(1.0, 10.0)}, metric=["val_acc", "params"],
+                              mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+                              storage=journal_storage(tmp_path / "optuna.journal"), num_samples=4, records=folder)
+
+    def end(search: KdOptunaSearch, trial_id: str, val_acc: float) -> None:
+        result = {"epoch": 3, "epochs": 3, "status": "completed", "val_acc": val_acc, "params": 100}
+        search.on_trial_complete(trial_id, result)
+        write_record(folder, {"trial_id": trial_id, "ray_status": "TERMINATED", "results": [result]})
+
+    first = searcher()
+    first.suggest("t1")
+    first.suggest("t2")
+    first.save(str(tmp_path / "searcher.pkl"))  # the last state Ray saved: t1 and t2 running
+    end(first, "t1", 0.5)
+    first.suggest("t3")
+    end(first, "t3", 0.7)
+    # The driver dies. Ray restores the older state: t1 and t2 running, t3 unknown.
+    second = searcher()
+    second.restore(str(tmp_path / "searcher.pkl"))
+    # t1 ends at once (kdtune.trainable skips recorded trials): Optuna is not told again.
+    second.on_trial_complete("t1", {"epoch": 3, "epochs": 3, "status": "completed", "val_acc": 0.5, "params": 100})
+    assert second.suggest("t4") is not None
+    # t1, t2, t4 known to Ray + t3 recorded = 4 = num_samples: nothing more to suggest.
+    assert second.suggest("t5") == Searcher.FINISHED
+    end(second, "t2", 0.6)
+    end(second, "t4", 0.8)
+    trials = optuna.load_study(study_name="s", storage=journal_storage(tmp_path / "optuna.journal")).trials
+    assert [(t.user_attrs["ray_trial_id"], t.state, t.values) for t in trials] == [
+        ("t1", TrialState.COMPLETE, [0.5, 100.0]), ("t2", TrialState.COMPLETE, [0.6, 100.0]),
+        ("t3", TrialState.COMPLETE, [0.7, 100.0]), ("t4", TrialState.COMPLETE, [0.8, 100.0])]
+
+
 def _by_trial_number(study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Trials and history keyed by Optuna trial number (Ray trial ids are random per run)."""
     numbers = {tid: t.number for tid, t in journal_trials(study_dir).items()}
@@ -368,24 +414,9 @@ class SearchProcess:
         return max(counts, default=0)
 
 
-def finished_lines(study_dir: Path) -> dict[str, list[dict]]:
-    """result.json lines of the trials that reached their last epoch (or diverged)."""
-    return {tid: rows for tid, rows in result_lines_tolerant(study_dir).items()
-            if rows and rows[-1].get("status") in ("completed", "diverged")}
-
-
-def result_lines_tolerant(study_dir: Path) -> dict[str, list[dict]]:
-    """Like :func:`result_lines`, skipping a last line that is still being written."""
-    lines = {}
-    for path in sorted((study_dir / "search").glob("distill_trainable_*/result.json")):
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        lines[path.parent.name.split("_")[2]] = rows
-    return lines
+def recorded_trials(study_dir: Path) -> dict[str, dict]:
+    """The records of the search trials that had ended (kdtune/records.py), by trial id."""
+    return load_records(study_dir, "search")
 
 
 CHAIN_SPEC = tiny_spec(
@@ -532,18 +563,18 @@ def run_chain(root: Path) -> dict:
 
         second = start("run2", ["--resume"])
         second.wait_until(lambda: second.done_in_this_run() >= 3, "3 finished trials")
-        evidence["kept"].update(finished_lines(study_dir))
+        evidence["kept"].update(recorded_trials(study_dir))
         os.kill(second.proc.pid, signal.SIGKILL)
         kill_group(second.proc)
 
         third = start("run3", ["--resume"])
         third.wait_until(lambda: third.done_in_this_run() >= 2, "2 more finished trials")
-        evidence["kept"].update(finished_lines(study_dir))
+        evidence["kept"].update(recorded_trials(study_dir))
         os.kill(third.proc.pid, signal.SIGINT)
         evidence["sigint_code"] = third.proc.wait(timeout=120)
         evidence["sigint_output"] = third.output()
         evidence["state_after_sigint"] = json.loads((study_dir / "study.json").read_text())["state"]
-        evidence["kept"].update(finished_lines(study_dir))
+        evidence["kept"].update(recorded_trials(study_dir))
         evidence["left_after_sigint"] = lingering(third.proc.pid)
         kill_group(third.proc)
 
@@ -627,26 +658,27 @@ def test_killed_and_interrupted_search_resumes_without_losing_or_repeating_trial
     assert set(search["status"]) <= {"completed", "stopped_early"}, search["status"].tolist()
     assert (search["status"] == "stopped_early").any(), "the scheduler should have stopped some trials"
     assert kept, "some trials should have finished before the kills"
-    # Every trial finished before a kill kept its metrics, each epoch once.
-    lines = result_lines(study_dir)
+    # Every trial that had ended before a kill kept its record unchanged, and the
+    # tables hold its metrics, one row per epoch it ran.
+    final_records = recorded_trials(study_dir)
+    history = pd.read_parquet(study_dir / "history.parquet")
     by_id = search.set_index("trial_id")
-    for trial_id, rows in kept.items():
-        assert by_id.loc[trial_id, "val_acc"] == rows[-1]["val_acc"], trial_id
-        assert [metrics_of(r) for r in lines[trial_id]] == [metrics_of(r) for r in rows], trial_id
-    for trial_id, rows in lines.items():
+    for trial_id, record in kept.items():
+        assert final_records[trial_id] == record, trial_id
+        last = record["results"][-1]
+        assert by_id.loc[trial_id, "val_acc"] == last["val_acc"], trial_id
+        assert by_id.loc[trial_id, "epochs_run"] == last["epoch"], trial_id
+        epochs = history.loc[history["trial_id"] == trial_id, "epoch"].tolist()
+        assert epochs == list(range(1, last["epoch"] + 1)), (trial_id, epochs)
+    # No trial ran twice: Ray's result log of each trial reports every epoch at most
+    # once, though Ray's experiment state, saved every few seconds, was behind at
+    # each kill.
+    for trial_id, rows in result_lines(study_dir).items():
         epochs = [r["epoch"] for r in rows]
         assert epochs == sorted(set(epochs)), (trial_id, epochs)
-    # Ray copies its experiment state to the study folder in the background: a trial
-    # finishing in the last moment before a SIGKILL can be missing from the copy and
-    # run again after --resume (same seed, same numbers, as checked above). Say so.
-    rerun = [t for t, rows in kept.items() if lines[t] != rows]
-    if rerun:
-        warnings.warn(f"trials {rerun} finished just before a SIGKILL and ran again after --resume")
-
-
-def metrics_of(row: dict) -> tuple:
-    """What a trial computed in one epoch (not when, or how fast)."""
-    return tuple(row.get(k) for k in ("epoch", "status", "val_acc", "val_loss", "train_loss", "params"))
+    assert set(final_records) == set(search["trial_id"])
+    # Ray restores schedulers empty: kdtune gave the resumed scheduler the rung results so far.
+    assert re.search(r"early stopping: restored \d+ rung result", chain_run["last_output"]), chain_run["last_output"][-3000:]
     assert_journal_agrees_with_tables(study_dir, trials)
     assert json.loads((study_dir / "study.json").read_text())["state"] == "complete"
 
@@ -708,6 +740,10 @@ CLUSTER_SPEC = tiny_spec(
     data={"dataset": "digits"},  # all 1,077 training images: ~2 s trials, time to kill one mid-run
     space={**tiny_spec("x")["space"], "epochs": 8},
     max_failures=2,
+    # A checkpoint every epoch makes every epoch a report (trials otherwise report
+    # only at rungs and at the end), so the watcher sees which trials run where; a
+    # trial cut off with its node resumes from its last checkpoint.
+    checkpoint_every=1,
 )
 
 
@@ -732,7 +768,9 @@ class ClusterRun:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(script), str(self.root / "results"), str(spec_path)], cwd=self.root,
-                env=subprocess_env(home, self.tmpdir, RAY_AUTH_MODE="token"),
+                # The watcher reads trials' result logs in the study folder, which Ray
+                # refreshes with its experiment state: every driver step here.
+                env=subprocess_env(home, self.tmpdir, RAY_AUTH_MODE="token", TUNE_GLOBAL_CHECKPOINT_S="0"),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from kdtune.cli import main
 from kdtune.errors import ConfigError
+from kdtune.records import load_records
 from kdtune.search import plan_placement
 from kdtune.spec import parse_spec
 from kdtune.searcher import journal_storage
@@ -65,6 +66,29 @@ def test_cli_search_on_digits_writes_a_complete_study(ray_session, tmp_path):
     for t in complete:
         row = search.set_index("trial_id").loc[t.user_attrs["ray_trial_id"]]
         assert t.values == pytest.approx([row["val_acc"], row["params"]])
+
+    # Trials reported to Ray only at the rungs (1, 3) and their last epoch: Ray's
+    # result log has those epochs, the history every epoch (checked above).
+    for row in search.itertuples():
+        logged = [json.loads(line)["epoch"] for line in next((study / "search").glob(f"*_{row.trial_id}_*")).joinpath(
+            "result.json").read_text().splitlines()]
+        assert logged == [e for e in (1, 3) if e < row.epochs_run] + [row.epochs_run], (row.trial_id, logged)
+    # Every trial, search and baseline, has its record: config, every report, status.
+    for phase, rows in (("search", search), ("baseline", baselines)):
+        records = load_records(study, phase)
+        assert set(records) == set(rows["trial_id"])
+        for row in rows.itertuples():
+            record = records[row.trial_id]
+            assert record["ray_status"] == "TERMINATED" and record["error"] is None
+            assert record["results"][-1]["epoch"] == row.epochs_run
+            assert record["results"][-1]["val_acc"] == pytest.approx(row.val_acc)
+
+    # Ray restores a search with its original number of trials: asking for another
+    # number on resume is refused before anything starts, naming the stored one.
+    again = CliRunner().invoke(main, ["search", str(spec_path), "--results", str(results), "--resume",
+                                      "--num-samples", "20"])
+    assert again.exit_code == 2, again.output
+    assert "started with 8 trials" in again.output and "Traceback" not in again.output
 
 
 def _spec(**resources):
