@@ -322,9 +322,10 @@ def run(
     ``val_loss``, ``train_loss``, ``params``, ``bytes``, ``epoch_time_s``,
     ``samples_per_s`` and ``status`` ("running", then "completed" on the last epoch,
     or "diverged" when the training loss became NaN/inf, which ends the run early
-    instead of raising). ``on_checkpoint(epoch, state)`` gets the resumable state on
-    the last epoch and every ``checkpoint_every`` epochs; ``resume_state`` continues
-    from such a state. The same config and seed give the same numbers on the CPU.
+    instead of raising). ``on_checkpoint(epoch, state)`` gets the resumable state
+    every ``checkpoint_every`` epochs, and on the last epoch the student without
+    the optimizer state (a finished run is not resumed); ``resume_state``
+    continues from such a state. The same config and seed give the same numbers on the CPU.
     """
     config.validate()
     needs_teacher = config.alpha < 1 or config.beta > 0
@@ -357,7 +358,8 @@ def run(
     start_epoch, history = 1, []
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("optimizer") is not None:
+            optimizer.load_state_dict(resume_state["optimizer"])
         if adapter is not None and resume_state.get("adapter") is not None:
             adapter.load_state_dict(resume_state["adapter"])
         shuffle.set_state(resume_state["shuffle_rng"])
@@ -445,7 +447,9 @@ def run(
                 "epoch": epoch,
                 "student": student.state_dict(),
                 "adapter": adapter.state_dict() if adapter is not None else None,
-                "optimizer": optimizer.state_dict(),
+                # A finished run is never resumed: its checkpoint keeps the student
+                # only (for Adam the optimizer state is twice the student's size).
+                "optimizer": None if final else optimizer.state_dict(),
                 "shuffle_rng": shuffle.get_state(),
                 "noise_rng": noise_gen.get_state(),
                 "history": history,

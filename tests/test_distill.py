@@ -256,6 +256,12 @@ def test_resumed_run_matches_an_uninterrupted_one(digits, teacher, tmp_path) -> 
 
     assert report.epochs == [4, 5, 6]
     assert saved == [3, 6]  # the final epoch always checkpoints
+    # Mid-run checkpoints hold the optimizer (needed to resume); the final one only
+    # the student (a finished run is not resumed).
+    assert state["optimizer"] is not None
+    final = torch.load(tmp_path / "state_6.pt", weights_only=True)
+    assert final["optimizer"] is None and final["epoch"] == 6
+    assert all(torch.equal(final["student"][k], v) for k, v in resumed.student.state_dict().items())
     assert _without_timing(resumed.history) == _without_timing(reference.history)
     assert {k: v for k, v in resumed.metrics.items() if k not in TIMING_KEYS} == {
         k: v for k, v in reference.metrics.items() if k not in TIMING_KEYS
