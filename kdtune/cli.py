@@ -74,21 +74,22 @@ def search(spec: Path, num_samples: int | None, name: str | None, address: str |
                             resume=resume, dashboard=dashboard, results_root=results_root,
                             log=lambda m: click.echo(m, err=False))
     except SearchInterrupted as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(130)
+        _interrupted(exc)
     except KeyboardInterrupt:
-        study_dir = results_root.resolve() / (name or _spec_study(spec))
+        study_dir = results_root.expanduser().resolve() / (name or _spec_study(spec))
         if (study_dir / "study.json").exists():
-            click.echo(f"search interrupted; everything finished so far is kept in {study_dir}.\n"
-                       f"resume with: {resume_command(spec, study_dir, name)}", err=True)
-        else:
-            click.echo("search interrupted before it started; nothing was written", err=True)
+            _interrupted(SearchInterrupted(study_dir, resume_command(spec, study_dir, name)))
+        click.echo("search interrupted before it started; nothing was written", err=True)
         sys.exit(130)
     if result.interrupted:
-        click.echo(f"search interrupted; everything finished so far is kept in {result.study_dir}.\n"
-                   f"resume with: {result.resume_command}", err=True)
-        sys.exit(130)
+        _interrupted(SearchInterrupted(result.study_dir, result.resume_command))
     _print_front(result.trials, result.study_dir)
+
+
+def _interrupted(exc: SearchInterrupted) -> None:
+    """Say where the study is kept and how to resume it; exit 130 (as after Ctrl-C)."""
+    click.echo(str(exc), err=True)
+    sys.exit(exc.exit_code)
 
 
 def _spec_study(spec: Path) -> str:
@@ -121,26 +122,18 @@ def _study_command(fn: Callable) -> Callable:
 
 
 def _trials_with_finished_search(results: Path) -> Any:
-    """The study's trials, or a :class:`ResultsError` when no search trial has
-    finished yet (a study interrupted before its first trial, or still starting)."""
-    import json
-
-    from kdtune.analysis import load_results
+    """The study's trials, or a :class:`ResultsError` when no search trial ran its
+    full budget (a study interrupted early, or one whose trials all stopped early)."""
+    from kdtune.analysis import counted_trials, load_results, read_study_meta
     from kdtune.errors import ResultsError
 
     trials = load_results(results)
-    finished = trials
-    if {"phase", "status"} <= set(trials.columns):
-        finished = trials[(trials["phase"] == "search") & (trials["status"] == "completed")]
-    if finished.empty:
-        try:
-            state = json.loads((results / "study.json").read_text()).get("state", "unknown")
-        except (OSError, ValueError):
-            state = "unknown"
-        raise ResultsError(
-            f"{results}: no search trial has completed yet ({len(trials)} trial(s) recorded, study state "
-            f"'{state}'); finish the search first (kdtune search SPEC --resume)"
-        )
+    if counted_trials(trials).empty:
+        state = read_study_meta(results).get("state", "unknown")
+        advice = ("every trial stopped early or failed: start a new study with more trials or a later first rung"
+                  if state == "complete" else "finish the search first (kdtune search SPEC --resume)")
+        raise ResultsError(f"{results}: no search trial has completed yet ({len(trials)} trial(s) recorded, "
+                           f"study state '{state}'); {advice}")
     return trials
 
 

@@ -37,8 +37,6 @@ from kdtune.losses import (
 from kdtune.models import MODELS, Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-#: Temperatures whose soft targets a :class:`TeacherTargets` keeps.
-_SOFT_TARGET_CACHE = 4
 
 #: Callback ``report(epoch, metrics)`` called after every epoch (epochs count from 1).
 ReportFn = Callable[[int, dict[str, Any]], None]
@@ -147,22 +145,6 @@ class TeacherTargets:
         features = features_all.index_select(0, index).to(device) if features_all is not None else None
         return logits, features
 
-    def soft_targets(self, temperature: float) -> Tensor:
-        """``softmax(logits / T)`` over the whole split, ``(N, C)`` (several teachers averaged
-        in probability space, as :func:`kdtune.losses.soft_targets`).
-
-        Computed once per temperature (the last few are kept); only ever read.
-        """
-        assert self.logits is not None
-        cache: dict[float, Tensor] = self.__dict__.setdefault("_soft_targets", {})
-        key = float(temperature)
-        if key not in cache:
-            with torch.no_grad():
-                cache[key] = soft_targets(self._as_tensors()[0], key)
-            while len(cache) > _SOFT_TARGET_CACHE:
-                del cache[next(iter(cache))]
-        return cache[key]
-
     def _as_tensors(self) -> tuple[Tensor, Tensor | None]:
         # Zero-copy views of the (possibly read-only, object-store) arrays, made
         # once: indexing a tensor per batch is cheaper than numpy fancy indexing
@@ -192,8 +174,9 @@ class _CachedKD:
     def __init__(self, teacher: TeacherTargets, labels: Tensor, config: RunConfig, device: torch.device) -> None:
         self.temperature, self.alpha, self.noise = float(config.temperature), float(config.alpha), float(config.noise)
         self.device, self.labels = device, labels
-        self.probs = teacher.soft_targets(self.temperature)
         self.logits = teacher._as_tensors()[0]
+        with torch.no_grad():
+            self.probs = soft_targets(self.logits, self.temperature)
         self.log_targets = kd_log_targets(self.probs).to(device) if self.noise == 0 else None
         self.tables: dict[int, Any] = {}  # batch size → what its steps index
         self.buffers: dict[tuple[int, ...], Tensor] = {}  # noise draws, by shape

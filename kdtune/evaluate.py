@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from kdtune.errors import ResultsError
+from kdtune.records import load_record
 from kdtune.tables import write_frame_atomic
 
 Log = Callable[[str], None]
@@ -112,20 +113,18 @@ def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | No
     meta = meta if meta is not None else require_study(study_dir)
     roots = _experiment_roots(study_dir, meta)
     pattern = f"*_{glob.escape(str(trial_id))}_*"
-    for root in roots:
-        for sub in _TRIAL_SUBFOLDERS:
-            for folder in sorted((root / sub).glob(pattern)):
-                if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
-                    return folder
+    candidates = [folder for root in roots for sub in _TRIAL_SUBFOLDERS
+                  for folder in sorted((root / sub).glob(pattern))]
+    for folder in candidates:
+        if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
+            return folder
     # A trial that ended just before its search was killed has a record but may
     # lack Ray's params.json (Ray copies it in the background); its checkpoint,
     # which the trial uploads itself, is there.
-    if _trial_record(study_dir, trial_id) is not None:
-        for root in roots:
-            for sub in _TRIAL_SUBFOLDERS:
-                for folder in sorted((root / sub).glob(pattern)):
-                    if latest_checkpoint(folder) is not None:
-                        return folder
+    if load_record(study_dir, trial_id) is not None:
+        for folder in candidates:
+            if latest_checkpoint(folder) is not None:
+                return folder
     recorded = str(meta.get("experiment_root") or "")
     hint = (
         f"; the search kept its trials at {recorded}: copy that experiment into {study_dir} first"
@@ -135,22 +134,12 @@ def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | No
     raise ResultsError(f"trial {trial_id}: no trial folder with params.json in {searched}{hint}")
 
 
-def _trial_record(study_dir: Path, trial_id: str) -> dict[str, Any] | None:
-    from kdtune.records import load_records
-
-    for phase in ("search", "baseline"):
-        record = load_records(study_dir, phase).get(str(trial_id))
-        if record is not None:
-            return record
-    return None
-
-
 def trial_run_config(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The exact config a trial ran with, baseline ``overrides`` merged in: from its
     record, or else from its folder's ``params.json``."""
     from kdtune.tables import trial_config
 
-    record = _trial_record(Path(study_dir), trial_id)
+    record = load_record(study_dir, trial_id)
     if record is not None and record.get("config"):
         return trial_config(record["config"])
     return read_trial_config(trial_folder(study_dir, trial_id, meta))

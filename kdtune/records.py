@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from kdtune.atomic import write_text_atomic
+
 RECORDS_DIR = "records"
+PHASES = ("search", "baseline")
 
 
 def records_dir(study_dir: str | Path, phase: str) -> Path:
@@ -57,36 +58,44 @@ def _storable(value: Any) -> bool:
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> Path:
-    """Write one trial's record atomically (temporary file + rename) and return its path."""
+    """Write one trial's record atomically and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{record['trial_id']}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(json_safe(record), handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(json_safe(record)))
     return path
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "trial_id" in record else None
 
 
 def load_records(study_dir: str | Path, phase: str) -> dict[str, dict[str, Any]]:
     """Every record of one phase, by Ray trial id (unreadable files are skipped: a
     record is renamed into place whole, so only foreign files can be partial)."""
-    folder = records_dir(study_dir, phase)
-    records: dict[str, dict[str, Any]] = {}
-    if not folder.is_dir():
-        return records
-    for path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and "trial_id" in record:
+    records = {}
+    for path in sorted(records_dir(study_dir, phase).glob("*.json")):
+        record = _read(path)
+        if record is not None:
             records[str(record["trial_id"])] = record
     return records
+
+
+def load_record(study_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
+    """The record of one trial, search or baseline; None if it has none."""
+    for phase in PHASES:
+        path = records_dir(study_dir, phase) / f"{trial_id}.json"
+        if path.is_file():
+            return _read(path)
+    return None
+
+
+def recorded_ids(folder: str | Path) -> set[str]:
+    """The trial ids with a record in one phase's records folder."""
+    return {path.stem for path in Path(folder).glob("*.json")}
 
 
 def recording_callback(study_dir: str | Path, phase: str):
@@ -104,7 +113,9 @@ def recording_callback(study_dir: str | Path, phase: str):
             self.results: dict[str, list[dict[str, Any]]] = {}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.results.setdefault(trial.trial_id, []).append(json_safe(dict(result)))
+            # Ray repeats the trial's config in every result: the record keeps it once.
+            report = {k: v for k, v in result.items() if k != "config"}
+            self.results.setdefault(trial.trial_id, []).append(json_safe(report))
 
         def _write(self, trial, ray_status: str, error: str | None) -> None:
             if (folder / f"{trial.trial_id}.json").exists():

@@ -76,34 +76,24 @@ class HalvingRungs:
         low, high = math.floor(position), math.ceil(position)
         return values[low] + (values[high] - values[low]) * (position - low)
 
-    def record(self, trial_key: Hashable, iteration: int, score: float | None) -> bool:
+    def record(self, trial_key: Hashable, iteration: int, score: float | None) -> int | None:
         """Record ``score`` at the rung ``iteration`` reaches, without a decision
-        (replaying a history); True if a score was recorded."""
-        if score is None or (isinstance(score, float) and math.isnan(score)):
-            return False
+        (replaying a history); the rung it was recorded at, or None (no score, no
+        rung reached yet, or this trial's score at that rung already recorded)."""
         rung = _rung_of(self.milestones, iteration)
-        if rung is None or trial_key in self.recorded[rung]:
-            return False
-        self.recorded[rung][trial_key] = self.sign * float(score)
-        return True
+        if not _finite(score) or rung is None or trial_key in self.recorded[rung]:
+            return None
+        self.recorded[rung][trial_key] = self.sign * float(score)  # type: ignore[arg-type]
+        return rung
 
     def on_result(self, trial_key: Hashable, iteration: int, score: float | None) -> str:
-        """CONTINUE or STOP for a trial that reported ``score`` after ``iteration`` epochs."""
-        if score is None or (isinstance(score, float) and math.isnan(score)):
+        """CONTINUE or STOP for a trial that reported ``score`` after ``iteration`` epochs:
+        the first time it reaches a rung, it stops if below the rung's cutoff so far."""
+        rung = _rung_of(self.milestones, iteration)
+        cut = self.cutoff(rung) if rung is not None else None
+        if self.record(trial_key, iteration, score) is None or cut is None:
             return CONTINUE
-        oriented = self.sign * float(score)
-        for milestone in reversed(self.milestones):
-            if iteration < milestone:
-                continue
-            rung = self.recorded[milestone]
-            if trial_key in rung:
-                return CONTINUE
-            cut = self.cutoff(milestone)
-            rung[trial_key] = oriented
-            if cut is not None and oriented < cut:
-                return STOP
-            return CONTINUE
-        return CONTINUE
+        return STOP if self.recorded[rung][trial_key] < cut else CONTINUE
 
 
 def _rung_of(milestones: list[int], epoch: int) -> int | None:
@@ -119,7 +109,35 @@ def params_bucket(params: float) -> str:
     return f"2^{int(math.floor(math.log2(max(float(params), 1.0))))}"
 
 
-class SizeAwareASHA(FIFOScheduler):
+class _RungScheduler(FIFOScheduler):
+    """What kdtune's Ray schedulers share: their own metric, rungs at
+    :func:`rung_milestones` in ``time_attr`` units, and the trials they stopped."""
+
+    def __init__(self, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float,
+                 time_attr: str) -> None:
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self._metric = metric
+        self._mode = mode
+        self.max_t = max_t
+        self.grace_period = grace_period
+        self.reduction_factor = reduction_factor
+        self.time_attr = time_attr
+        self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
+        self.stopped: set[str] = set()
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        # The scheduler keeps its own single metric; the searcher may be multi-objective.
+        return True
+
+    def _decided(self, trial: Any, decision: str) -> str:
+        if decision == STOP:
+            self.stopped.add(trial.trial_id)
+        return decision
+
+
+class SizeAwareASHA(_RungScheduler):
     """Ray Tune scheduler: ASHA rungs, but trials compete only within their size bucket.
 
     Args:
@@ -144,23 +162,9 @@ class SizeAwareASHA(FIFOScheduler):
         size_key: str = "width",
         time_attr: str = "epoch",
     ) -> None:
-        super().__init__()
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        self._metric = metric
-        self._mode = mode
-        self.max_t = max_t
-        self.grace_period = grace_period
-        self.reduction_factor = reduction_factor
+        super().__init__(metric, mode, max_t, grace_period, reduction_factor, time_attr)
         self.size_key = size_key
-        self.time_attr = time_attr
-        self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
         self._groups: dict[Any, HalvingRungs] = {}
-        self.stopped: set[str] = set()
-
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        # The scheduler keeps its own single metric; the searcher may be multi-objective.
-        return True
 
     def bucket_of(self, config: dict[str, Any], result: dict[str, Any]) -> Any:
         """The size bucket a trial competes in."""
@@ -168,19 +172,19 @@ class SizeAwareASHA(FIFOScheduler):
             return ("width", config["width"])
         return ("params", params_bucket(result.get("params", 1)))
 
+    def _group(self, config: dict[str, Any], result: dict[str, Any]) -> HalvingRungs:
+        bucket = self.bucket_of(config, result)
+        if bucket not in self._groups:
+            self._groups[bucket] = HalvingRungs(self.milestones, self.reduction_factor, self._mode)
+        return self._groups[bucket]
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         if self._metric not in result or self.time_attr not in result:
             return CONTINUE
         if result[self.time_attr] >= self.max_t:
             return CONTINUE
-        bucket = self.bucket_of(trial.config, result)
-        group = self._groups.get(bucket)
-        if group is None:
-            group = self._groups[bucket] = HalvingRungs(self.milestones, self.reduction_factor, self._mode)
-        decision = group.on_result(trial.trial_id, int(result[self.time_attr]), result[self._metric])
-        if decision == STOP:
-            self.stopped.add(trial.trial_id)
-        return decision
+        group = self._group(trial.config, result)
+        return self._decided(trial, group.on_result(trial.trial_id, int(result[self.time_attr]), result[self._metric]))
 
     def restore_history(self, history: "pd.DataFrame") -> int:
         """Replay the rung scores of an interrupted search into the rung state.
@@ -201,11 +205,8 @@ class SizeAwareASHA(FIFOScheduler):
             if epoch >= self.max_t:
                 continue
             config = {"width": row[size_column]} if size_column == "width" else {}
-            bucket = self.bucket_of(config, {"params": row.get("params", 1)})
-            group = self._groups.get(bucket)
-            if group is None:
-                group = self._groups[bucket] = HalvingRungs(self.milestones, self.reduction_factor, self._mode)
-            recorded += group.record(row["trial_id"], epoch, row[self._metric])
+            group = self._group(config, {"params": row.get("params", 1)})
+            recorded += group.record(row["trial_id"], epoch, row[self._metric]) is not None
         return recorded
 
     def debug_string(self) -> str:
@@ -391,7 +392,7 @@ def _history_rows(history: "pd.DataFrame", columns: list[str]) -> list[dict[str,
     return [row for row in frame.to_dict("records") if _finite(row["epoch"])]
 
 
-class ParetoASHA(FIFOScheduler):
+class ParetoASHA(_RungScheduler):
     """Ray Tune scheduler: asynchronous Pareto halving over (params, score) (``rule: pareto_asha``).
 
     The decisions are :class:`ParetoRungs`'s: at each rung a trial continues only
@@ -429,31 +430,20 @@ class ParetoASHA(FIFOScheduler):
         score_bound: float = 1.0,
         time_attr: str = "epoch",
     ) -> None:
-        super().__init__()
-        self._metric = metric
-        self._mode = mode
+        super().__init__(metric, mode, max_t, grace_period, reduction_factor, time_attr)
         self.front_metric = front_metric
         self.size_attr = size_attr
-        self.max_t = max_t
-        self.grace_period = grace_period
-        self.reduction_factor = reduction_factor
-        self.time_attr = time_attr
-        self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
         self.rungs = ParetoRungs(self.milestones, max_t, mode, hv_epsilon, score_bound)
-        self.stopped: set[str] = set()
 
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        # The scheduler keeps its own metric; the searcher may be multi-objective.
-        return True
+    def _results_held(self) -> int:
+        return len(self.rungs.finished) + sum(len(r) for r in self.rungs.recorded.values())
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         if self.time_attr not in result or self.size_attr not in result:
             return CONTINUE
-        decision = self.rungs.on_result(trial.trial_id, int(result[self.time_attr]), result[self.size_attr],
-                                        result.get(self._metric), result.get(self.front_metric))
-        if decision == STOP:
-            self.stopped.add(trial.trial_id)
-        return decision
+        return self._decided(trial, self.rungs.on_result(
+            trial.trial_id, int(result[self.time_attr]), result[self.size_attr],
+            result.get(self._metric), result.get(self.front_metric)))
 
     def restore_history(self, history: "pd.DataFrame") -> int:
         """Replay the results of an interrupted search into the rung state.
@@ -466,17 +456,16 @@ class ParetoASHA(FIFOScheduler):
         "search") are skipped. Every rung result and every finished trial is
         recorded as it was before the interruption, so the next decisions equal
         those of an uninterrupted search; a trial that reports a rung again after
-        the resume is not judged twice. Returns the number of rows used.
+        the resume is not judged twice. Returns the number of rung and final
+        results added.
         """
         rows = _history_rows(history, ["trial_id", "epoch", self._metric, self.front_metric, self.size_attr])
-        used = 0
+        before = self._results_held()
         for row in rows:
-            epoch = int(row["epoch"])
-            before = (len(self.rungs.finished), sum(len(r) for r in self.rungs.recorded.values()))
-            self.rungs.record(row["trial_id"], epoch, row[self.size_attr], row[self._metric], row[self.front_metric])
-            used += before != (len(self.rungs.finished), sum(len(r) for r in self.rungs.recorded.values()))
-        return used
+            self.rungs.record(row["trial_id"], int(row["epoch"]), row[self.size_attr], row[self._metric],
+                              row[self.front_metric])
+        return self._results_held() - before
 
     def debug_string(self) -> str:
-        return (f"ParetoASHA: rungs at {self.milestones}, {sum(len(r) for r in self.rungs.recorded.values())} rung "
-                f"results, {len(self.rungs.finished)} finished, {len(self.stopped)} stopped")
+        return (f"ParetoASHA: rungs at {self.milestones}, {self._results_held()} rung and final results, "
+                f"{len(self.stopped)} stopped")

@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from kdtune import __version__
+from kdtune.atomic import write_text_atomic
 from kdtune.data import DatasetSplits, check_dataset_root, load_dataset
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.models import build_model
@@ -311,7 +312,8 @@ def study_lock(study_dir: Path) -> Iterator[None]:
 
 def _spec_identity(spec: SearchSpec) -> dict[str, Any]:
     # The folder names the study (--name may differ from the spec's `study`), and
-    # --num-samples may change on resume: neither makes it another search.
+    # num_samples is checked on its own (see resumed_num_samples): neither makes
+    # it another search.
     data = spec.model_dump(mode="json")
     data.pop("num_samples", None)
     data.pop("study", None)
@@ -365,28 +367,18 @@ def resumed_num_samples(study_dir: Path, requested: int | None, default: int) ->
     return int(stored)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def open_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path, resume: bool) -> SearchSpec:
-    """Create the study folder (spec.yaml, then study.json in state "starting"), or
-    check that ``--resume`` continues the same spec.
+def create_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path) -> None:
+    """Create the study folder: spec.yaml, then study.json in state "starting"
+    (after :func:`check_study` said it may be created).
 
     ``study.json`` is written before any long work, so that a search killed while
     its teacher trains can already be resumed with ``--resume``.
     """
-    check_study(spec, study_dir, resume)
-    if resume:
-        return spec
     study_dir.mkdir(parents=True, exist_ok=True)
     text = spec_source.read_text() if spec_source else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    _write_atomic(study_dir / "spec.yaml", text)
+    write_text_atomic(study_dir / "spec.yaml", text)
     write_study_json(study_dir, {"study": study_dir.name, "kdtune_version": __version__, "state": "starting",
                                  "num_samples": spec.num_samples})
-    return spec
 
 
 def write_study_json(study_dir: Path, info: dict[str, Any]) -> None:
@@ -394,7 +386,7 @@ def write_study_json(study_dir: Path, info: dict[str, Any]) -> None:
     path = study_dir / "study.json"
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(info)
-    _write_atomic(path, json.dumps(current, indent=2, default=str))
+    write_text_atomic(path, json.dumps(current, indent=2, default=str))
 
 
 def _quiet_ray_environment() -> None:
@@ -737,7 +729,10 @@ def search(
         for note in placement.warnings:
             log(f"warning: {note}")
         try:
-            open_study(spec, spec_source, study_dir, resume)
+            # Again under the lock: another search may have created the study since.
+            check_study(spec, study_dir, resume)
+            if not resume:
+                create_study(spec, spec_source, study_dir)
             if clear_stale_journal_lock(study_dir / "optuna.journal"):
                 log("removed the Optuna journal lock left by a killed search")
             prepared = prepare_teachers(teacher_configs(spec), data, study_dir / "teacher",
@@ -791,7 +786,7 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
     each; returns (stopped before the end, trials, history)."""
     from ray import tune
 
-    from kdtune.records import load_records, recording_callback, records_dir
+    from kdtune.records import PHASES, recorded_ids, recording_callback, records_dir
     from kdtune.tables import write_tables
     from kdtune.trainable import DataArrays, distill_trainable
 
@@ -803,7 +798,7 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
     # Trials that ended before a restart end at once: their records hold their outcome.
     replays = frozenset()
     if resume:
-        replays = frozenset(trial_id for phase in ("search", "baseline") for trial_id in load_records(study_dir, phase))
+        replays = frozenset().union(*(recorded_ids(records_dir(study_dir, phase)) for phase in PHASES))
     trainable = tune.with_resources(
         tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets,
                              replays=replays),

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from kdtune.records import recorded_ids
 from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
 
 logger = logging.getLogger(__name__)
@@ -138,15 +139,12 @@ class KdOptunaSearch(OptunaSearch):
         """Restore Ray's saved state, then count the recorded trials it does not know:
         they ended after that state was saved, and they count toward ``num_samples``."""
         super().restore(checkpoint_path)
-        records = getattr(self, "_records", None)
-        if records and Path(records).is_dir():
-            recorded = {path.stem for path in Path(records).glob("*.json")}
-            self._forgotten = recorded - set(self._ot_trials)
+        if self._records is not None:
+            self._forgotten = recorded_ids(self._records) - set(self._ot_trials)
 
     def suggest(self, trial_id: str) -> dict | None:
-        num_samples = getattr(self, "_num_samples", None)
-        forgotten = getattr(self, "_forgotten", set())
-        if forgotten and num_samples is not None and len(self._ot_trials) + len(forgotten) >= num_samples:
+        if (self._forgotten and self._num_samples is not None
+                and len(self._ot_trials) + len(self._forgotten) >= self._num_samples):
             return Searcher.FINISHED
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
@@ -157,8 +155,7 @@ class KdOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        records = getattr(self, "_records", None)
-        if records and (Path(records) / f"{trial_id}.json").exists():
+        if self._records is not None and (Path(self._records) / f"{trial_id}.json").exists():
             # A trial that had ended before a restart: its record is written only
             # after this method told Optuna, so the journal already holds it.
             self._completed_trials.add(trial_id)
@@ -190,9 +187,10 @@ class KdOptunaSearch(OptunaSearch):
     def _record_rerun(self, number: int, trial_id: str, state: TrialState, values: list[float] | None) -> None:
         """Keep the journal agreeing with Ray when a trial ran again after a restart.
 
-        A finished Optuna trial cannot change, so when the second run ended
-        differently (say PRUNED before the crash, COMPLETE after it, because the
-        scheduler's rungs are not restored) a new trial with the same parameters
+        Trials with a record are never run again (see :mod:`kdtune.records`); this is
+        for a driver killed between telling Optuna and writing the record. A
+        finished Optuna trial cannot change, so when the second run ended
+        differently (say PRUNED before the crash, COMPLETE after it) a new trial with the same parameters
         records the outcome Ray keeps, with user attributes ``ray_trial_id`` and
         ``rerun_of`` (the number of the trial it supersedes).
         """

@@ -218,8 +218,8 @@ class SamplerSpec(_Strict):
         return value
 
 
-#: Each early-stopping rule's default reduction factor η (rungs at grace·η^k epochs).
-DEFAULT_REDUCTION_FACTOR = {"pareto_asha": 2.0, "size_aware_asha": 3.0, "asha": 3.0, "none": 3.0}
+#: pareto_asha's default reduction factor η (the field's default, 3, is every other rule's).
+PARETO_REDUCTION_FACTOR = 2.0
 
 
 class EarlyStoppingSpec(_Strict):
@@ -245,10 +245,8 @@ class EarlyStoppingSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _rule_default_reduction_factor(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "reduction_factor" not in data:
-            rule = data.get("rule", "size_aware_asha")
-            if rule in DEFAULT_REDUCTION_FACTOR:
-                data = {**data, "reduction_factor": DEFAULT_REDUCTION_FACTOR[rule]}
+        if isinstance(data, dict) and "reduction_factor" not in data and data.get("rule") == "pareto_asha":
+            data = {**data, "reduction_factor": PARETO_REDUCTION_FACTOR}
         return data
 
 

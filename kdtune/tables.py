@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from kdtune.atomic import atomic_path
 
 CONFIG_COLUMNS = ["temperature", "alpha", "beta", "noise", "width", "lr", "weight_decay", "batch_size", "soft_loss", "epochs", "seed"]
 TRIAL_COLUMNS = (
@@ -187,18 +188,17 @@ def build_tables(
         trial_frames.append(known[0])
         history_frames.append(known[1])
     for phase in phases:
-        records = load_records(study_dir or experiment_root, phase) if "://" not in str(study_dir or experiment_root) else {}
+        records = load_records(study_dir or experiment_root, phase)
         location: str | None = f"{str(experiment_root).rstrip('/')}/{EXPERIMENT_FOLDERS[phase]}"
         if "://" not in location and not any(Path(location).glob("experiment_state-*.json")):
             location = None
-        if location is None and not records:
-            continue
         try:
             trials, history = experiment_tables(location, study, phase, records)
         except (ValueError, FileNotFoundError):
-            if not records:
-                continue
+            # Ray's folder is unreadable (a driver killed while writing it): the records remain.
             trials, history = experiment_tables(None, study, phase, records)
+        if not len(trials):
+            continue
         trial_frames.append(trials)
         history_frames.append(history)
     trials = pd.concat(trial_frames, ignore_index=True) if trial_frames else pd.DataFrame(columns=TRIAL_COLUMNS)
@@ -209,21 +209,12 @@ def build_tables(
 
 
 def write_frame_atomic(df: pd.DataFrame, path: str | Path, fmt: str = "parquet") -> None:
-    """Write ``df`` as Parquet or CSV via a temporary file in the same folder and a
-    rename, so readers never see half a file and a crash leaves the old one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write ``df`` as Parquet or CSV atomically (see :func:`kdtune.atomic.atomic_path`)."""
+    with atomic_path(path) as tmp:
         if fmt == "csv":
             df.to_csv(tmp, index=False)
         else:
             df.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_tables(

@@ -9,7 +9,7 @@ waits until the driver has processed the result), tens of milliseconds against
 an epoch of a small student that can take ten. So a trial reports only the
 epochs someone acts on: the scheduler's rung epochs (``report_epochs``), epochs
 with a checkpoint, the last epoch, and otherwise at most every
-``report_interval_s`` seconds so long epochs still show progress. The epochs in
+:data:`REPORT_INTERVAL_S` seconds so long epochs still show progress. The epochs in
 between travel with the next report, in ``unreported_epochs`` (JSON), and the
 tables unpack them: the history keeps one row per epoch. The schedulers read the
 ``epoch`` field, not Ray's report counter. The last report carries a checkpoint,
@@ -40,7 +40,7 @@ from kdtune.distill import RunConfig, TeacherTargets, run
 
 STATE_FILE = "state.pt"
 #: Report at least this often (seconds) even between the epochs that must be reported.
-DEFAULT_REPORT_INTERVAL_S = 10.0
+REPORT_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -153,7 +153,7 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
 
     ``config`` holds the fields of :class:`~kdtune.distill.RunConfig` plus
     ``phase`` ("search" or "baseline"), ``report_epochs`` (epochs the scheduler
-    decides at), ``report_interval_s`` and, in kdtune's own tests, ``fault``.
+    decides at) and, in kdtune's own tests, ``fault``.
     ``replays`` holds the Ray ids of trials that had ended before a restart: run
     again, they end at once without training (their record holds their outcome).
     """
@@ -183,8 +183,7 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
         "phase": config.get("phase", "search"),
     }
     pending: dict[int, Any] = {}
-    reporter = SparseReporter(config.get("report_epochs") or (),
-                              float(config.get("report_interval_s", DEFAULT_REPORT_INTERVAL_S)))
+    reporter = SparseReporter(config.get("report_epochs") or (), REPORT_INTERVAL_S)
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # Staged in the trial's working directory (inside Ray's temp dir), not in
@@ -197,9 +196,10 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     def report(epoch: int, metrics: dict[str, Any]) -> None:
         if fault and fault.get("raise_at_epoch") == epoch and _claim_fault_slot(fault, trial_id):
             raise RuntimeError(f"injected fault at epoch {epoch}: simulated CUDA out of memory")
-        result = reporter.on_epoch(epoch, {**metrics, **extras}, has_checkpoint=epoch in pending)
+        result = reporter.on_epoch(epoch, metrics, has_checkpoint=epoch in pending)
         if result is None:
             return
+        result.update(extras)  # the held epochs share them: the tables copy node_id and seed
         folder = pending.pop(epoch, None)
         ckpt = tune.Checkpoint.from_directory(folder) if folder else None
         tune.report(result, checkpoint=ckpt)

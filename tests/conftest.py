@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import Result
+
+#: The repository root.
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_SPEC = {
     "study": "tiny",
@@ -34,6 +38,19 @@ TINY_SPEC = {
     "resources": {"cpus": 1},
     "baselines": True,
 }
+
+
+def assert_one_clean_error(outcome: Result, *needles: str) -> str:
+    """Exit 2, nothing on stdout, one error line on stderr naming ``needles``, no traceback."""
+    assert outcome.exit_code == 2, (outcome.exit_code, outcome.output, outcome.exception)
+    assert outcome.stdout == "", outcome.stdout
+    stderr = outcome.stderr
+    assert "Traceback" not in stderr
+    starts = [line for line in stderr.splitlines() if line.startswith(("kdtune: error:", "Error:"))]
+    assert len(starts) == 1, stderr
+    for needle in needles:
+        assert needle in stderr, (needle, stderr)
+    return stderr
 
 
 def write_spec(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:

@@ -60,6 +60,21 @@ def test_digits_spec_applies_overrides_to_the_default_spec():
     assert spec.num_samples == 7 and spec.baselines is False
     assert spec.early_stopping.rule == "none"
     assert spec.data.dataset == "digits"  # the rest comes from search_spaces/digits.yaml
+    assert spec.early_stopping.grace_period == 1  # kept from the YAML beside the override
+
+
+def test_the_pareto_method_runs_the_rule_as_it_ships():
+    # digits.yaml pins reduction_factor 3 (size_aware_asha); the benchmark's pareto_asha
+    # row must use the rule's own default, 2, as a spec naming only the rule gets it.
+    import search_efficiency
+
+    from kdtune.spec import EarlyStoppingSpec
+
+    shipped = EarlyStoppingSpec(rule="pareto_asha")
+    benched = common.digits_spec(search_efficiency.METHODS[search_efficiency.PARETO]).early_stopping
+    assert shipped.reduction_factor == 2.0
+    assert (benched.rule, benched.reduction_factor, benched.hv_epsilon) == (
+        "pareto_asha", shipped.reduction_factor, shipped.hv_epsilon)
 
 
 def test_run_all_arguments():

@@ -179,17 +179,6 @@ def test_cached_kd_run_takes_the_same_steps_as_the_reference_loss(digits, teache
     assert [row["train_loss"] for row in result.history] == pytest.approx(losses, rel=1e-6, abs=1e-6)
 
 
-def test_teacher_soft_targets_are_computed_once_per_temperature(teacher) -> None:
-    logits = teacher.targets.logits
-    targets = TeacherTargets(logits=np.stack([logits, -logits]))
-    probs = targets.soft_targets(2.0)
-    z = torch.from_numpy(logits).double() / 2.0
-    by_hand = (torch.softmax(z, dim=-1) + torch.softmax(-z, dim=-1)) / 2  # averaged in probability space
-    torch.testing.assert_close(probs.double(), by_hand, rtol=1e-5, atol=1e-7)
-    assert targets.soft_targets(2.0) is probs
-    assert targets.soft_targets(3.0) is not probs
-
-
 # ---------------------------------------------------------------- divergence
 
 

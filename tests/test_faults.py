@@ -40,9 +40,8 @@ from optuna.trial import TrialState
 from kdtune.cli import main
 from kdtune.records import load_records
 from kdtune.searcher import journal_storage
-from tests.conftest import write_spec
+from tests.conftest import REPO, write_spec
 
-REPO = Path(__file__).resolve().parents[1]
 INJECTED = "injected fault at epoch 2: simulated CUDA out of memory"
 
 
@@ -206,20 +205,24 @@ def test_optuna_is_told_fail_for_errors_and_divergence_and_values_for_completed(
         assert journal[trial_id].state == TrialState.FAIL and journal[trial_id].params["lr"] == 1.0e6
 
 
-def test_a_trial_run_again_after_a_restart_is_recorded_as_its_new_outcome(tmp_path):
-    """Ray copies its experiment state to storage in the background, so a driver
-    killed just after a trial ended may resume from a state where it still runs:
-    Ray runs it again, possibly to a different end (the scheduler's rungs are not
-    restored). The journal, which already holds the first outcome and cannot change
-    it, gets a new trial for the outcome Ray keeps."""
+def small_searcher(tmp_path: Path, **kwargs):
+    """A two-objective KdOptunaSearch over one temperature, journal in ``tmp_path``."""
     from optuna.distributions import FloatDistribution
 
     from kdtune.searcher import KdOptunaSearch
 
-    def searcher() -> KdOptunaSearch:
-        return KdOptunaSearch(space={"temperature": FloatDistribution(1.0, 10.0)}, metric=["val_acc", "params"],
-                              mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
-                              storage=journal_storage(tmp_path / "optuna.journal"))
+    return KdOptunaSearch(space={"temperature": FloatDistribution(1.0, 10.0)}, metric=["val_acc", "params"],
+                          mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+                          storage=journal_storage(tmp_path / "optuna.journal"), **kwargs)
+
+
+def test_a_trial_run_again_after_a_restart_is_recorded_as_its_new_outcome(tmp_path):
+    """A driver killed after telling Optuna a trial's outcome but before writing its
+    record (kdtune/records.py) resumes with the trial still running: Ray runs it
+    again, possibly to a different end. The journal, which already holds the first
+    outcome and cannot change it, gets a new trial for the outcome Ray keeps."""
+    def searcher():
+        return small_searcher(tmp_path)
 
     first = searcher()
     config = first.suggest("t1")
@@ -246,20 +249,16 @@ def test_a_restored_searcher_skips_recorded_trials_and_counts_those_ray_forgot(t
     had ended (its record exists: the journal holds its outcome), and a trial it never
     heard of ran and ended after the state was saved. The first must not be told
     twice; the second still counts toward num_samples."""
-    from optuna.distributions import FloatDistribution
     from ray.tune.search import Searcher
 
     from kdtune.records import records_dir, write_record
-    from kdtune.searcher import KdOptunaSearch
 
     folder = records_dir(tmp_path, "search")
 
-    def searcher() -> KdOptunaSearch:
-        return KdOptunaSearch(space={"temperature": FloatDistribution(1.0, 10.0)}, metric=["val_acc", "params"],
-                              mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
-                              storage=journal_storage(tmp_path / "optuna.journal"), num_samples=4, records=folder)
+    def searcher():
+        return small_searcher(tmp_path, num_samples=4, records=folder)
 
-    def end(search: KdOptunaSearch, trial_id: str, val_acc: float) -> None:
+    def end(search, trial_id: str, val_acc: float) -> None:
         result = {"epoch": 3, "epochs": 3, "status": "completed", "val_acc": val_acc, "params": 100}
         search.on_trial_complete(trial_id, result)
         write_record(folder, {"trial_id": trial_id, "ray_status": "TERMINATED", "results": [result]})
@@ -317,11 +316,9 @@ def test_corrupted_teacher_cache_is_rebuilt_on_resume_and_trials_are_kept(fault_
 
     spec_path, results, _ = fault_runs
     study_dir = results / "faults"
-    # A finished study is not started again by mistake: only --resume continues it.
-    again = CliRunner().invoke(main, ["search", str(spec_path), "--name", "faults", "--results", str(results)])
-    assert again.exit_code == 2 and "already exists" in again.stderr and "--resume" in again.stderr
     before = pd.read_parquet(study_dir / "trials.parquet")
     lines_before = result_lines(study_dir)
+    assert set(lines_before) == set(before.loc[before["phase"] == "search", "trial_id"])
     entry = next((study_dir / "teacher").glob("*/meta.json")).parent
     logits = entry / "logits.npy"
     original = np.load(logits)
@@ -412,11 +409,6 @@ class SearchProcess:
     def done_in_this_run(self) -> int:
         counts = [int(m) for m in re.findall(r"^\[(\d+)/\d+ done", self.output(), flags=re.M)]
         return max(counts, default=0)
-
-
-def recorded_trials(study_dir: Path) -> dict[str, dict]:
-    """The records of the search trials that had ended (kdtune/records.py), by trial id."""
-    return load_records(study_dir, "search")
 
 
 CHAIN_SPEC = tiny_spec(
@@ -563,18 +555,18 @@ def run_chain(root: Path) -> dict:
 
         second = start("run2", ["--resume"])
         second.wait_until(lambda: second.done_in_this_run() >= 3, "3 finished trials")
-        evidence["kept"].update(recorded_trials(study_dir))
+        evidence["kept"].update(load_records(study_dir, "search"))
         os.kill(second.proc.pid, signal.SIGKILL)
         kill_group(second.proc)
 
         third = start("run3", ["--resume"])
         third.wait_until(lambda: third.done_in_this_run() >= 2, "2 more finished trials")
-        evidence["kept"].update(recorded_trials(study_dir))
+        evidence["kept"].update(load_records(study_dir, "search"))
         os.kill(third.proc.pid, signal.SIGINT)
         evidence["sigint_code"] = third.proc.wait(timeout=120)
         evidence["sigint_output"] = third.output()
         evidence["state_after_sigint"] = json.loads((study_dir / "study.json").read_text())["state"]
-        evidence["kept"].update(recorded_trials(study_dir))
+        evidence["kept"].update(load_records(study_dir, "search"))
         evidence["left_after_sigint"] = lingering(third.proc.pid)
         kill_group(third.proc)
 
@@ -660,7 +652,7 @@ def test_killed_and_interrupted_search_resumes_without_losing_or_repeating_trial
     assert kept, "some trials should have finished before the kills"
     # Every trial that had ended before a kill kept its record unchanged, and the
     # tables hold its metrics, one row per epoch it ran.
-    final_records = recorded_trials(study_dir)
+    final_records = load_records(study_dir, "search")
     history = pd.read_parquet(study_dir / "history.parquet")
     by_id = search.set_index("trial_id")
     for trial_id, record in kept.items():
@@ -673,7 +665,9 @@ def test_killed_and_interrupted_search_resumes_without_losing_or_repeating_trial
     # No trial ran twice: Ray's result log of each trial reports every epoch at most
     # once, though Ray's experiment state, saved every few seconds, was behind at
     # each kill.
-    for trial_id, rows in result_lines(study_dir).items():
+    logs = result_lines(study_dir)
+    assert logs and set(logs) <= set(search["trial_id"])  # a trial Ray never heard of has no log here
+    for trial_id, rows in logs.items():
         epochs = [r["epoch"] for r in rows]
         assert epochs == sorted(set(epochs)), (trial_id, epochs)
     assert set(final_records) == set(search["trial_id"])

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from kdtune.analysis import load_history, load_results
 from kdtune.cli import main
+from tests.conftest import assert_one_clean_error
 
 
 def test_trials_parquet_reads_with_plain_pandas_without_kdtune(tiny_study):
@@ -69,8 +70,13 @@ def test_best_t_command_prints_a_row_per_width(tiny_study):
     assert buckets == {f"{w:g}" for w in completed_widths}
 
 
-def test_results_commands_on_a_folder_that_is_not_a_study(tmp_path):
-    for command in ("report", "best-t", "evaluate"):
-        outcome = CliRunner().invoke(main, [command, str(tmp_path)])
-        assert outcome.exit_code == 2, (command, outcome.output)
-        assert "study" in outcome.output and "Traceback" not in outcome.output
+def test_best_t_on_a_complete_study_without_full_budget_trials_says_so(tiny_study, tmp_path):
+    # A finished study whose every trial stopped early: nothing to resume, nothing to rank.
+    study_dir, result = tiny_study
+    copy = tmp_path / "all_stopped"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("search", "baselines", "records"))
+    trials = result.trials.assign(status="stopped_early")
+    trials.to_parquet(copy / "trials.parquet", index=False)
+    outcome = CliRunner().invoke(main, ["best-t", str(copy)])
+    stderr = assert_one_clean_error(outcome, "no search trial has completed", "stopped early")
+    assert "--resume" not in stderr

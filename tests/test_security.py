@@ -29,9 +29,8 @@ from kdtune.errors import ConfigError
 from kdtune.models import build_model
 from kdtune.search import ray_auth_environment, ray_init_kwargs
 from kdtune.teacher import load_checkpoint
+from tests.conftest import REPO
 from tests.test_faults import chain_run, tiny_spec  # noqa: F401 - chain_run is a fixture shared with test_faults
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- ray.init

@@ -24,8 +24,8 @@ from kdtune.errors import KdtuneError
 from kdtune.models import build_model, count_parameters
 from kdtune.search import plan_placement, preflight
 from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, possible_values
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "search_spaces").glob("*.yaml"))
 CLUSTER = REPO / "cluster"
 RAYJOB = CLUSTER / "rayjob.yaml"
