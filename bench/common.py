@@ -242,16 +242,16 @@ def digits_spec(overrides: dict[str, Any] | None = None):
 
 
 def start_ray() -> None:
-    """One local Ray instance for every search of the benchmarks (kdtune.search reuses it)."""
-    import logging
-
+    """One local Ray instance for every search of the benchmarks (kdtune.search reuses
+    it), started as ``kdtune search`` starts its own."""
     import ray
 
     make_kdtune_importable()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from kdtune.search import _quiet_ray_environment, ray_init_kwargs
+
+    _quiet_ray_environment()
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        ray.init(**ray_init_kwargs(None, dashboard=False))
 
 
 class TeacherCache:
@@ -299,7 +299,7 @@ def shared_teachers(root: Path | None = None) -> TeacherCache:
     return _SHARED_TEACHERS
 
 
-def timed_search(spec, root: Path, name: str, teachers: TeacherCache | None = None, **kwargs: Any):
+def timed_search(spec, root: Path, name: str, teachers: TeacherCache | None = None):
     """Run ``kdtune.search.search`` on a validated spec in ``root``; returns (result, wall seconds)."""
     from kdtune.search import search
 
@@ -307,7 +307,7 @@ def timed_search(spec, root: Path, name: str, teachers: TeacherCache | None = No
     if teachers is not None:
         teachers.seed(named, Path(root).resolve() / name)
     started = time.perf_counter()
-    result = search(named, results_root=root, log=lambda m: None, **kwargs)
+    result = search(named, results_root=root, log=lambda m: None)
     return result, time.perf_counter() - started
 
 

@@ -12,9 +12,11 @@ sampler construction) run
 Two workloads: the default digits task (tiny students, milliseconds per epoch,
 early stopping on) and synthetic trials of ~1 s of CPU work each (a wide MLP on
 the whole training split, no early stopping, so every trial does the same work
-in (a) and (b)) in two shapes, calibrated on this machine: one epoch (one
-report per trial) and ~0.1 s epochs (many reports per trial); the second also
-runs one trial at a time, a control without contention between trials. A
+in (a) and (b)) in two shapes, calibrated on this machine: one epoch, and
+~0.1 s epochs. Without early stopping a trial reports to Ray only its last
+epoch (see :mod:`kdtune.trainable`), so both send one report, the one that
+carries the checkpoint; the second shape also runs one trial at a time, a
+control without contention between trials. A
 trial's *own time* is its time inside ``kdtune.distill.run`` in (a), without
 the pruner calls; in (b) it is taken as the same work's (a) time (per epoch of
 the same width for digits).
@@ -84,11 +86,11 @@ def _epoch_seconds(data, teacher, width: int) -> float:
 
 
 def calibrate(data, teacher, target_s: float = 1.0) -> dict[str, tuple[int, int]]:
-    """Two ~``target_s`` trial shapes, (width, epochs): one report per trial, and ~8 reports per trial."""
+    """Two ~``target_s`` trial shapes, (width, epochs): one wide epoch, and many ~0.1 s epochs."""
     per_epoch_256 = _epoch_seconds(data, teacher, 256)
     many = (256, max(2, min(30, round(target_s / per_epoch_256))))
     best = min((abs(_epoch_seconds(data, teacher, w) - target_s), w) for w in (768, 1024, 1280, 1536))
-    return {"one_report": (best[1], 1), "many_reports": many}
+    return {"one_epoch": (best[1], 1), "many_epochs": many}
 
 
 def plain_optuna_loop(spec, data, teacher, pruner) -> dict[str, Any]:
@@ -249,7 +251,8 @@ def decomposition(shape: str, loop: dict[str, Any], out: dict[str, Any], concurr
            round_trips, 1000 * ratio(round_trips, reports), gap, ratio(out["driver_cpu_s"], n), out["setup_s"],
            out["teardown_s"]]
     return row, {"efficiency": ratio(own_trial, slot), "overhead_s": median(st["overhead_s"]), "own_s": own_trial,
-                 "round_trip_ms": 1000 * ratio(round_trips, reports), "contention_s": contention, "gap_s": gap}
+                 "round_trip_ms": 1000 * ratio(round_trips, reports), "contention_s": contention, "gap_s": gap,
+                 "reports": reports}
 
 
 def run(quick: bool = False) -> Report:
@@ -289,7 +292,7 @@ def run(quick: bool = False) -> Report:
         # spell on the shared machine hits both.
         runs = [(period, period_label, rep) for rep in range(repeats) for period, period_label in periods
                 if rep == 0 or period == DEFAULT_PERIOD]
-        if shape == "many_reports":
+        if shape == "many_epochs":
             runs.append((DEFAULT_PERIOD, ONE_AT_A_TIME, 0))
         for period, period_label, rep in runs:
             one_at_a_time = period_label == ONE_AT_A_TIME
@@ -338,17 +341,17 @@ def run(quick: bool = False) -> Report:
                                        out["active_s"], own, n_digits, concurrent, out["epochs"]))
         digit_outs[period] = out
         profiles.append(("digits", period_label, out))
-    zero = digit_outs[DEFAULT_PERIOD]
+    default = digit_outs[DEFAULT_PERIOD]
     report.add(
         f"Default digits task: {n_digits} trials (single-objective TPE on val_acc, 27 epochs, rungs 1/3/9)",
         f"Ray trials' own time is estimated as epochs run × the in-process seconds per epoch of the same width. "
         f"In-process Optuna bookkeeping (ask/tell/report/should_prune) took {loop['optuna_s']:.2f} s of the loop's "
         f"{loop['wall_s']:.2f} s.\n\n"
         + markdown_table(SUMMARY_HEADERS, digit_rows)
-        + f"\n\nWall-time ratio (b, kdtune default) ÷ (a): **{ratio(zero['wall_s'], loop['wall_s']):.1f}×** "
+        + f"\n\nWall-time ratio (b, kdtune default) ÷ (a): **{ratio(default['wall_s'], loop['wall_s']):.1f}×** "
         f"(ideal with {concurrent} cores and the same work: {1 / concurrent:.2f}×; epochs run: (a) {loop['epochs']}, "
-        f"(b) {zero['epochs']}, the pruners differ in when they stop trials); wall per epoch: (a) "
-        f"{1000 * ratio(loop['wall_s'], loop['epochs']):.1f} ms, (b) {1000 * ratio(zero['wall_s'], zero['epochs']):.1f} ms.",
+        f"(b) {default['epochs']}, the pruners differ in when they stop trials); wall per epoch: (a) "
+        f"{1000 * ratio(loop['wall_s'], loop['epochs']):.1f} ms, (b) {1000 * ratio(default['wall_s'], default['epochs']):.1f} ms.",
     )
 
     # ---------------------------------------------------------------- profiles
@@ -356,7 +359,8 @@ def run(quick: bool = False) -> Report:
         n = len(out["trials"])
         report.add(
             f"Driver profile: {title}, {period_label}",
-            f"Search wall {out['wall_s']:.1f} s, {n} trials, {out['epochs']} reports, driver CPU {out['driver_cpu_s']:.1f} s. "
+            f"Search wall {out['wall_s']:.1f} s, {n} trials, {out['epochs']} epochs, {out['reports']:g} report(s) per trial "
+            f"(median), driver CPU {out['driver_cpu_s']:.1f} s. "
             f"Indented rows are part of the row above them.\n\n"
             + markdown_table(["where", "calls", "total s", "ms/call", "share of wall", "s per trial"],
                              out["profile"].rows(out["wall_s"], n)),
@@ -371,7 +375,7 @@ def run(quick: bool = False) -> Report:
                       f"{v['efficiency']:.2f}", v["efficiency"] >= STEADY_TARGET_EFFICIENCY)
         report.target(f"per-trial overhead ≤ {STEADY_TARGET_OVERHEAD_S} s after warm-up ({what})",
                       f"{v['overhead_s']:.2f} s (contention {v['contention_s']:.2f} s, report round trips "
-                      f"{v['round_trip_ms']:.0f} ms × {epochs}, gap {v['gap_s']:.2f} s)",
+                      f"{v['round_trip_ms']:.0f} ms × {v['reports']:g}, gap {v['gap_s']:.2f} s)",
                       v["overhead_s"] <= STEADY_TARGET_OVERHEAD_S)
     # What is kdtune's to change and what is Ray's, in the numbers measured above.
     default_p = digit_outs[DEFAULT_PERIOD]["profile"]
@@ -386,14 +390,15 @@ def run(quick: bool = False) -> Report:
            f"{ratio(digit_outs[DEFAULT_PERIOD]['driver_cpu_s'], n_digits):.2f} s)" if every_step else "")
         + ". A killed search no longer depends on that state being fresh: each trial's record, written as it ends, "
         "keeps its outcome (see kdtune/records.py).")
-    final_ms = median(v["round_trip_ms"] for v in verdicts[("one_report", DEFAULT_PERIOD)])
-    many_ms = median(v["round_trip_ms"] for v in verdicts[("many_reports", DEFAULT_PERIOD)])
+    wide_ms = median(v["round_trip_ms"] for v in verdicts[("one_epoch", DEFAULT_PERIOD)])
+    narrow_ms = median(v["round_trip_ms"] for v in verdicts[("many_epochs", DEFAULT_PERIOD)])
     report.notes.append(
         f"Reports: a trial reports only at the scheduler's rung epochs, epochs with a checkpoint, its last epoch and "
         f"otherwise at most every 10 s; every report is a synchronous round trip through the driver, during which "
-        f"the trial does not train ({many_ms:.0f} ms per report in the many-epoch shape, {final_ms:.0f} ms for the "
-        f"one-epoch shape's only report, the one that carries the checkpoint), while a digits epoch is "
-        f"~{1000 * fallback:.0f} ms of work in-process.")
+        f"the trial does not train. Here each synthetic trial sent one report, the one that carries the checkpoint: "
+        f"{narrow_ms:.0f} ms for the width-{shapes['many_epochs'][0]} student, {wide_ms:.0f} ms for the "
+        f"width-{shapes['one_epoch'][0]} one (Ray persists the checkpoint before the report returns); a digits "
+        f"epoch is ~{1000 * fallback:.0f} ms of work in-process.")
     report.notes.append(
         "Ray's: the function trainable's synchronous reporting, one event per driver step, the JSON/CSV logger "
         "callbacks (several ms per result), actor start; Optuna's: the sampler's ask grows with the study (see "

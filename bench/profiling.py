@@ -14,7 +14,7 @@ import functools
 import importlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: (module, class, method, label). Labels starting with two spaces are part of
@@ -60,7 +60,6 @@ class TrialEvents:
     """Driver-side timestamps (time.perf_counter) of one trial."""
 
     start: float | None = None
-    results: list[float] = field(default_factory=list)
     complete: float | None = None
 
 
@@ -101,7 +100,7 @@ class DriverProfile:
         from ray.tune.callback import CallbackList
 
         trials = self.trials
-        for method, kind in (("on_trial_start", "start"), ("on_trial_result", "result"), ("on_trial_complete", "complete"),
+        for method, kind in (("on_trial_start", "start"), ("on_trial_complete", "complete"),
                              ("on_trial_error", "complete")):
             original = CallbackList.__dict__[method]
 
@@ -111,8 +110,6 @@ class DriverProfile:
                     now, events = time.perf_counter(), trials[trial.trial_id]
                     if _kind == "start":
                         events.start = events.start or now
-                    elif _kind == "result":
-                        events.results.append(now)
                     else:
                         events.complete = now
                 return _original(self_, *args, **info)
@@ -146,13 +143,6 @@ class DriverProfile:
         if not starts or not ends:
             return (self.started, self.stopped)
         return (min(starts), max(ends))
-
-    def result_intervals(self) -> list[float]:
-        """Driver-observed seconds between consecutive reports of the same trial."""
-        gaps = []
-        for events in self.trials.values():
-            gaps += [b - a for a, b in zip(events.results, events.results[1:])]
-        return gaps
 
     def rows(self, wall_s: float, trials: int) -> list[list[Any]]:
         """Table rows: label, calls, total s, ms per call, share of wall, s per trial."""

@@ -24,12 +24,12 @@ import argparse
 import heapq
 import json
 import math
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import common
+from search_efficiency import EPOCH_TARGET, HV_TARGET
 
 common.make_kdtune_importable()
 
@@ -45,17 +45,16 @@ def record_curves(path: Path, per_seed: int, seeds: list[int]) -> None:
     import torch
 
     from kdtune.distill import RunConfig, run
-    from kdtune.search import load_spec_data, teacher_configs
+    from kdtune.search import base_config, load_spec_data, plan_placement
     from kdtune.searcher import to_optuna_distribution
-    from kdtune.teacher import prepare_teachers
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = common.digits_spec({"baselines": False})
     data = load_spec_data(spec)
-    teachers = prepare_teachers(teacher_configs(spec), data, path.parent / "teacher-cache", log=lambda m: None)
+    teacher = common.TeacherCache(path.parent / "teacher-cache").prepare(spec).targets
     space = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
-    fixed = spec.space.fixed()
+    base = base_config(spec, plan_placement(spec, {"CPU": 1.0}, 1))
     done = {(r["seed"], r["index"]) for r in load_curves(path)} if path.exists() else set()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
@@ -65,12 +64,8 @@ def record_curves(path: Path, per_seed: int, seeds: list[int]) -> None:
                 params = study.ask(space).params
                 if (seed, index) in done:
                     continue
-                config = RunConfig.from_dict({
-                    **fixed, **params, "family": spec.student.family, "model_options": dict(spec.student.options),
-                    "optimizer": spec.student.optimizer, "train_subset": spec.data.train_subset,
-                    "seed": seed, "data_seed": seed, "device": "cpu", "threads": 1,
-                })
-                history = run(config, data, teachers.targets).history
+                config = RunConfig.from_dict({**base, **params, "seed": seed, "data_seed": seed})
+                history = run(config, data, teacher).history
                 out.write(json.dumps({
                     "seed": seed, "index": index, **params, "params": history[-1]["params"],
                     "val_acc": [h["val_acc"] for h in history], "val_loss": [h["val_loss"] for h in history],
@@ -147,7 +142,8 @@ def evaluate(make_scheduler: Callable[[int], Any], curves: list[dict[str, Any]],
         shares.append(spent / (samples * max_t))
     hv, ep = np.array(hv_ratios), np.array(shares)
     return {"hv": float(np.median(hv)), "hv_p10": float(np.quantile(hv, 0.1)), "epochs": float(np.median(ep)),
-            "epochs_p90": float(np.quantile(ep, 0.9)), "both": float(np.mean((hv >= 0.97) & (ep <= 0.15)))}
+            "epochs_p90": float(np.quantile(ep, 0.9)),
+            "both": float(np.mean((hv >= HV_TARGET) & (ep <= EPOCH_TARGET)))}
 
 
 def candidates() -> dict[str, Callable[[int], Any]]:
