@@ -37,10 +37,11 @@ DEFAULT_CURVES = common.REPO / "results" / "bench" / "digits_curves.jsonl"
 WORKERS = 2
 
 
-def record_curves(path: Path, per_seed: int, seeds: list[int]) -> None:
+def record_curves(path: Path, per_seed: int, seeds: list[int], epochs: int | None = None) -> None:
     """Train ``per_seed`` random configurations of the digits space per seed (seed = the
-    benchmark repeat's spec seed, which also picks the 150 training images) and append
-    their per-epoch ``val_acc`` and ``val_loss`` to ``path`` (JSON lines; resumable)."""
+    benchmark repeat's spec seed, which also picks the 150 training images) for ``epochs``
+    epochs (default: the spec's budget) and append their per-epoch ``val_acc`` and
+    ``val_loss`` to ``path`` (JSON lines; resumable)."""
     import optuna
     import torch
 
@@ -50,7 +51,7 @@ def record_curves(path: Path, per_seed: int, seeds: list[int]) -> None:
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = common.digits_spec({"baselines": False})
+    spec = common.digits_spec({"baselines": False, **({"space": {"epochs": epochs}} if epochs else {})})
     data = load_spec_data(spec)
     teacher = common.TeacherCache(path.parent / "teacher-cache").prepare(spec).targets
     space = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
@@ -170,11 +171,12 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, default=DEFAULT_CURVES)
     parser.add_argument("--record", type=int, default=0, help="record this many configurations per seed first")
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--epochs", type=int, default=None, help="with --record: the budget (default: the spec's)")
     parser.add_argument("--draws", type=int, default=600)
     parser.add_argument("--only", default="", help="substring of the rule names to run")
     args = parser.parse_args()
     if args.record:
-        record_curves(args.curves, args.record, [int(s) for s in args.seeds.split(",")])
+        record_curves(args.curves, args.record, [int(s) for s in args.seeds.split(",")], args.epochs)
     curves = load_curves(args.curves)
     print(f"{len(curves)} recorded configurations, {args.draws} simulated searches of 40\n")
     print("| rule | HV ratio (median) | HV p10 | epoch share (median) | epochs p90 | P(both targets) |")

@@ -425,7 +425,7 @@ class ParetoASHA(_RungScheduler):
         size_attr: str = "params",
         max_t: int = 27,
         grace_period: int = 1,
-        reduction_factor: float = 2.0,
+        reduction_factor: float = 3.0,
         hv_epsilon: float = 0.04,
         score_bound: float = 1.0,
         time_attr: str = "epoch",

@@ -218,36 +218,27 @@ class SamplerSpec(_Strict):
         return value
 
 
-#: pareto_asha's default reduction factor η (the field's default, 3, is every other rule's).
-PARETO_REDUCTION_FACTOR = 2.0
 
 
 class EarlyStoppingSpec(_Strict):
     """How trials are stopped early (see :mod:`kdtune.scheduler`).
 
-    ``size_aware_asha`` (default): ASHA within each size bucket (``size_key``).
-    ``pareto_asha``: at each rung a trial continues only if no trial with at most
-    as many parameters has a lower validation loss after the same epochs, and if
-    even a perfect accuracy at its size could add ``hv_epsilon`` of the front's
-    hypervolume; it spends about half the epochs for the same front, but few
-    trials run to the end, so there is less evidence for choosing T.
+    ``pareto_asha`` (default): at each rung a trial continues only if no trial
+    with at most as many parameters has a lower validation loss after the same
+    epochs, and if even a perfect accuracy at its size could add ``hv_epsilon``
+    of the front's hypervolume. ``size_aware_asha``: ASHA within each size bucket
+    (``size_key``); it spends about 2.5 times the epochs for the same front, but
+    runs more trials to the end, so there is more evidence for choosing T.
     ``asha``: Ray's stock ASHA on accuracy. ``none``: every trial runs its full
-    budget. ``reduction_factor`` defaults to 2 for ``pareto_asha`` (rungs at 1,
-    2, 4, 8, 16 epochs with grace 1) and 3 for the others (1, 3, 9).
+    budget. Rungs are at grace·η^k epochs below the budget: 1, 3, 9, 27 with the
+    defaults and an 81-epoch budget.
     """
 
-    rule: Literal["size_aware_asha", "pareto_asha", "asha", "none"] = "size_aware_asha"
+    rule: Literal["size_aware_asha", "pareto_asha", "asha", "none"] = "pareto_asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1)
     size_key: Literal["width", "params"] = "width"
     hv_epsilon: float = Field(0.04, ge=0, lt=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _rule_default_reduction_factor(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "reduction_factor" not in data and data.get("rule") == "pareto_asha":
-            data = {**data, "reduction_factor": PARETO_REDUCTION_FACTOR}
-        return data
 
 
 class ResourcesSpec(_Strict):

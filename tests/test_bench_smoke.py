@@ -63,18 +63,19 @@ def test_digits_spec_applies_overrides_to_the_default_spec():
     assert spec.early_stopping.grace_period == 1  # kept from the YAML beside the override
 
 
-def test_the_pareto_method_runs_the_rule_as_it_ships():
-    # digits.yaml pins reduction_factor 3 (size_aware_asha); the benchmark's pareto_asha
-    # row must use the rule's own default, 2, as a spec naming only the rule gets it.
+def test_the_benchmark_compares_the_default_rule_with_the_other_front_keeping_rule():
+    # The "kdtune default" row must run what a spec without early_stopping gets, and
+    # the size_aware_asha row that rule with its own defaults, on the default task.
     import search_efficiency
 
     from kdtune.spec import EarlyStoppingSpec
 
-    shipped = EarlyStoppingSpec(rule="pareto_asha")
-    benched = common.digits_spec(search_efficiency.METHODS[search_efficiency.PARETO]).early_stopping
-    assert shipped.reduction_factor == 2.0
-    assert (benched.rule, benched.reduction_factor, benched.hv_epsilon) == (
-        "pareto_asha", shipped.reduction_factor, shipped.hv_epsilon)
+    default = common.digits_spec(search_efficiency.METHODS[search_efficiency.KDTUNE]).early_stopping
+    size_aware = common.digits_spec(search_efficiency.METHODS[search_efficiency.SIZE_AWARE]).early_stopping
+    shipped = EarlyStoppingSpec()
+    assert (default.rule, default.reduction_factor, default.hv_epsilon) == (
+        shipped.rule, shipped.reduction_factor, shipped.hv_epsilon) == ("pareto_asha", 3.0, 0.04)
+    assert (size_aware.rule, size_aware.reduction_factor, size_aware.size_key) == ("size_aware_asha", 3.0, "width")
 
 
 def test_run_all_arguments():

@@ -217,7 +217,8 @@ def _pareto():
 def test_pareto_asha_defaults_need_results_only_at_rungs_and_the_end():
     scheduler = ParetoASHA()
     assert scheduler.time_attr == "epoch" and scheduler.max_t == 27
-    assert scheduler.milestones == rung_milestones(1, 27, 2) == [1, 2, 4, 8, 16]
+    assert scheduler.milestones == rung_milestones(1, 27, 3) == [1, 3, 9]
+    assert ParetoASHA(max_t=81).milestones == [1, 3, 9, 27]
 
 
 def test_pareto_asha_restore_history_gives_the_uninterrupted_decisions():
@@ -250,8 +251,8 @@ def test_early_stopping_spec_defaults_and_allowed_rules():
     from kdtune.spec import EarlyStoppingSpec
 
     default = EarlyStoppingSpec()
-    assert (default.rule, default.reduction_factor, default.hv_epsilon) == ("size_aware_asha", 3.0, 0.04)
-    assert EarlyStoppingSpec(rule="pareto_asha").reduction_factor == 2.0
+    assert (default.rule, default.reduction_factor, default.hv_epsilon) == ("pareto_asha", 3.0, 0.04)
+    assert EarlyStoppingSpec(rule="size_aware_asha").reduction_factor == 3.0
     assert EarlyStoppingSpec(rule="asha", reduction_factor=4).reduction_factor == 4.0
     with pytest.raises(ValidationError) as error:
         EarlyStoppingSpec(rule="hyperband")
