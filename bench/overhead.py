@@ -4,8 +4,8 @@ The same N trials (same spec, model, data, epochs, seeds and the same Optuna
 sampler construction) run
 
 (a) in this process, one after another, with a plain Optuna study and
-    ``optuna.pruners.SuccessiveHalvingPruner`` (min_resource 1, η 3: the same
-    rungs as kdtune's default), ``kdtune.distill.run`` reporting every epoch to
+    ``optuna.pruners.SuccessiveHalvingPruner`` (the grace period and η of
+    kdtune's default rule: the same rungs), ``kdtune.distill.run`` reporting every epoch to
     ``trial.report``/``trial.should_prune``;
 (b) with ``kdtune.search.search`` on all cores (1 CPU per trial);
 (c) for the synthetic trials, a control without Ray: (a)'s trials split over
@@ -73,13 +73,14 @@ def synthetic_overrides(n: int, epochs: int, width: int) -> dict[str, Any]:
     }
 
 
-def _epoch_seconds(data, teacher, width: int) -> float:
-    """CPU seconds of one in-process epoch (train + eval) of a width-``width`` student on the full training split
-    (CPU time of this thread, so that other processes on a shared machine do not skew the calibration)."""
+def _run_seconds(data, teacher, width: int, epochs: int) -> float:
+    """CPU seconds of one in-process run (build, train + evaluate every epoch) of a width-``width`` student on
+    the full training split: the least of 3, after a warm-up (CPU time of this thread, so that other processes on
+    a shared machine do not skew the calibration)."""
     from kdtune.distill import RunConfig, run
 
-    config = RunConfig(width=width, model_options={"depth": 2}, epochs=1, batch_size=32, alpha=0.5, temperature=4.0,
-                       threads=1, device="cpu")
+    config = RunConfig(width=width, model_options={"depth": 2}, epochs=epochs, batch_size=32, alpha=0.5,
+                       temperature=4.0, threads=1, device="cpu")
     run(config, data, teacher)  # warm-up (first call of a shape is slower)
     times = []
     for _ in range(3):
@@ -90,10 +91,16 @@ def _epoch_seconds(data, teacher, width: int) -> float:
 
 
 def calibrate(data, teacher, target_s: float = 1.0) -> dict[str, tuple[int, int]]:
-    """Two ~``target_s`` trial shapes, (width, epochs): one wide epoch, and many ~0.1 s epochs."""
-    per_epoch_256 = _epoch_seconds(data, teacher, 256)
-    many = (256, max(2, min(30, round(target_s / per_epoch_256))))
-    best = min((abs(_epoch_seconds(data, teacher, w) - target_s), w) for w in (768, 1024, 1280, 1536))
+    """Two ~``target_s`` trial shapes, (width, epochs): one wide epoch, and many ~0.1 s epochs.
+
+    A run has a fixed cost (building the student, the per-run loss tables) besides
+    its epochs, so the epoch count comes from a 1- and a 3-epoch run.
+    """
+    one, three = _run_seconds(data, teacher, 256, 1), _run_seconds(data, teacher, 256, 3)
+    per_epoch = max((three - one) / 2, 1e-3)
+    fixed = max(one - per_epoch, 0.0)
+    many = (256, max(2, min(30, round((target_s - fixed) / per_epoch))))
+    best = min((abs(_run_seconds(data, teacher, w, 1) - target_s), w) for w in (768, 1024, 1280, 1536))
     return {"one_epoch": (best[1], 1), "many_epochs": many}
 
 
@@ -317,7 +324,8 @@ def run(quick: bool = False) -> Report:
     import ray
     import torch
 
-    from kdtune.search import load_spec_data
+    from kdtune.scheduler import rung_milestones
+    from kdtune.search import load_spec_data, max_epochs
 
     report = Report("overhead", "Overhead of kdtune's Ray search against a plain in-process Optuna loop", quick=quick)
     concurrent = int(ray.cluster_resources().get("CPU", 1))
@@ -389,7 +397,10 @@ def run(quick: bool = False) -> Report:
 
     # ---------------------------------------------------------------- digits default task
     torch.set_num_threads(1)
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    rule = base_spec.early_stopping
+    rungs = rung_milestones(rule.grace_period, max_epochs(base_spec), rule.reduction_factor)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=rule.grace_period,
+                                                    reduction_factor=int(rule.reduction_factor))
     loop = plain_optuna_loop(base_spec, data, teacher, pruner)
     per_epoch = own_time_per_epoch(loop)
     fallback = loop["own_s"] / max(1, loop["epochs"])
@@ -399,13 +410,14 @@ def run(quick: bool = False) -> Report:
     for period, period_label in periods:
         out = ray_run(base_spec, root, f"digits-{period}", teachers, period)
         own = sum(estimate_own(out["trials"], per_epoch, fallback))
-        digit_rows.append(_summary_row(f"(b) kdtune search (size-aware ASHA), {period_label}", out["wall_s"],
+        digit_rows.append(_summary_row(f"(b) kdtune search ({base_spec.early_stopping.rule}), {period_label}", out["wall_s"],
                                        out["active_s"], own, n_digits, concurrent, out["epochs"]))
         digit_outs[period] = out
         profiles.append(("digits", period_label, out))
     default = digit_outs[DEFAULT_PERIOD]
     report.add(
-        f"Default digits task: {n_digits} trials (single-objective TPE on val_acc, 27 epochs, rungs 1/3/9)",
+        f"Default digits task: {n_digits} trials (single-objective TPE on val_acc, {max_epochs(base_spec)} epochs, "
+        f"rungs {'/'.join(map(str, rungs))})",
         f"Ray trials' own time is estimated as epochs run × the in-process seconds per epoch of the same width. "
         f"In-process Optuna bookkeeping (ask/tell/report/should_prune) took {loop['optuna_s']:.2f} s of the loop's "
         f"{loop['wall_s']:.2f} s.\n\n"
