@@ -2,8 +2,8 @@
 
 One search of 500 tiny trials (``--quick``: 100) on the local default (Ray on
 this machine, 1 CPU per trial): the default digits spec with 3 epochs of a
-width-8 or width-16 student, multi-objective TPE and size-aware ASHA, no
-baselines. Measured: wall time, trials finished per minute in consecutive
+width-8 or width-16 student, multi-objective TPE and kdtune's default early
+stopping, no baselines. Measured: wall time, trials finished per minute in consecutive
 blocks (does the driver slow down as the study grows?), the driver's peak
 memory (resident set size sampled every 0.2 s with psutil, and the process's
 lifetime peak from ``resource.getrusage``), what the driver spent its time on,
@@ -118,7 +118,7 @@ def run(quick: bool = False) -> Report:
 
     growth = memory.peak_rss - memory.start_rss
     report.add(
-        f"{trials_n} trials × up to 3 epochs (MLP width 8/16, multi-objective TPE, size-aware ASHA), "
+        f"{trials_n} trials × up to 3 epochs (MLP width 8/16, multi-objective TPE, {spec.early_stopping.rule}), "
         f"{int(trials['epochs_run'].sum())} epochs run",
         markdown_table(["measure", "value"], [
             ["search wall time s", wall],

@@ -29,6 +29,7 @@ PROBES: list[tuple[str, str | None, str, str]] = [
     ("ray.tune.search.search_generator", "SearchGenerator", "save_to_dir", "      of which: searcher pickle"),
     ("ray.tune.callback", "CallbackList", "save_to_dir", "      of which: callback state pickle"),
     ("ray.tune.execution.tune_controller", "TuneController", "_on_training_result", "    result processing (per report)"),
+    ("kdtune.scheduler", "ParetoASHA", "on_trial_result", "      of which: Pareto ASHA decision"),
     ("kdtune.scheduler", "SizeAwareASHA", "on_trial_result", "      of which: size-aware ASHA decision"),
     ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler", "on_trial_result", "      of which: stock ASHA decision"),
     ("ray.tune.callback", "CallbackList", "on_trial_result", "      of which: callbacks (JSON/CSV loggers, progress line)"),

@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``make bench`` runs the first)::
 
-    .venv/bin/python bench/run_all.py                  # everything (17-27 min on a shared 2-core machine)
+    .venv/bin/python bench/run_all.py                  # everything (12-20 min on a shared 2-core machine)
     .venv/bin/python bench/run_all.py --quick          # a fast pass (~4-7 min)
     .venv/bin/python bench/run_all.py --only search_efficiency --only overhead
 
