@@ -231,7 +231,9 @@ class EarlyStoppingSpec(_Strict):
     runs more trials to the end, so there is more evidence for choosing T.
     ``asha``: Ray's stock ASHA on accuracy. ``none``: every trial runs its full
     budget. Rungs are at grace·η^k epochs below the budget: 1, 3, 9, 27 with the
-    defaults and an 81-epoch budget.
+    defaults and an 81-epoch budget. A spec that searches one student size and
+    names no rule gets ``size_aware_asha``: with one size, ``pareto_asha`` would
+    keep only the trials that beat every earlier one at each rung.
     """
 
     rule: Literal["size_aware_asha", "pareto_asha", "asha", "none"] = "pareto_asha"
@@ -282,6 +284,25 @@ class SearchSpec(_Strict):
     baselines: bool = True
     checkpoint_every: int = Field(0, ge=0)
     faults: FaultSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_size_default_rule(cls, data: Any) -> Any:
+        # With one student size the front is a single point, and pareto_asha would keep
+        # only a trial that beats every earlier one at each rung: without an explicit
+        # rule, such a search gets size_aware_asha (plain ASHA within the one size).
+        if not isinstance(data, dict):
+            return data
+        stopping = data.get("early_stopping") or {}
+        if not isinstance(stopping, dict) or "rule" in stopping:
+            return data
+        try:
+            space = SpaceSpec.model_validate(data.get("space") or {})
+        except ValidationError:
+            return data  # reported by the full validation
+        if len({float(v) for v in possible_values(space.width)}) > 1:
+            return data
+        return {**data, "early_stopping": {**stopping, "rule": "size_aware_asha"}}
 
     @field_validator("study")
     @classmethod

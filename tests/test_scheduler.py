@@ -261,6 +261,32 @@ def test_early_stopping_spec_defaults_and_allowed_rules():
 
 
 @pytest.mark.parametrize(
+    ("width", "early_stopping", "expected"),
+    [
+        ({"choice": [8, 16, 32]}, None, ("pareto_asha", ParetoASHA)),
+        ({"int": [8, 64]}, {"grace_period": 2}, ("pareto_asha", ParetoASHA)),
+        (32, None, ("size_aware_asha", SizeAwareASHA)),
+        ({"choice": [16, 16]}, {"grace_period": 2}, ("size_aware_asha", SizeAwareASHA)),
+        (32, {"rule": "pareto_asha"}, ("pareto_asha", ParetoASHA)),  # an explicit rule is kept
+    ],
+)
+def test_a_search_over_one_size_defaults_to_asha_within_it(width, early_stopping, expected):
+    # One student size makes the front a single point, where Pareto halving would keep
+    # only record-setting trials; the default then falls back to halving within the size.
+    from kdtune.search import _scheduler
+    from kdtune.spec import SearchSpec
+
+    raw = {"space": {"width": width, "epochs": 27}}
+    if early_stopping is not None:
+        raw["early_stopping"] = early_stopping
+    spec = SearchSpec.model_validate(raw)
+    scheduler, rungs = _scheduler(spec)
+    assert (spec.early_stopping.rule, type(scheduler)) == expected
+    grace = (early_stopping or {}).get("grace_period", 1)
+    assert rungs == [grace * 3**k for k in range(4) if grace * 3**k < 27]
+
+
+@pytest.mark.parametrize(
     "result, error, expected",
     [
         ({"epoch": 27, "epochs": 27, "status": "completed"}, False, "complete"),
