@@ -35,6 +35,9 @@ MAX_DISCRETE_TEMPERATURES = 8
 DEFAULT_TEMPERATURE_BINS = 8
 
 _NO_DIFFERENCE = "T makes no measurable difference for this size"
+#: Verdicts of :func:`best_temperature` for a size whose temperatures could not be compared at all.
+_ONE_T_PREFIX = "only T = "
+_UNTESTABLE = "cannot tell whether T matters for this size: no temperature bin has 2+ trials"
 
 
 def read_study_meta(study_dir: str | Path) -> dict:
@@ -372,9 +375,9 @@ def _summarise_bucket(bucket: object, curve: pd.DataFrame, alpha_level: float) -
     t_high = float(curve.loc[similar, "t_max"].max())
     recommended = float(best["t_bin_center"])
     if len(curve) == 1:
-        verdict = f"only T = {recommended:g} was tried for this size"
+        verdict = f"{_ONE_T_PREFIX}{recommended:g} was tried for this size"
     elif not tested_any:
-        verdict = "cannot tell whether T matters for this size: no temperature bin has 2+ trials"
+        verdict = _UNTESTABLE
     elif any_repeated_distinguishable and len(similar) == 1:
         verdict = f"best T ≈ {recommended:g}; every other temperature tried is measurably worse"
     elif any_repeated_distinguishable:
@@ -443,6 +446,17 @@ def best_temperature(
         for bucket, bucket_curve in curve.groupby("bucket", observed=True, sort=True)
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def untested_sizes(table: pd.DataFrame) -> list:
+    """The size buckets of a :func:`best_temperature` table whose temperatures could
+    not be compared at all: one temperature tried, or no temperature bin with two
+    trials. More trials run to the end would tell."""
+    if table.empty:
+        return []
+    verdicts = table["verdict"].astype(str)
+    untested = verdicts.str.startswith(_ONE_T_PREFIX) | (verdicts == _UNTESTABLE)
+    return table.loc[untested, "bucket"].tolist()
 
 
 def parameter_importance(study_dir: str | Path) -> pd.Series:

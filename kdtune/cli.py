@@ -141,12 +141,19 @@ def _trials_with_finished_search(results: Path) -> Any:
 @_study_command
 def best_t(results: Path) -> None:
     """Recommend a temperature per student size from a finished study."""
-    from kdtune.analysis import best_temperature, parameter_importance
+    from kdtune.analysis import best_temperature, counted_trials, parameter_importance, untested_sizes
     from kdtune.report import format_terminal_table
 
     trials = _trials_with_finished_search(results)
     table = best_temperature(trials)
     click.echo(format_terminal_table(table, list(table.columns)))
+    untested = untested_sizes(table)
+    if untested:
+        searched = trials[trials["phase"] == "search"] if "phase" in trials.columns else trials
+        sizes = ", ".join(f"{b:g}" if isinstance(b, (int, float)) else str(b) for b in untested)
+        click.echo(f"too few trials to compare temperatures for size(s) {sizes}: {len(counted_trials(trials))} of "
+                   f"{len(searched)} search trials ran their full budget. For evidence on T, search again with more "
+                   f"trials and early_stopping rule size_aware_asha, which runs more trials to the end")
     try:
         importance = parameter_importance(results)
         click.echo("parameter importance for validation accuracy (Optuna fANOVA):")

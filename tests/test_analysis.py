@@ -20,6 +20,7 @@ from kdtune.analysis import (
     pareto_front,
     size_buckets,
     temperature_curve,
+    untested_sizes,
 )
 from kdtune.errors import ConfigError, ResultsError
 
@@ -180,6 +181,15 @@ def test_best_temperature_finds_a_peak_at_4() -> None:
     assert row["t_matters"]
     assert "best T ≈ 4" in row["verdict"]
     assert row["n_trials"] == 30
+
+
+def test_untested_sizes_are_those_where_no_two_temperatures_could_be_compared() -> None:
+    one_t = temperature_table({2: [0.80, 0.82]}, width=8)  # a single temperature tried
+    one_per_bin = temperature_table({1: [0.80], 16: [0.85]}, width=16)  # no bin with two trials
+    testable = temperature_table({1: [0.80, 0.81], 16: [0.90, 0.91]}, width=32)
+    table = best_temperature(pd.concat([one_t, one_per_bin, testable], ignore_index=True))
+    assert untested_sizes(table) == [8, 16]
+    assert untested_sizes(best_temperature(testable)) == []
 
 
 def test_best_temperature_interval_from_hand_computed_welch_tests() -> None:

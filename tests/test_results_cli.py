@@ -10,7 +10,7 @@ import matplotlib.image as mpimg
 import pandas as pd
 from click.testing import CliRunner
 
-from kdtune.analysis import load_history, load_results
+from kdtune.analysis import best_temperature, load_history, load_results, untested_sizes
 from kdtune.cli import main
 from tests.conftest import assert_one_clean_error
 
@@ -64,10 +64,18 @@ def test_best_t_command_prints_a_row_per_width(tiny_study):
     outcome = CliRunner().invoke(main, ["best-t", str(study_dir)])
     assert outcome.exit_code == 0, outcome.output
     assert "recommended_t" in outcome.output
-    completed_widths = result.trials.query("phase == 'search' and status == 'completed'")["width"].unique()
+    completed = result.trials.query("phase == 'search' and status == 'completed'")
     table_lines = [line for line in outcome.output.splitlines() if line.strip()[:1].isdigit()]
     buckets = {line.split()[0] for line in table_lines}
-    assert buckets == {f"{w:g}" for w in completed_widths}
+    assert buckets == {f"{w:g}" for w in completed["width"].unique()}
+    # Sizes whose temperatures cannot be compared are named once, with the evidence there is.
+    untested = untested_sizes(best_temperature(load_results(study_dir)))
+    hint = [line for line in outcome.output.splitlines() if line.startswith("too few trials")]
+    assert len(hint) == (1 if untested else 0), outcome.output
+    if untested:
+        searched = int((result.trials["phase"] == "search").sum())
+        assert hint[0].split(":")[0].endswith(", ".join(f"{w:g}" for w in untested))
+        assert f"{len(completed)} of {searched} search trials ran their full budget" in hint[0]
 
 
 def test_best_t_on_a_complete_study_without_full_budget_trials_says_so(tiny_study, tmp_path):
