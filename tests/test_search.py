@@ -19,6 +19,34 @@ from tests.conftest import TINY_SPEC, assert_one_clean_error, write_spec
 
 
 @pytest.mark.slow
+def test_the_default_rule_stops_only_at_rungs_and_keeps_the_first_small_student(ray_session, tmp_path):
+    # No early_stopping in the spec: a search over two widths gets pareto_asha (η=3).
+    from kdtune.search import search
+
+    spec = {key: value for key, value in TINY_SPEC.items() if key != "early_stopping"}
+    spec = {**spec, "study": "default_rule", "num_samples": 8, "baselines": False,
+            "space": {**TINY_SPEC["space"], "epochs": 8}}
+    result = search(write_spec(tmp_path, spec), results_root=tmp_path / "results", log=lambda m: None)
+    meta = json.loads((result.study_dir / "study.json").read_text())
+    assert (meta["early_stopping"], meta["rungs"]) == ("pareto_asha", [1, 3])
+
+    search_trials = result.trials[result.trials["phase"] == "search"].set_index("trial_id")
+    assert len(search_trials) == 8
+    assert set(search_trials["status"]) <= {"completed", "stopped_early"}
+    assert (search_trials.loc[search_trials["status"] == "completed", "epochs_run"] == 8).all()
+    # Decisions are taken only at the rungs.
+    stopped = search_trials.loc[search_trials["status"] == "stopped_early", "epochs_run"]
+    assert len(stopped) > 0 and set(stopped) <= {1, 3}
+    # The first trial (enqueued: the smallest width) meets no smaller or equal student at
+    # rung 1, and a perfect student of its size would add most of the front: it goes on.
+    study = optuna.load_study(study_name="default_rule", storage=journal_storage(result.study_dir / "optuna.journal"))
+    first = min(study.trials, key=lambda t: t.number)
+    assert first.params["width"] == 8
+    assert search_trials.loc[first.user_attrs["ray_trial_id"], "epochs_run"] > 1
+    assert set(load_records(result.study_dir, "search")) == set(search_trials.index)
+
+
+@pytest.mark.slow
 def test_cli_search_on_digits_writes_a_complete_study(ray_session, tmp_path):
     spec = {**TINY_SPEC, "study": "e2e", "num_samples": 8,
             "space": {**TINY_SPEC["space"], "width": {"choice": [4, 16, 64]}},
