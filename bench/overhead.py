@@ -143,10 +143,9 @@ def plain_optuna_loop(spec, data, teacher, pruner) -> dict[str, Any]:
             if prune:
                 raise optuna.TrialPruned()
 
-        needs_teacher = config.alpha < 1 or config.beta > 0
         t1 = time.perf_counter()
         try:
-            result = run(config, data, teacher if needs_teacher else None, report)
+            result = run(config, data, teacher if config.needs_teacher else None, report)
             own = time.perf_counter() - t1 - state["callback_s"]
             t2 = time.perf_counter()
             study.tell(trial, float(result.metrics["val_acc"]))
@@ -177,7 +176,7 @@ def _plain_process(configs: list[dict[str, Any]], data, teacher, barrier, result
     for raw in configs:
         config = RunConfig.from_dict(raw)
         t0 = time.perf_counter()
-        run(config, data, teacher if config.alpha < 1 or config.beta > 0 else None)
+        run(config, data, teacher if config.needs_teacher else None)
         own.append(time.perf_counter() - t0)
     results.put((started, time.perf_counter(), own))
 

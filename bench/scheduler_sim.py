@@ -121,7 +121,7 @@ def evaluate(make_scheduler: Callable[[int], Any], curves: list[dict[str, Any]],
     """Median (and spread) of the HV ratio and epoch share over ``draws`` simulated searches."""
     import numpy as np
 
-    from kdtune.scheduler import front_hypervolume
+    from kdtune.analysis import front_hypervolume
 
     max_t = len(curves[0]["val_acc"])
     reference = 2.0 * max(float(c["params"]) for c in curves)

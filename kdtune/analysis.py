@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -189,21 +189,37 @@ def hypervolume(
         reference = (2.0 * float(largest), 0.0)
     size_ref, score_ref = (float(v) for v in reference)
     sizes = front[size].to_numpy(float)
-    scores = front[score].to_numpy(float)
     if log_size:
         if size_ref <= 0:
             raise ConfigError("reference", f"size reference must be > 0 for a log size axis, got {size_ref}")
         if (sizes <= 0).any():
             raise ConfigError(size, f"all sizes must be > 0 for a log size axis, got {sizes.min()}")
-        sizes, size_ref = np.log10(sizes), math.log10(size_ref)
-    inside = (sizes < size_ref) & (scores > score_ref)
-    sizes, scores = sizes[inside], scores[inside]
-    if sizes.size == 0:
-        return 0.0
-    # The front is sorted by size with strictly increasing score: each point owns
-    # the slab from its own size to the next point's size (or the reference).
-    right_edges = np.append(sizes[1:], size_ref)
-    return float(np.sum((right_edges - sizes) * (scores - score_ref)))
+    return front_hypervolume(zip(sizes, front[score].to_numpy(float)), size_ref, score_ref, log_size)
+
+
+def front_hypervolume(points: Iterable[tuple[float, float]], reference_size: float, reference_score: float = 0.0,
+                      log_size: bool = True) -> float:
+    """The measure of :func:`hypervolume` on plain (size, score) pairs, without pandas
+    (the early-stopping rule ``pareto_asha`` computes it at every rung decision).
+
+    The front of ``points`` is taken first (smallest size for each reachable
+    score); with ``log_size`` sizes must be > 0.
+    """
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for size, score in sorted(points, key=lambda p: (p[0], -p[1])):
+        if score > best:
+            front.append((math.log10(size) if log_size else float(size), float(score)))
+            best = score
+    right = math.log10(reference_size) if log_size else float(reference_size)
+    total = 0.0
+    # Scores strictly increase along the front: each point owns the slab from its
+    # own size to the next point's size (or the reference).
+    for i, (x, y) in enumerate(front):
+        edge = min(front[i + 1][0], right) if i + 1 < len(front) else right
+        if x < right and y > reference_score:
+            total += (edge - x) * (y - reference_score)
+    return total
 
 
 def _power_of_two_label(exponent: int) -> str:

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from kdtune.data import DatasetSplits, TensorSplit, subset_indices
 from kdtune.errors import ConfigError
 from kdtune.losses import (
-    LOG_TARGET_FLOOR,
     SOFT_LOSSES,
     distillation_loss,
     feature_matching_loss,
@@ -75,6 +74,11 @@ class RunConfig:
     device: str = "auto"
     amp: bool = False
     threads: int | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the loss has a teacher term: a soft term (alpha < 1) or a feature term (beta > 0)."""
+        return self.alpha < 1 or self.beta > 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field and what is allowed."""
@@ -212,7 +216,7 @@ class _CachedKD:
             noisy = perturb_teacher_logits(logits.to(self.device), self.noise, generator, out=buffer)
             probs = soft_targets(noisy, self.temperature)
             weights = torch.stack((hard.index_select(0, idx_t), probs * soft_scale), dim=1)  # as kd_loss_weights
-            log_targets = probs.log().clamp_(min=LOG_TARGET_FLOOR)  # as kd_log_targets
+            log_targets = kd_log_targets(probs)
         return fused_kd_loss_and_grad(student_logits, weights, log_targets, self.temperature)
 
 
@@ -311,7 +315,7 @@ def run(
     continues from such a state. The same config and seed give the same numbers on the CPU.
     """
     config.validate()
-    needs_teacher = config.alpha < 1 or config.beta > 0
+    needs_teacher = config.needs_teacher
     if needs_teacher and teacher is None:
         raise ConfigError("teacher", f"alpha={config.alpha}, beta={config.beta} need a teacher; none was given")
     if config.beta > 0 and teacher is not None and teacher.features is None and teacher.online_model is None:

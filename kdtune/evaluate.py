@@ -134,15 +134,17 @@ def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | No
     raise ResultsError(f"trial {trial_id}: no trial folder with params.json in {searched}{hint}")
 
 
-def trial_run_config(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def trial_run_config(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None,
+                     folder: Path | None = None) -> dict[str, Any]:
     """The exact config a trial ran with, baseline ``overrides`` merged in: from its
-    record, or else from its folder's ``params.json``."""
+    record, or else from the ``params.json`` of its folder (``folder`` when the
+    caller has found it already, else :func:`trial_folder`)."""
     from kdtune.tables import trial_config
 
     record = load_record(study_dir, trial_id)
     if record is not None and record.get("config"):
         return trial_config(record["config"])
-    return read_trial_config(trial_folder(study_dir, trial_id, meta))
+    return read_trial_config(folder or trial_folder(study_dir, trial_id, meta))
 
 
 def read_trial_config(folder: str | Path) -> dict[str, Any]:

@@ -238,7 +238,7 @@ def export_student(
     row = _select_trial(trials, trial_id, pareto_index)
     chosen = str(row["trial_id"])
     folder = trial_folder(study_dir, chosen, meta)
-    config = trial_run_config(study_dir, chosen, meta)
+    config = trial_run_config(study_dir, chosen, meta, folder)
     weights = _load_student_state(folder, row, config, trials)
 
     data = load_spec_data(load_spec(study_dir / "spec.yaml"))

@@ -39,6 +39,11 @@ def records_dir(study_dir: str | Path, phase: str) -> Path:
     return Path(study_dir) / RECORDS_DIR / phase
 
 
+def record_path(folder: str | Path, trial_id: str) -> Path:
+    """The record file of one trial in one phase's records folder."""
+    return Path(folder) / f"{trial_id}.json"
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with what JSON cannot hold dropped (objects) or made null (NaN, inf)."""
     if isinstance(value, dict):
@@ -60,7 +65,7 @@ def _storable(value: Any) -> bool:
 def write_record(folder: Path, record: dict[str, Any]) -> Path:
     """Write one trial's record atomically and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{record['trial_id']}.json"
+    path = record_path(folder, record["trial_id"])
     write_text_atomic(path, json.dumps(json_safe(record)))
     return path
 
@@ -87,7 +92,7 @@ def load_records(study_dir: str | Path, phase: str) -> dict[str, dict[str, Any]]
 def load_record(study_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
     """The record of one trial, search or baseline; None if it has none."""
     for phase in PHASES:
-        path = records_dir(study_dir, phase) / f"{trial_id}.json"
+        path = record_path(records_dir(study_dir, phase), trial_id)
         if path.is_file():
             return _read(path)
     return None
@@ -118,7 +123,7 @@ def recording_callback(study_dir: str | Path, phase: str):
             self.results.setdefault(trial.trial_id, []).append(json_safe(report))
 
         def _write(self, trial, ray_status: str, error: str | None) -> None:
-            if (folder / f"{trial.trial_id}.json").exists():
+            if record_path(folder, trial.trial_id).exists():
                 # A trial that had ended before a restart: keep its original record.
                 self.results.pop(trial.trial_id, None)
                 return

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Hashable
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from kdtune.analysis import front_hypervolume
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -214,28 +216,6 @@ class SizeAwareASHA(_RungScheduler):
 
 
 # --------------------------------------------------------------------------- Pareto halving
-
-
-def front_hypervolume(points: Iterable[tuple[float, float]], reference_size: float, reference_score: float = 0.0) -> float:
-    """Hypervolume of the (size, score) front of ``points``, as :func:`kdtune.analysis.hypervolume`.
-
-    Measured in (log10 size, score) space, bounded by ``(reference_size,
-    reference_score)``: the union over front points (s, y) of the rectangles
-    [log10 s, log10 reference_size] × [reference_score, y]. Sizes must be > 0.
-    """
-    front: list[tuple[float, float]] = []
-    best = -math.inf
-    for size, score in sorted(points, key=lambda p: (p[0], -p[1])):
-        if score > best:
-            front.append((math.log10(size), score))
-            best = score
-    right = math.log10(reference_size)
-    total = 0.0
-    for i, (x, y) in enumerate(front):
-        edge = min(front[i + 1][0], right) if i + 1 < len(front) else right
-        if x < right and y > reference_score:
-            total += (edge - x) * (y - reference_score)
-    return total
 
 
 @dataclass(frozen=True)

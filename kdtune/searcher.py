@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kdtune.records import recorded_ids
+from kdtune.records import record_path, recorded_ids
 from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class KdOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        if self._records is not None and (Path(self._records) / f"{trial_id}.json").exists():
+        if self._records is not None and record_path(self._records, trial_id).exists():
             # A trial that had ended before a restart: its record is written only
             # after this method told Optuna, so the journal already holds it.
             self._completed_trials.add(trial_id)

@@ -218,8 +218,6 @@ class SamplerSpec(_Strict):
         return value
 
 
-
-
 class EarlyStoppingSpec(_Strict):
     """How trials are stopped early (see :mod:`kdtune.scheduler`).
 
@@ -300,7 +298,7 @@ class SearchSpec(_Strict):
             space = SpaceSpec.model_validate(data.get("space") or {})
         except ValidationError:
             return data  # reported by the full validation
-        if len({float(v) for v in possible_values(space.width)}) > 1:
+        if len(set(possible_values(space.width))) > 1:
             return data
         return {**data, "early_stopping": {**stopping, "rule": "size_aware_asha"}}
 

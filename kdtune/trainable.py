@@ -209,7 +209,7 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     run(
         run_config,
         data.to_splits(),
-        teacher if (run_config.alpha < 1 or run_config.beta > 0) else None,
+        teacher if run_config.needs_teacher else None,
         report,
         on_checkpoint=on_checkpoint,
         checkpoint_every=int(config.get("checkpoint_every", 0) or 0),

@@ -16,7 +16,6 @@ from kdtune.scheduler import (
     ParetoASHA,
     ParetoRungs,
     SizeAwareASHA,
-    front_hypervolume,
     params_bucket,
     rung_milestones,
 )
@@ -119,8 +118,8 @@ def test_sizeaware_restore_history_replays_rung_scores():
 # ------------------------------------------------------------------ Pareto halving (the default)
 
 
-def test_front_hypervolume_matches_the_analysis_module():
-    from kdtune.analysis import hypervolume
+def test_front_hypervolume_of_points_and_of_a_table_match_a_hand_computation():
+    from kdtune.analysis import front_hypervolume, hypervolume
 
     points = [(10, 0.5), (100, 0.8), (1000, 0.6), (100, 0.7)]
     # Front (10, .5), (100, .8); reference 2000: (2-1)*.5 + (log10 2000 - 2)*.8.
