@@ -109,6 +109,28 @@ def test_steady_state_skips_each_slots_first_trial_and_adds_the_gap():
     assert steady["overhead_s"] == pytest.approx([0.6, 0.5])
 
 
+def test_decomposition_reads_own_time_inside_the_trial_and_against_the_control():
+    import overhead
+    import pandas as pd
+
+    # Same slots as above: c (1.5 s + 0.1 s gap) and d (1.2 s + 0.3 s gap) are the steady trials.
+    profile = _profile_with({"a": (0.0, 2.0), "b": (0.0, 3.0), "c": (2.1, 3.6), "d": (3.3, 4.5)})
+    loop = {"trials": [{"own_s": 1.0, "train_s": 0.9}] * 4}  # 0.1 s of each run is outside the training loop
+    history = pd.DataFrame({"trial_id": ["a", "b", "c", "c", "d"], "epoch_time_s": [0.9, 0.9, 0.5, 0.6, 1.0]})
+    out = {"trials": pd.DataFrame({"trial_id": list("abcd")}), "history": history, "profile": profile,
+           "reports": 1.0, "driver_cpu_s": 0.4, "daemon_cpu_s": 0.2, "setup_s": 1.0, "teardown_s": 0.1, "period": "auto", "label": "x"}
+    _, verdict = overhead.decomposition("shape", loop, out, 2, {"trial_s": 1.3})
+    # In-trial own = training loop timed in the worker + 0.1 s: c 1.2 s of a 1.6 s slot, d 1.1 s of 1.5 s.
+    assert verdict["in_trial_own_s"] == pytest.approx((1.2 + 1.1) / 2)
+    assert verdict["overhead_in_trial_s"] == pytest.approx(0.4)
+    assert verdict["efficiency_in_trial"] == pytest.approx((1.2 / 1.6 + 1.1 / 1.5) / 2)
+    # Against (a)'s 1.0 s: the median slot is 1.55 s; the control's trial took 1.3 s.
+    assert verdict["efficiency"] == pytest.approx(1.0 / 1.55)
+    assert verdict["beyond_control_s"] == pytest.approx(1.55 - 1.3)
+    assert verdict["control_s"] == pytest.approx(0.3)
+    assert verdict["background_cpu_s"] == pytest.approx((0.4 + 0.2) / 4)  # driver + Ray daemons, per trial
+
+
 def test_throughput_blocks_count_completions_per_minute():
     import bookkeeping
 
