@@ -61,7 +61,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import common
 from common import Report, markdown_table, median, parallel_efficiency, per_trial_overhead, ratio
@@ -285,21 +285,31 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def profiled(fit: Callable[[], tuple[Any, float]]) -> tuple[Any, dict[str, Any]]:
+    """Run ``fit`` (returning its outcome and its wall seconds) under the driver
+    profiler; the outcome, and the driver-side measures :func:`decomposition` reads."""
+    cpu0, daemons0 = _cpu_seconds(), ray_daemon_cpu_seconds()
+    with DriverProfile() as profile:
+        outcome, wall = fit()
+    driver_cpu, daemon_cpu = _cpu_seconds() - cpu0, ray_daemon_cpu_seconds() - daemons0
+    first, last = profile.active_window()
+    return outcome, {"wall_s": wall, "active_s": last - first, "profile": profile, "setup_s": first - profile.started,
+                     "teardown_s": profile.stopped - last, "driver_cpu_s": driver_cpu, "daemon_cpu_s": daemon_cpu}
+
+
+def with_tables(measures: dict[str, Any], trials, history, experiment_dir: Path, period: str) -> dict[str, Any]:
+    """``measures`` plus the run's search trials and history, and its reports per trial."""
+    return {**measures, "trials": trials, "history": history, "reports": reports_per_trial(experiment_dir),
+            "epochs": int(trials["epochs_run"].sum()), "period": period}
+
+
 def ray_run(spec, root: Path, name: str, teachers, checkpoint_period: str) -> dict[str, Any]:
     """One kdtune search under the driver profiler, with ``TUNE_GLOBAL_CHECKPOINT_S=checkpoint_period``."""
     with common.EnvVar(CHECKPOINT_ENV, checkpoint_period):
-        cpu0, daemons0 = _cpu_seconds(), ray_daemon_cpu_seconds()
-        with DriverProfile() as profile:
-            result, wall = common.timed_search(spec, root, name, teachers)
-        driver_cpu, daemon_cpu = _cpu_seconds() - cpu0, ray_daemon_cpu_seconds() - daemons0
-    trials = result.trials[result.trials["phase"] == "search"]
-    history = result.history[result.history["phase"] == "search"]
-    first, last = profile.active_window()
-    return {"wall_s": wall, "active_s": last - first, "trials": trials, "history": history, "profile": profile,
-            "reports": reports_per_trial(Path(result.study_dir) / "search"),
-            "epochs": int(trials["epochs_run"].sum()), "setup_s": first - profile.started,
-            "teardown_s": profile.stopped - last, "driver_cpu_s": driver_cpu, "daemon_cpu_s": daemon_cpu,
-            "period": checkpoint_period}
+        result, measures = profiled(lambda: common.timed_search(spec, root, name, teachers))
+    searched = result.trials["phase"] == "search"
+    return with_tables(measures, result.trials[searched], result.history[result.history["phase"] == "search"],
+                       Path(result.study_dir) / "search", checkpoint_period)
 
 
 def reports_per_trial(experiment_dir: Path) -> float:
@@ -353,25 +363,19 @@ def stock_ray_run(loop: dict[str, Any], data, teacher, root: Path, name: str, co
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(root.resolve()), verbose=0),
     )
-    cpu0, daemons0 = _cpu_seconds(), ray_daemon_cpu_seconds()
-    with DriverProfile() as profile:
+    def fit() -> tuple[Any, float]:
         started = time.perf_counter()
         grid = tuner.fit()
-        wall = time.perf_counter() - started
-    driver_cpu, daemon_cpu = _cpu_seconds() - cpu0, ray_daemon_cpu_seconds() - daemons0
+        return grid, time.perf_counter() - started
+
     import pandas as pd
 
-    frames = []
-    for result in grid:
-        frame = result.metrics_dataframe
-        frames.append(frame.assign(trial_id=result.metrics["trial_id"], epochs_run=len(frame)))
-    history = pd.concat(frames, ignore_index=True)
+    grid, measures = profiled(fit)
+    history = pd.concat([result.metrics_dataframe.assign(trial_id=result.metrics["trial_id"],
+                                                         epochs_run=len(result.metrics_dataframe))
+                         for result in grid], ignore_index=True)
     trials = history.groupby("trial_id", as_index=False)["epochs_run"].first()
-    first, last = profile.active_window()
-    return {"wall_s": wall, "active_s": last - first, "trials": trials, "history": history, "profile": profile,
-            "reports": reports_per_trial(root / name), "epochs": int(trials["epochs_run"].sum()),
-            "setup_s": first - profile.started, "teardown_s": profile.stopped - last, "driver_cpu_s": driver_cpu,
-            "daemon_cpu_s": daemon_cpu, "period": "Ray's default"}
+    return with_tables(measures, trials, history, root / name, "Ray's default")
 
 
 def _summary_row(label: str, wall: float, active: float, own: float, n: int, c: int, epochs: int) -> list[Any]:
@@ -476,43 +480,43 @@ def run(quick: bool = False) -> Report:
                 if rep == 0 or period == DEFAULT_PERIOD]
         if shape == "many_epochs":
             runs.append((DEFAULT_PERIOD, ONE_AT_A_TIME, 0))
+        def tally(kind: str, out: dict[str, Any], slots: int, key: Any, profile_label: str, first: bool) -> None:
+            """A Ray run's summary and decomposition rows, its verdict under ``key`` (None: none), its profile."""
+            own_total = median(t["own_s"] for t in loop["trials"]) * len(out["trials"])
+            summary_rows.append(_summary_row(f"{label}: {kind} {out['label']}", out["wall_s"], out["active_s"],
+                                             own_total, n_synth, slots, out["epochs"]))
+            row, verdict = decomposition(label, loop, out, slots, control)
+            decomposition_rows.append(row)
+            if key is not None:
+                verdicts.setdefault(key, []).append(verdict)
+            if first:
+                profiles.append((f"synthetic {label}", profile_label, out))
+
         for period, period_label, rep in runs:
             one_at_a_time = period_label == ONE_AT_A_TIME
+            # The repeated runs: kdtune's default with (a) just before, the no-Ray control and stock Ray beside it.
+            repeated = period == DEFAULT_PERIOD and not one_at_a_time
             run_spec = (common.digits_spec(common.deep_merge(synthetic_overrides(n_synth, epochs, width),
                                                              {"resources": {"max_concurrent_trials": 1}}))
                         if one_at_a_time else spec)
             slots = 1 if one_at_a_time else concurrent
             control = None
-            if period == DEFAULT_PERIOD and not one_at_a_time and rep > 0:
+            if repeated and rep > 0:
                 loop = plain_optuna_loop(spec, data, teacher, optuna.pruners.NopPruner())
                 summary_rows.append(_summary_row(f"{label}: (a) plain Optuna loop, 1 core #{rep + 1}", loop["wall_s"],
                                                  loop["wall_s"], loop["own_s"], n_synth, 1, loop["epochs"]))
-            if period == DEFAULT_PERIOD and not one_at_a_time:
+            if repeated:
                 control = plain_processes(loop, data, teacher, concurrent)
                 summary_rows.append(_summary_row(f"{label}: (c) the same trials in {concurrent} plain processes, no Ray "
                                                  f"#{rep + 1}", control["wall_s"], control["wall_s"], loop["own_s"],
                                                  n_synth, concurrent, loop["epochs"]))
             out = ray_run(run_spec, root, f"synth-{shape}-{period}-{slots}-{rep}", teachers, period)
-            out["label"] = period_label + (f" #{rep + 1}" if repeats > 1 and period == DEFAULT_PERIOD and not one_at_a_time else "")
-            own_total = median(t["own_s"] for t in loop["trials"]) * len(out["trials"])
-            summary_rows.append(_summary_row(f"{label}: (b) kdtune search, {out['label']}", out["wall_s"],
-                                             out["active_s"], own_total, n_synth, slots, out["epochs"]))
-            row, verdict = decomposition(label, loop, out, slots, control)
-            decomposition_rows.append(row)
-            if not one_at_a_time:
-                verdicts.setdefault((shape, period), []).append(verdict)
-            if rep == 0:
-                profiles.append((f"synthetic {label}", period_label, out))
-            if period == DEFAULT_PERIOD and not one_at_a_time:
+            out["label"] = period_label + (f" #{rep + 1}" if repeats > 1 and repeated else "")
+            tally("(b) kdtune search,", out, slots, None if one_at_a_time else (shape, period), period_label, rep == 0)
+            if repeated:
                 stock = stock_ray_run(loop, data, teacher, root, f"stock-{shape}-{rep}", concurrent)
                 stock["label"] = f"{STOCK_LABEL} #{rep + 1}"
-                summary_rows.append(_summary_row(f"{label}: (d) {stock['label']}", stock["wall_s"], stock["active_s"],
-                                                 own_total, n_synth, concurrent, stock["epochs"]))
-                row, verdict = decomposition(label, loop, stock, concurrent, control)
-                decomposition_rows.append(row)
-                verdicts.setdefault((shape, STOCK_LABEL), []).append(verdict)
-                if rep == 0:
-                    profiles.append((f"synthetic {label}", STOCK_LABEL, stock))
+                tally("(d)", stock, concurrent, (shape, STOCK_LABEL), STOCK_LABEL, rep == 0)
     report.add(
         f"Synthetic ~1 s trials: {n_synth} trials each, no early stopping, {concurrent} concurrent in (b)",
         "Wall = the whole search() call (data, teacher-cache check, Tuner setup, worker start, tables); active = first "
@@ -579,7 +583,7 @@ def run(quick: bool = False) -> Report:
     for shape, (width, epochs) in shapes.items():
         runs_of_shape = verdicts[(shape, DEFAULT_PERIOD)]
         v = {key: median(r[key] for r in runs_of_shape) for key in runs_of_shape[0]}
-        what = f"width {width} × {epochs} epoch(s), own {v['own_s']:.2f} s; median of {len(runs_of_shape)} run(s)"
+        what = f"width {width} × {epochs} epoch(s), {v['own_s']:.2f} s in-process; median of {len(runs_of_shape)} run(s)"
         report.target(f"parallel efficiency ≥ {STEADY_TARGET_EFFICIENCY} for ~1 s trials, own time = the training "
                       f"time each trial measured inside itself ({v['in_trial_own_s']:.2f} s; {what})",
                       f"{v['efficiency_in_trial']:.2f} (with (a)'s in-process time as own time: {v['efficiency']:.2f}; "
