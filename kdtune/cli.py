@@ -15,6 +15,8 @@ import click
 
 from kdtune import __version__
 from kdtune.errors import KdtuneError
+from kdtune.results.export import FORMATS as EXPORT_FORMATS
+from kdtune.study import FINAL_FILE, HISTORY_TABLE, META_FILE, TRIALS_TABLE
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -77,7 +79,7 @@ def search(spec: Path, num_samples: int | None, name: str | None, address: str |
         _interrupted(exc)
     except KeyboardInterrupt:
         study_dir = results_root.expanduser().resolve() / (name or _spec_study(spec))
-        if (study_dir / "study.json").exists():
+        if (study_dir / META_FILE).exists():
             _interrupted(SearchInterrupted(study_dir, resume_command(spec, study_dir, name)))
         click.echo("search interrupted before it started; nothing was written", err=True)
         sys.exit(130)
@@ -102,12 +104,12 @@ def _spec_study(spec: Path) -> str:
 
 
 def _print_front(trials: Any, study_dir: Path) -> None:
-    from kdtune.analysis import pareto_front
-    from kdtune.report import format_terminal_table
+    from kdtune.results.analysis import pareto_front
+    from kdtune.results.report import format_terminal_table
 
     counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
     click.echo(f"done: {sum(counts.values())} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
-               f"tables in {study_dir}/trials.parquet and history.parquet")
+               f"tables in {study_dir}/{TRIALS_TABLE} and {HISTORY_TABLE}")
     try:
         front = pareto_front(trials)
     except KdtuneError as exc:
@@ -124,8 +126,8 @@ def _study_command(fn: Callable) -> Callable:
 def _trials_with_finished_search(results: Path) -> Any:
     """The study's trials, or a :class:`ResultsError` when no search trial ran its
     full budget (a study interrupted early, or one whose trials all stopped early)."""
-    from kdtune.analysis import counted_trials, load_results, read_study_meta
     from kdtune.errors import ResultsError
+    from kdtune.results.analysis import counted_trials, load_results, read_study_meta
 
     trials = load_results(results)
     if counted_trials(trials).empty:
@@ -141,8 +143,8 @@ def _trials_with_finished_search(results: Path) -> Any:
 @_study_command
 def best_t(results: Path) -> None:
     """Recommend a temperature per student size from a finished study."""
-    from kdtune.analysis import best_temperature, counted_trials, parameter_importance, untested_sizes
-    from kdtune.report import format_terminal_table
+    from kdtune.results.analysis import best_temperature, counted_trials, parameter_importance, untested_sizes
+    from kdtune.results.report import format_terminal_table
 
     trials = _trials_with_finished_search(results)
     table = best_temperature(trials)
@@ -168,8 +170,8 @@ def best_t(results: Path) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for summary.md and PNGs (default: the study folder).")
 def report(results: Path, out: Path | None) -> None:
     """Write summary.md and plots (Pareto front, accuracy vs T, learning curves)."""
-    from kdtune.analysis import load_history
-    from kdtune.report import write_report
+    from kdtune.results.analysis import load_history
+    from kdtune.results.report import write_report
 
     written = write_report(results, _trials_with_finished_search(results), load_history(results), out)
     for name, path in written.items():
@@ -181,25 +183,25 @@ def report(results: Path, out: Path | None) -> None:
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Fresh seeds per configuration.")
 def evaluate(results: Path, seeds: int) -> None:
     """Re-train the Pareto front and baselines with fresh seeds; test once; write final.csv."""
-    from kdtune.evaluate import final_evaluation
-    from kdtune.report import format_terminal_table
+    from kdtune.results.evaluate import final_evaluation
+    from kdtune.results.report import format_terminal_table
 
     table = final_evaluation(results, seeds=seeds, log=click.echo)
     shown = ["width", "params", "temperature", "alpha", "test_acc_mean", "test_acc_std",
              "baseline_test_acc_mean", "kd_gain_mean", "kd_gain_std", "latency_ms"]
     click.echo(format_terminal_table(table, [c for c in shown if c in table.columns]))
-    click.echo(f"all columns in {results}/final.csv")
+    click.echo(f"all columns in {results}/{FINAL_FILE}")
 
 
 @main.command()
 @_study_command
 @click.option("--trial", "trial_id", help="Trial id to export.")
 @click.option("--pareto-index", type=click.IntRange(min=0), help="Index on the Pareto front (0 = smallest).")
-@click.option("--format", "fmt", type=click.Choice(["state_dict", "torchscript", "onnx"]), default="state_dict", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)), default="state_dict", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: in RESULTS/exports/).")
 def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: str, out: Path | None) -> None:
     """Export a trained student with a JSON sidecar, checking it reproduces its val accuracy."""
-    from kdtune.export import export_student
+    from kdtune.results.export import export_student
 
     if (trial_id is None) == (pareto_index is None):
         raise KdtuneError("export: give exactly one of --trial ID or --pareto-index K")

@@ -1,6 +1,7 @@
 """Name → factory registries, so that a spec can name a model, dataset or loss.
 
-Adding a new student family, dataset or soft loss is one decorated function::
+Adding a new student family, dataset, distillation loss or early-stopping rule
+is one decorated function::
 
     @MODELS.register("my_net")
     def my_net(input_shape, num_classes, width, **options): ...
@@ -26,7 +27,7 @@ class Registry(Generic[F]):
         """Decorator registering ``fn`` under ``name``; duplicate names are a bug."""
 
         def decorator(fn: F) -> F:
-            if name in self._entries:
+            if name in self._entries and self._entries[name] is not fn:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = fn
             return fn
@@ -45,6 +46,10 @@ class Registry(Generic[F]):
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._entries)
+
+    def registration_order(self) -> list[str]:
+        """Registered names in the order they were registered."""
+        return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -23,11 +23,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticUndefined
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, ValidationInfo, field_validator, model_validator
 
+from kdtune.core.data import DatasetSplits, load_dataset
+from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS
+from kdtune.core.objectives import hyperparameter_table
+from kdtune.core.teacher import TeacherConfig
 from kdtune.errors import KdtuneError
 
-SEARCHABLE = ("temperature", "alpha", "beta", "noise", "width", "lr", "weight_decay", "batch_size", "epochs", "soft_loss")
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -65,6 +69,12 @@ Distribution = Union[Uniform, LogUniform, IntRange, Choice]
 Value = Union[Uniform, LogUniform, IntRange, Choice, float, int, str]
 DISTRIBUTIONS: dict[str, type[_Strict]] = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange, "choice": Choice}
 DISTRIBUTION_FORMS = "{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]} or {choice: [v1, v2, ...]}"
+
+
+def _one_of(value: Any, allowed: tuple[str, ...] | list[str]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}")
+    return value
 
 
 def parse_value(raw: Any) -> Any:
@@ -135,77 +145,101 @@ class TeacherSpec(_Strict):
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: str = "adam"
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _one_of(value, OPTIMIZERS)
+
+    def to_config(self) -> TeacherConfig:
+        """The core's :class:`~kdtune.core.teacher.TeacherConfig` of this teacher, field by
+        name (``options`` is the config's ``model_options``; a checkpoint path made absolute)."""
+        values = self.model_dump()
+        values["model_options"] = dict(values.pop("options"))
+        if values["checkpoint"]:
+            values["checkpoint"] = str(Path(values["checkpoint"]).expanduser().resolve())
+        return TeacherConfig(**values)
 
 
 class StudentSpec(_Strict):
     family: str = "mlp"
     options: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: str = "adam"
     amp: bool = False
 
-
-class SpaceSpec(_Strict):
-    temperature: Value = LogUniform(loguniform=(1.0, 20.0))
-    alpha: Value = Uniform(uniform=(0.0, 0.5))
-    beta: Value = 0.0
-    noise: Value = 0.0
-    width: Value = Choice(choice=[4, 8, 16, 32, 64])
-    lr: Value = 1e-2
-    weight_decay: Value = 0.0
-    batch_size: Value = 32
-    epochs: Value = 27
-    soft_loss: Value = "kl"
-
-    @field_validator(*SEARCHABLE, mode="before")
+    @field_validator("optimizer")
     @classmethod
-    def _one_value(cls, raw: Any) -> Any:
-        return parse_value(raw)
+    def _known_optimizer(cls, value: str) -> str:
+        return _one_of(value, OPTIMIZERS)
 
-    @model_validator(mode="after")
-    def _check_ranges(self) -> "SpaceSpec":
-        rules: dict[str, tuple[Any, str]] = {
-            "temperature": (lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
-            "alpha": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "numbers in [0, 1]"),
-            "beta": (lambda v: isinstance(v, (int, float)) and v >= 0, "numbers >= 0"),
-            "noise": (lambda v: isinstance(v, (int, float)) and v >= 0, "numbers >= 0"),
-            "width": (lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
-            "lr": (lambda v: isinstance(v, (int, float)) and v > 0, "numbers > 0"),
-            "weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "numbers >= 0"),
-            "batch_size": (lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
-            "epochs": (lambda v: isinstance(v, int) and v >= 1, "integers >= 1"),
-            "soft_loss": (lambda v: v in ("kl", "logit_mse"), "'kl' or 'logit_mse'"),
-        }
-        for name, (ok, allowed) in rules.items():
-            value = getattr(self, name)
-            b = bounds(value)
-            if isinstance(b, tuple):
-                lo, hi = b
-                if lo > hi:
-                    raise ValueError(f"{name}: range [{lo}, {hi}] is empty (low > high)")
-                if isinstance(value, LogUniform) and lo <= 0:
-                    raise ValueError(f"{name}: loguniform needs a low bound > 0, got {lo}")
-            if name in ("epochs", "batch_size", "soft_loss") and isinstance(value, (Uniform, LogUniform)):
-                raise ValueError(f"{name}: must be a fixed value, an int range or a choice")
-            for candidate in possible_values(value):
-                if isinstance(candidate, bool) or not ok(candidate):
-                    raise ValueError(f"{name}: value {candidate!r} is not allowed; allowed: {allowed}")
-        return self
+
+class SpaceSpec(RootModel[dict[str, Any]]):
+    """The ``space`` of a spec: every hyperparameter of the table in
+    :mod:`kdtune.core.objectives` (registered losses' included), each a fixed value
+    or one distribution, in the table's order (the order Optuna draws them in).
+    Keys left out take the table's ``spec_default``; unknown keys are an error."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate(cls, raw: Any) -> Any:
+        if raw is None or raw is PydanticUndefined:  # `space:` left empty, or not given at all
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a mapping of hyperparameter names to values, got {type(raw).__name__}")
+        table = hyperparameter_table()
+        unknown = [str(key) for key in raw if key not in table]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key; allowed keys: {', '.join(table)}")
+        values = {}
+        for name, declared in table.items():
+            try:
+                values[name] = _checked(declared, parse_value(raw.get(name, declared.spec_default)))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return values
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self.root[name]
+        except KeyError:
+            raise AttributeError(f"space has no hyperparameter {name!r}") from None
 
     def fixed(self) -> dict[str, Any]:
         """The hyperparameters that are not searched, with their values."""
-        return {name: getattr(self, name) for name in SEARCHABLE if bounds(getattr(self, name)) is None}
+        return {name: value for name, value in self.root.items() if bounds(value) is None}
 
     def searched(self) -> dict[str, Any]:
-        """The hyperparameters that are searched, with their distributions."""
-        return {name: getattr(self, name) for name in SEARCHABLE if bounds(getattr(self, name)) is not None}
+        """The hyperparameters that are searched, with their distributions (in the table's order)."""
+        return {name: value for name, value in self.root.items() if bounds(value) is not None}
+
+
+def _checked(declared: Any, value: Any) -> Any:
+    """``value`` (fixed or a distribution) after checking it against its declaration."""
+    b = bounds(value)
+    if isinstance(b, tuple):
+        lo, hi = b
+        if lo > hi:
+            raise ValueError(f"range [{lo}, {hi}] is empty (low > high)")
+        if isinstance(value, LogUniform) and lo <= 0:
+            raise ValueError(f"loguniform needs a low bound > 0, got {lo}")
+    if declared.kind != "float" and isinstance(value, (Uniform, LogUniform)):
+        raise ValueError("must be a fixed value, an int range or a choice")
+    for candidate in possible_values(value):
+        if not declared.allows(candidate):
+            raise ValueError(f"value {candidate!r} is not allowed; allowed: {declared.allowed()}")
+    return value
 
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
-    objectives: list[Literal["val_acc", "params", "bytes"]] = Field(default_factory=lambda: ["val_acc", "params"])
+    objectives: list[str] = Field(default_factory=lambda: ["val_acc", "params"])
     n_startup_trials: int = Field(10, ge=0)
     multivariate: bool = True
     constant_liar: bool = True
@@ -213,8 +247,10 @@ class SamplerSpec(_Strict):
     @field_validator("objectives")
     @classmethod
     def _accuracy_first(cls, value: list[str]) -> list[str]:
-        if not value or value[0] != "val_acc" or len(set(value)) != len(value):
-            raise ValueError("must start with val_acc, optionally followed by params or bytes, without repeats")
+        sizes = [name for name in OBJECTIVE_MODES if name != "val_acc"]
+        if (not value or value[0] != "val_acc" or len(set(value)) != len(value)
+                or any(v not in OBJECTIVE_MODES for v in value)):
+            raise ValueError(f"must start with val_acc, optionally followed by {' or '.join(sizes)}, without repeats")
         return value
 
 
@@ -234,7 +270,9 @@ class EarlyStoppingSpec(_Strict):
     keep only the trials that beat every earlier one at each rung.
     """
 
-    rule: Literal["size_aware_asha", "pareto_asha", "asha", "none"] = "pareto_asha"
+    #: A name in the EARLY_STOPPING registry (kdtune.search.rules); checked with the
+    #: other registered names before the search starts (kdtune.search.plan.preflight).
+    rule: str = "pareto_asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1)
     size_key: Literal["width", "params"] = "width"
@@ -350,6 +388,10 @@ def _format_error(error: dict[str, Any]) -> str:
         return f"{key}: {msg.replace('Input should be', 'must be')}, got {error.get('input')!r}"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    head, _, rest = msg.partition(": ")
+    if loc and loc[-1] == "space" and rest and head.isidentifier():
+        # SpaceSpec names the hyperparameter at the start of its message.
+        return f"{key}.{head}: {rest}"
     return f"{key}: {msg} (got {error.get('input')!r})" if "input" in error and not isinstance(error.get("input"), dict) else f"{key}: {msg}"
 
 
@@ -358,9 +400,15 @@ def _allowed_keys(model: type[BaseModel]) -> str:
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> SearchSpec:
-    """Validate an already-parsed spec (a dict); errors name ``source`` and the key."""
-    if raw is None:
-        raw = {}
+    """Validate an already-parsed spec (a dict); errors name ``source`` and the key.
+
+    An empty spec (an empty or truncated file) is an error: it is almost always an
+    accident. The defaults are asked for on purpose with a spec that sets any one
+    key, e.g. ``study: my_study``.
+    """
+    if raw is None or raw == {}:
+        raise KdtuneError(f"{source}: the spec is empty; write at least one key (e.g. `study: my_study`) "
+                          f"to run the defaults on purpose, or start from search_spaces/digits.yaml")
     if not isinstance(raw, dict):
         raise KdtuneError(f"{source}: the spec must be a YAML mapping of keys to values, got {type(raw).__name__}")
     try:
@@ -418,3 +466,20 @@ def load_spec(path: str | Path) -> SearchSpec:
     except UnicodeDecodeError:
         raise KdtuneError(f"{path}: not a text file (UTF-8 YAML expected)") from None
     return parse_spec(raw, str(path))
+
+
+# --------------------------------------------------------------------------- spec → core
+
+
+def teacher_configs(spec: SearchSpec) -> list[TeacherConfig]:
+    """The spec's teachers as the core's :class:`~kdtune.core.teacher.TeacherConfig` objects."""
+    return [teacher.to_config() for teacher in spec.teachers()]
+
+
+def load_spec_data(spec: SearchSpec) -> DatasetSplits:
+    """The dataset a spec names, split with its split seed (a data root made absolute)."""
+    root = str(Path(spec.data.root).expanduser().resolve()) if spec.data.root else None
+    return load_dataset(
+        spec.data.dataset, root, seed=spec.data.split_seed, val_fraction=spec.data.val_fraction,
+        test_fraction=spec.data.test_fraction, download=spec.data.download, image_size=spec.data.image_size,
+    )

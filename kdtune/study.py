@@ -1,37 +1,225 @@
-"""Durable per-trial records: what makes a killed search lose nothing.
+"""The study folder and nothing else: its layout, metadata, lock, per-trial
+records, Optuna journal location, trial folders, and the one function that says
+how a trial ended. Everything that reads or writes a study goes through here.
 
-Ray saves its experiment state (trial statuses, the searcher, the trials' result
-logs) in the background, every few seconds at best: a driver killed in between
-leaves a folder up to one period behind. Saving it on every step closes that
-window but costs the driver milliseconds per step, more as trials accumulate.
+A study folder (``results/<study>/`` by default)::
 
-So kdtune keeps its own record instead. When a trial ends (completed, stopped
-early, diverged or errored), the driver writes one small JSON file,
-``<study>/records/<phase>/<trial_id>.json``, holding the trial's config, every
-result it reported and its error. A record is written once, atomically, after
-Ray told the searcher (and so the Optuna journal) the outcome. On ``--resume``:
+    spec.yaml          the spec as given (--resume reads it back)
+    study.json         what the study is: name, teacher info, rungs, state
+    .lock              held by the search that owns the folder
+    optuna.journal     the live Optuna study (optuna.load_study can open it)
+    teacher/           teacher cache (weights + logits as .npy, hash-checked)
+    search/            Ray Tune experiment of the search (for --resume)
+    baselines/         Ray Tune experiment of the alpha=1 baselines
+    records/<phase>/   one JSON record per ended trial (see below)
+    trials.parquet     one row per trial
+    history.parquet    one row per trial per epoch
+    summary.md, *.png  written by `kdtune report`
+    final.csv          written by `kdtune evaluate`
+    exports/           written by `kdtune export`
+
+Durable per-trial records are what make a killed search lose nothing. Ray saves
+its experiment state (trial statuses, the searcher, the trials' result logs) in
+the background, every few seconds at best: a driver killed in between leaves a
+folder up to one period behind. So kdtune keeps its own record: when a trial
+ends (completed, stopped early, diverged or errored), the driver writes one
+small JSON file, ``records/<phase>/<trial_id>.json``, holding the trial's config,
+every result it reported and its error. A record is written once, atomically,
+after Ray told the searcher (and so the Optuna journal) the outcome. On ``--resume``:
 
 * the tables take every recorded trial from its record, whether or not Ray's
   restored state knows it;
 * a recorded trial that Ray restores as unfinished ends at once without
-  training (see :mod:`kdtune.trainable`), and the searcher, which told Optuna
-  its outcome before the record was written, does not tell it again: no
-  finished trial runs twice;
-* the searcher counts recorded trials Ray has forgotten, so the search still ends
-  with exactly ``num_samples`` trials.
+  training (see :mod:`kdtune.search.trainable`), and the searcher, which told
+  Optuna its outcome before the record was written, does not tell it again;
+* the searcher counts recorded trials Ray has forgotten, so the search still
+  ends with exactly ``num_samples`` trials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import json
 import math
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from kdtune.atomic import write_text_atomic
+from kdtune.core.distill import RunConfig
+from kdtune.errors import KdtuneError, ResultsError
 
+SPEC_FILE = "spec.yaml"
+META_FILE = "study.json"
+LOCK_FILE = ".lock"
+JOURNAL_FILE = "optuna.journal"
+TEACHER_DIR = "teacher"
 RECORDS_DIR = "records"
+TRIALS_TABLE = "trials.parquet"
+HISTORY_TABLE = "history.parquet"
+SUMMARY_FILE = "summary.md"
+FINAL_FILE = "final.csv"
+FINAL_RUNS_FILE = "final_runs.csv"
+EXPORTS_DIR = "exports"
+FAULTS_DIR = "faults"
+#: The phases of a study: the search's trials, then the no-distillation baselines.
 PHASES = ("search", "baseline")
+#: Ray experiment folder of each phase, under the study folder or --storage.
+EXPERIMENT_FOLDERS = {"search": "search", "baseline": "baselines"}
+#: What a study folder must hold for the results commands to work, and why.
+REQUIRED_FILES = {META_FILE: "what the study is", SPEC_FILE: "the spec it was run with"}
+
+#: How a trial ended (the ``status`` column of the tables).
+COMPLETED, STOPPED_EARLY, DIVERGED, ERROR, RUNNING = "completed", "stopped_early", "diverged", "error", "running"
+#: The statuses of a trial that has ended.
+FINISHED = (COMPLETED, STOPPED_EARLY, DIVERGED, ERROR)
+
+
+def trial_status(last: Mapping[str, Any] | None, budget: int | None, *, ended: bool, error: bool = False) -> str:
+    """How a trial ended, the one definition every part of kdtune uses.
+
+    ``last`` is the trial's last reported result, ``budget`` its epoch budget;
+    ``ended`` says whether the trial is over (Ray terminated it), ``error``
+    whether it raised. A trial is "completed" only when it reported its last
+    budgeted epoch; one that ended earlier without diverging or raising was
+    stopped by the early-stopping rule ("stopped_early").
+    """
+    if error:
+        return ERROR
+    if last and last.get("status") == DIVERGED:
+        return DIVERGED
+    if last and budget is not None and last.get("epoch") is not None and int(last["epoch"]) >= int(budget):
+        return COMPLETED
+    return STOPPED_EARLY if ended else RUNNING
+
+
+#: Keys of a trial's config that steer the trial rather than the run: every other
+#: key is a RunConfig setting or hyperparameter (a misspelt one is an error).
+TRIAL_KEYS = ("phase", "report_epochs", "fault", "checkpoint_every", "overrides")
+
+
+def trial_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's effective config: baseline trials carry their per-width values in ``overrides``."""
+    return {**config, **(config.get("overrides") or {})}
+
+
+def trial_run_config(config: Mapping[str, Any]) -> RunConfig:
+    """The :class:`~kdtune.core.distill.RunConfig` a trial's config describes."""
+    return RunConfig.from_dict({k: v for k, v in trial_config(config).items() if k not in TRIAL_KEYS})
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def study_path(study_dir: str | Path, name: str) -> Path:
+    """A file or folder of the study, by its name in this module (e.g. :data:`JOURNAL_FILE`)."""
+    return Path(study_dir) / name
+
+
+def experiment_path(experiment_root: str | Path, phase: str) -> str:
+    """The Ray experiment of ``phase`` under ``experiment_root`` (a path or a URI)."""
+    return f"{str(experiment_root).rstrip('/')}/{EXPERIMENT_FOLDERS[phase]}"
+
+
+def read_meta(study_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``study.json`` of a study folder.
+
+    Raises :class:`ResultsError` when the file is missing, is not JSON, or has no
+    ``"study"`` name.
+    """
+    path = Path(study_dir) / META_FILE
+    if not path.is_file():
+        raise ResultsError(f"{path}: not found; is {study_dir} a kdtune study folder?")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("study"), str):
+        raise ResultsError(f'{path}: expected an object with a "study" name')
+    return meta
+
+
+def update_meta(study_dir: str | Path, info: dict[str, Any]) -> None:
+    """Atomically merge ``info`` into ``study.json``."""
+    path = Path(study_dir) / META_FILE
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(info)
+    write_text_atomic(path, json.dumps(current, indent=2, default=str))
+
+
+def require_study(study_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``study.json`` of ``study_dir``, after checking it is a kdtune study folder.
+
+    Raises :class:`ResultsError` saying what the folder holds and what is missing.
+    """
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise ResultsError(f"{study_dir}: no such folder; give the folder of a study, e.g. results/digits")
+    missing = [name for name in REQUIRED_FILES if not (study_dir / name).is_file()]
+    if missing:
+        present = sorted(p.name for p in study_dir.iterdir())
+        shown = ", ".join(present[:12]) + (f", … ({len(present) - 12} more)" if len(present) > 12 else "")
+        wanted = ", ".join(f"{name} ({REQUIRED_FILES[name]})" for name in missing)
+        raise ResultsError(
+            f"{study_dir} is not a kdtune study folder: it holds {shown or 'nothing'} but is missing {wanted}. "
+            f"A study folder is what `kdtune search SPEC` writes under results/<study>/"
+        )
+    return read_meta(study_dir)
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def _in_use_error(study_dir: Path, owner: str) -> KdtuneError:
+    return KdtuneError(f"study folder {study_dir} is in use by another kdtune search ({owner or 'another process'}); "
+                       f"wait for it to finish, or use --name NEW for a separate study")
+
+
+def check_not_locked(study_dir: str | Path) -> None:
+    """Fail at once, without creating anything, if another search holds the study's lock."""
+    path = Path(study_dir) / LOCK_FILE
+    if not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use_error(Path(study_dir), handle.read().strip()) from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def study_lock(study_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the study folder for the whole search.
+
+    A second search on the same study (another terminal, another user) fails at
+    once instead of interleaving writes. The lock dies with the process.
+    """
+    study_dir = Path(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(study_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise _in_use_error(study_dir, owner) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+# --------------------------------------------------------------------------- records
 
 
 def records_dir(study_dir: str | Path, phase: str) -> Path:
@@ -103,43 +291,86 @@ def recorded_ids(folder: str | Path) -> set[str]:
     return {path.stem for path in Path(folder).glob("*.json")}
 
 
-def recording_callback(study_dir: str | Path, phase: str):
-    """A Ray Tune callback that writes each trial's record when the trial ends."""
-    from ray.tune import Callback
+# --------------------------------------------------------------------------- trial folders
 
-    from kdtune.tables import error_message
 
-    folder = records_dir(study_dir, phase)
+def _experiment_roots(study_dir: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """Where trial folders may live: the study folder first (it may have been copied or
+    moved), then the ``--storage`` location the search recorded, when it is a local path."""
+    roots = [study_dir]
+    recorded = meta.get("experiment_root")
+    if recorded and "://" not in str(recorded) and Path(recorded) != study_dir:
+        roots.append(Path(recorded))
+    return roots
 
-    class TrialRecorder(Callback):
-        """Keeps each trial's reported results and writes its record when it ends."""
 
-        def __init__(self) -> None:
-            self.results: dict[str, list[dict[str, Any]]] = {}
+def _recorded_trial_id(folder: Path) -> str | None:
+    """The trial id in the first line of a trial folder's ``result.json`` (None when it is empty)."""
+    try:
+        with open(folder / "result.json", encoding="utf-8") as handle:
+            first = handle.readline().strip()
+        return json.loads(first).get("trial_id") if first else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            # Ray repeats the trial's config in every result: the record keeps it once.
-            report = {k: v for k, v in result.items() if k != "config"}
-            self.results.setdefault(trial.trial_id, []).append(json_safe(report))
 
-        def _write(self, trial, ray_status: str, error: str | None) -> None:
-            if record_path(folder, trial.trial_id).exists():
-                # A trial that had ended before a restart: keep its original record.
-                self.results.pop(trial.trial_id, None)
-                return
-            write_record(folder, {
-                "trial_id": trial.trial_id,
-                "phase": phase,
-                "ray_status": ray_status,
-                "config": json_safe(dict(trial.config or {})),
-                "results": self.results.pop(trial.trial_id, []),
-                "error": error,
-            })
+def trial_folder(study_dir: str | Path, trial_id: str, meta: Mapping[str, Any] | None = None) -> Path:
+    """The Ray trial folder of ``trial_id`` (search or baseline) that holds its ``params.json``.
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._write(trial, "TERMINATED", None)
+    Folders are found by the trial id in their name, whatever else the name holds
+    (Ray's long ``<trainable>_<trial_id>_<index>_<params>_<date>`` or kdtune's short
+    ``...-<trial_id>``). Raises :class:`ResultsError` when no such folder exists.
+    """
+    study_dir = Path(study_dir)
+    meta = meta if meta is not None else require_study(study_dir)
+    roots = _experiment_roots(study_dir, meta)
+    escaped = glob.escape(str(trial_id))
+    candidates = [folder for root in roots for sub in EXPERIMENT_FOLDERS.values()
+                  for pattern in (f"*_{escaped}_*", f"*-{escaped}")
+                  for folder in sorted((root / sub).glob(pattern))]
+    for folder in candidates:
+        if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
+            return folder
+    # A trial that ended just before its search was killed has a record but may
+    # lack Ray's params.json (Ray copies it in the background); its checkpoint,
+    # which the trial uploads itself, is there.
+    if load_record(study_dir, trial_id) is not None:
+        for folder in candidates:
+            if latest_checkpoint(folder) is not None:
+                return folder
+    recorded = str(meta.get("experiment_root") or "")
+    hint = (
+        f"; the search kept its trials at {recorded}: copy that experiment into {study_dir} first"
+        if "://" in recorded else ""
+    )
+    searched = ", ".join(str(root / sub) for root in roots for sub in EXPERIMENT_FOLDERS.values())
+    raise ResultsError(f"trial {trial_id}: no trial folder with params.json in {searched}{hint}")
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._write(trial, "ERROR", error_message(trial) or "the trial raised an error")
 
-    return TrialRecorder()
+def recorded_trial_config(study_dir: str | Path, trial_id: str, meta: Mapping[str, Any] | None = None,
+                          folder: Path | None = None) -> dict[str, Any]:
+    """The exact config a trial ran with, baseline ``overrides`` merged in: from its
+    record, or else from the ``params.json`` of its folder (``folder`` when the
+    caller has found it already, else :func:`trial_folder`)."""
+    record = load_record(study_dir, trial_id)
+    if record is not None and record.get("config"):
+        return trial_config(record["config"])
+    return read_trial_config(folder or trial_folder(study_dir, trial_id, meta))
+
+
+def read_trial_config(folder: str | Path) -> dict[str, Any]:
+    """The exact config a trial ran with: its ``params.json``, baseline ``overrides`` merged in."""
+    path = Path(folder) / "params.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ResultsError(f"{path}: cannot read the trial's config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return trial_config(raw)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``checkpoint_*/state.pt`` of a trial folder, or None when it has none."""
+    found = sorted(Path(folder).glob("checkpoint_*/state.pt"))
+    return found[-1] if found else None

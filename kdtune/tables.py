@@ -1,4 +1,5 @@
-"""Turn Ray experiment folders into kdtune's tidy tables.
+"""kdtune's tidy tables, built from a study's trial records (and, during a search,
+from the trials Ray still runs).
 
 ``trials``: one row per trial (config, size, final/best validation accuracy,
 status, node, seed, KD gain over the same width's baseline). ``history``: one row
@@ -18,37 +19,37 @@ from typing import Any
 import pandas as pd
 
 from kdtune.atomic import atomic_path
-
-CONFIG_COLUMNS = ["temperature", "alpha", "beta", "noise", "width", "lr", "weight_decay", "batch_size", "soft_loss", "epochs", "seed"]
-TRIAL_COLUMNS = (
-    ["study", "trial_id", "phase", "status"]
-    + CONFIG_COLUMNS
-    + ["params", "bytes", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id", "error",
-       "baseline_val_acc", "kd_gain"]
+from kdtune.core.objectives import hyperparameter_table
+from kdtune.errors import ResultsError
+from kdtune.study import (
+    HISTORY_TABLE,
+    PHASES,
+    TRIALS_TABLE,
+    load_records,
+    read_meta,
+    trial_config,
+    trial_status,
 )
-#: Ray experiment folder of each phase, under the study folder or --storage.
-EXPERIMENT_FOLDERS = {"search": "search", "baseline": "baselines"}
+
+#: Columns of ``trials.parquet`` before and after the hyperparameters.
+_TRIAL_HEAD = ["study", "trial_id", "phase", "status"]
+_TRIAL_TAIL = ["params", "bytes", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id",
+               "error", "baseline_val_acc", "kd_gain"]
 HISTORY_COLUMNS = [
     "study", "trial_id", "phase", "epoch", "val_acc", "val_loss", "train_loss", "params", "bytes",
     "epoch_time_s", "samples_per_s", "width", "temperature", "status", "node_id", "seed",
 ]
 
 
-def trial_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's effective config: baseline trials carry their per-width values in ``overrides``."""
-    return {**config, **(config.get("overrides") or {})}
+def config_columns() -> list[str]:
+    """The configuration columns: every hyperparameter of the table (registered losses'
+    included), in its order, then the seed."""
+    return [*hyperparameter_table(), "seed"]
 
 
-def _trial_status(ray_status: str, last: dict[str, Any], budget: int | None, has_error: bool) -> str:
-    if has_error or ray_status == "ERROR":
-        return "error"
-    if last.get("status") == "diverged":
-        return "diverged"
-    if last and budget is not None and int(last.get("epoch", 0)) >= int(budget):
-        return "completed"
-    if ray_status == "TERMINATED":
-        return "stopped_early"
-    return "running"
+def trial_columns() -> list[str]:
+    """The columns of ``trials.parquet``, in order."""
+    return [*_TRIAL_HEAD, *config_columns(), *_TRIAL_TAIL]
 
 
 def error_message(trial: Any) -> str | None:
@@ -97,14 +98,16 @@ def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], r
     config = trial_config(config)
     ordered = epoch_rows(results)
     last = ordered[-1] if ordered else {}
-    status = _trial_status(ray_status, last, config.get("epochs"), error is not None and ray_status == "ERROR")
+    status = trial_status(last, config.get("epochs"), ended=ray_status == "TERMINATED", error=ray_status == "ERROR")
     accs = [r.get("val_acc") for r in ordered if not _is_missing(r.get("val_acc"))]
     row = {
         "study": study,
         "trial_id": trial_id,
         "phase": phase,
         "status": status,
-        **{c: config.get(c) for c in CONFIG_COLUMNS},
+        # A hyperparameter the trial's config does not hold (one of a loss it does
+        # not use) is missing, not given a made-up value.
+        **{c: config.get(c) for c in config_columns()},
         "params": last.get("params"),
         "bytes": last.get("bytes"),
         "val_acc": last.get("val_acc"),
@@ -125,32 +128,25 @@ def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], r
     return row, history
 
 
-def experiment_tables(experiment_dir: str | Path | None, study: str, phase: str,
-                      records: dict[str, dict[str, Any]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Trial and history rows of one phase: its Ray experiment folder (``search`` or
-    ``baselines``) and its trial records (see :mod:`kdtune.records`).
+#: What the tables are built from, per trial: (config, Ray status, reported results, error).
+TrialView = tuple[dict[str, Any], str, list[dict[str, Any]], "str | None"]
 
-    A trial's record, written when it ended, is authoritative; Ray's folder adds
-    the trials that had not ended (an interrupted search) and the reports a
-    trial made before a restart. ``experiment_dir`` may be None (no Ray state was
-    saved). Reads Ray's experiment state with ``ExperimentAnalysis``, which
-    unpickles it: only use it on folders you created.
-    """
-    records = records or {}
-    views: dict[str, tuple[dict[str, Any], str, list[dict[str, Any]], str | None]] = {}
-    if experiment_dir is not None:
-        from ray.tune import ExperimentAnalysis
 
-        analysis = ExperimentAnalysis(str(experiment_dir))
-        frames = analysis.trial_dataframes
-        for trial in analysis.trials:
-            df = frames.get(trial.trial_id, pd.DataFrame())
-            results = df.to_dict("records") if len(df) else []
-            views[trial.trial_id] = (trial.config or {}, str(trial.status), results, error_message(trial))
+def record_views(records: dict[str, dict[str, Any]],
+                 earlier: dict[str, TrialView] | None = None) -> dict[str, TrialView]:
+    """Trial views from a phase's records (see :mod:`kdtune.study`), over ``earlier``
+    views (e.g. of Ray's experiment folder, which adds the trials that had not ended
+    and the reports a trial made before a restart). A record is authoritative."""
+    views = dict(earlier or {})
     for trial_id, record in records.items():
-        earlier = views.get(trial_id, ({}, "", [], None))[2]
+        before = views.get(trial_id, ({}, "", [], None))[2]
         views[trial_id] = (record.get("config") or {}, str(record.get("ray_status")),
-                           earlier + list(record.get("results") or []), record.get("error"))
+                           before + list(record.get("results") or []), record.get("error"))
+    return views
+
+
+def phase_tables(study: str, phase: str, views: dict[str, TrialView]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trial and history rows of one phase from its trial views."""
     trial_rows, history_rows = [], []
     for trial_id, (config, ray_status, results, error) in views.items():
         row, history = _trial_rows(study, phase, trial_id, config, ray_status, results, error)
@@ -169,43 +165,31 @@ def add_kd_gain(trials: pd.DataFrame) -> pd.DataFrame:
     return trials
 
 
-def build_tables(
-    experiment_root: str | Path, study: str, phases: tuple[str, ...] = ("search", "baseline"),
-    known: tuple[pd.DataFrame, pd.DataFrame] | None = None, study_dir: str | Path | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Both tables of a study, from the ``search`` and ``baselines`` experiments under
-    ``experiment_root`` (the study folder, or the ``--storage`` location: a path or URI)
-    and the trial records in ``study_dir`` (by default ``experiment_root``).
-
-    Only the experiments of ``phases`` are read; ``known`` (tables built earlier,
-    e.g. of the finished search) is combined with them, so a finished phase is
-    not parsed again.
-    """
-    from kdtune.records import load_records
-
+def build_tables(study: str, views: dict[str, dict[str, TrialView]],
+                 known: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both tables of a study from its trial views by phase (``{"search": {...}, "baseline": {...}}``),
+    combined with ``known`` tables built earlier (a finished phase is not parsed again)."""
     trial_frames, history_frames = [], []
     if known is not None:
         trial_frames.append(known[0])
         history_frames.append(known[1])
-    for phase in phases:
-        records = load_records(study_dir or experiment_root, phase)
-        location: str | None = f"{str(experiment_root).rstrip('/')}/{EXPERIMENT_FOLDERS[phase]}"
-        if "://" not in location and not any(Path(location).glob("experiment_state-*.json")):
-            location = None
-        try:
-            trials, history = experiment_tables(location, study, phase, records)
-        except (ValueError, FileNotFoundError):
-            # Ray's folder is unreadable (a driver killed while writing it): the records remain.
-            trials, history = experiment_tables(None, study, phase, records)
-        if not len(trials):
-            continue
-        trial_frames.append(trials)
-        history_frames.append(history)
-    trials = pd.concat(trial_frames, ignore_index=True) if trial_frames else pd.DataFrame(columns=TRIAL_COLUMNS)
+    for phase, phase_views in views.items():
+        trials, history = phase_tables(study, phase, phase_views)
+        if len(trials):
+            trial_frames.append(trials)
+            history_frames.append(history)
+    columns = trial_columns()
+    trials = pd.concat(trial_frames, ignore_index=True) if trial_frames else pd.DataFrame(columns=columns)
     history = pd.concat(history_frames, ignore_index=True) if history_frames else pd.DataFrame(columns=HISTORY_COLUMNS)
     if len(trials):
         trials = add_kd_gain(trials)
-    return trials.reindex(columns=TRIAL_COLUMNS), history.reindex(columns=HISTORY_COLUMNS)
+    return trials.reindex(columns=columns), history.reindex(columns=HISTORY_COLUMNS)
+
+
+def tables_from_records(study_dir: str | Path, study: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both tables from the study's trial records alone (no Ray): what a search that
+    was killed before it wrote its tables leaves readable."""
+    return build_tables(study, {phase: record_views(load_records(study_dir, phase)) for phase in PHASES})
 
 
 def write_frame_atomic(df: pd.DataFrame, path: str | Path, fmt: str = "parquet") -> None:
@@ -217,13 +201,25 @@ def write_frame_atomic(df: pd.DataFrame, path: str | Path, fmt: str = "parquet")
             df.to_parquet(tmp, index=False)
 
 
-def write_tables(
-    study_dir: str | Path, study: str, experiment_root: str | None = None,
-    phases: tuple[str, ...] = ("search", "baseline"), known: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build both tables (see :func:`build_tables`) and write ``trials.parquet`` and
-    ``history.parquet`` into ``study_dir``."""
-    trials, history = build_tables(experiment_root or study_dir, study, phases, known, study_dir=study_dir)
-    write_frame_atomic(trials, Path(study_dir) / "trials.parquet")
-    write_frame_atomic(history, Path(study_dir) / "history.parquet")
+def write_tables(study_dir: str | Path, trials: pd.DataFrame, history: pd.DataFrame) -> None:
+    """Write ``trials.parquet`` and ``history.parquet`` into ``study_dir`` (atomically each)."""
+    write_frame_atomic(trials, Path(study_dir) / TRIALS_TABLE)
+    write_frame_atomic(history, Path(study_dir) / HISTORY_TABLE)
+
+
+def load_tables(study_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A study's two tables: its Parquet files, or, when the search never wrote them,
+    rebuilt from its records (nothing is written)."""
+    study_dir = Path(study_dir)
+    meta = read_meta(study_dir)
+    trials_path, history_path = study_dir / TRIALS_TABLE, study_dir / HISTORY_TABLE
+    if trials_path.is_file() and history_path.is_file():
+        return pd.read_parquet(trials_path), pd.read_parquet(history_path)
+    trials, history = tables_from_records(study_dir, meta["study"])
+    if not len(trials):
+        present = ", ".join(sorted(p.name for p in study_dir.iterdir())) or "nothing"
+        raise ResultsError(
+            f"{study_dir}: study '{meta['study']}' has no {TRIALS_TABLE} and no trial records yet; "
+            f"it holds: {present}. The search stopped before any trial ended: resume it with kdtune search SPEC --resume"
+        )
     return trials, history

@@ -9,7 +9,6 @@ how teachers and the no-distillation baselines are trained.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdtune.data import DatasetSplits, TensorSplit, subset_indices
+from kdtune.core.data import DatasetSplits, TensorSplit, subset_indices
+from kdtune.core.objectives import LOSSES, hyperparameter_table
 from kdtune.errors import ConfigError
-from kdtune.losses import (
-    SOFT_LOSSES,
+from kdtune.core.losses import (
     distillation_loss,
     feature_matching_loss,
     fused_kd_loss_and_grad,
@@ -33,9 +32,7 @@ from kdtune.losses import (
     perturb_teacher_logits,
     soft_targets,
 )
-from kdtune.models import MODELS, Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
+from kdtune.core.models import MODELS, Network, build_feature_adapter, build_model, count_parameters, model_size_bytes
 
 #: Callback ``report(epoch, metrics)`` called after every epoch (epochs count from 1).
 ReportFn = Callable[[int, dict[str, Any]], None]
@@ -43,37 +40,80 @@ ReportFn = Callable[[int, dict[str, Any]], None]
 CheckpointFn = Callable[[int, dict[str, Any]], None]
 
 
-@dataclass
-class RunConfig:
-    """Everything that determines one distillation run.
+#: The optimizers a run can use.
+OPTIMIZERS = ("adam", "adamw", "sgd")
+#: What a run reports that a search can optimise, and in which direction.
+OBJECTIVE_MODES = {"val_acc": "max", "params": "min", "bytes": "min"}
 
-    The loss is ``alpha·CE + (1 − alpha)·soft + beta·feature`` (see :mod:`kdtune.losses`);
+#: Settings of a run that are not searched hyperparameters, with their defaults.
+RUN_SETTINGS: dict[str, Any] = {
+    "family": "mlp",
+    "model_options": {},
+    "optimizer": "adam",
+    "momentum": 0.9,
+    "seed": 0,
+    "train_subset": None,
+    "data_seed": 0,
+    "device": "auto",
+    "amp": False,
+    "threads": None,
+}
+
+
+class RunConfig:
+    """Everything that determines one distillation run: the settings in
+    :data:`RUN_SETTINGS` and every hyperparameter of the table in
+    :mod:`kdtune.core.objectives` (core ones and those of registered losses),
+    each readable as an attribute (``config.temperature``).
+
+    The loss is ``alpha·CE + (1 − alpha)·soft + beta·feature`` (see :mod:`kdtune.core.losses`);
     ``noise`` is the std of Gaussian noise added to the teacher's logits per batch.
     ``train_subset`` is the number of labelled training images the student sees
     (a seeded, class-stratified subset chosen with ``data_seed`` so that every trial
     of a search sees the same images); ``None`` uses the whole training split.
+    An unknown key is an error (a misspelt key would otherwise be silently ignored).
     """
 
-    family: str = "mlp"
-    width: float = 32
-    model_options: dict[str, Any] = field(default_factory=dict)
-    temperature: float = 4.0
-    alpha: float = 0.5
-    beta: float = 0.0
-    noise: float = 0.0
-    soft_loss: str = "kl"
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    batch_size: int = 64
-    epochs: int = 20
-    seed: int = 0
-    train_subset: int | None = None
-    data_seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    threads: int | None = None
+    def __init__(self, **values: Any) -> None:
+        table = hyperparameter_table()
+        unknown = sorted(set(values) - set(RUN_SETTINGS) - set(table))
+        if unknown:
+            raise ConfigError(unknown[0], "unknown run-config key; allowed: "
+                              + ", ".join([*RUN_SETTINGS, *table]))
+        for name, default in RUN_SETTINGS.items():
+            value = values.get(name, default)
+            object.__setattr__(self, name, dict(value) if isinstance(value, dict) else value)
+        object.__setattr__(self, "hyperparameters",
+                           {name: values.get(name, hp.default) for name, hp in table.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names not set on the instance: the hyperparameters.
+        if name.startswith("_") or name == "hyperparameters":
+            raise AttributeError(name)
+        try:
+            return self.__dict__["hyperparameters"][name]
+        except KeyError:
+            raise AttributeError(f"RunConfig has no setting or hyperparameter {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RUN_SETTINGS:
+            object.__setattr__(self, name, value)
+        elif name in self.hyperparameters:
+            self.hyperparameters[name] = value
+        else:
+            raise AttributeError(f"RunConfig has no setting or hyperparameter {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
     @property
     def needs_teacher(self) -> bool:
@@ -82,34 +122,34 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field and what is allowed."""
+        table = hyperparameter_table()
+        for name, value in self.hyperparameters.items():
+            hp = table[name]
+            if not hp.allows(value):
+                raise ConfigError(name, f"allowed: {hp.allowed()}, got {value!r}")
         checks: list[tuple[str, bool, str]] = [
-            ("temperature", self.temperature > 0, "must be > 0"),
-            ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
-            ("beta", self.beta >= 0, "must be >= 0"),
-            ("noise", self.noise >= 0, "must be >= 0"),
-            ("soft_loss", self.soft_loss in SOFT_LOSSES, f"allowed: {', '.join(SOFT_LOSSES)}"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"allowed: {', '.join(OPTIMIZERS)}"),
-            ("batch_size", int(self.batch_size) >= 1, "must be >= 1"),
-            ("epochs", int(self.epochs) >= 1, "must be >= 1"),
             ("family", self.family in MODELS, f"allowed: {', '.join(MODELS.names())}"),
-            ("width", self.width > 0, "must be > 0"),
             ("train_subset", self.train_subset is None or int(self.train_subset) >= 1, "must be >= 1 or null"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(name, f"{allowed}, got {getattr(self, name)!r}")
 
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes`` applied (same keys as the constructor)."""
+        return RunConfig(**{**self.to_dict(), **changes})
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        """Build from a flat dict (e.g. a Ray trial config), ignoring keys that are not fields."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Build from a flat dict of settings and hyperparameters; an unknown key is an error."""
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a plain dict (JSON-serialisable)."""
-        return dataclasses.asdict(self)
+        """The config as a plain dict (JSON-serialisable): settings, then hyperparameters."""
+        settings = {name: getattr(self, name) for name in RUN_SETTINGS}
+        settings["model_options"] = dict(settings["model_options"] or {})
+        return {**settings, **self.hyperparameters}
 
 
 @dataclass
@@ -357,7 +397,7 @@ def run(
     # KL distillation on cached logits takes the fused loss (the same gradients bit for bit,
     # fewer ops per step); online teachers, logit_mse and hard labels take distillation_loss.
     cached_kd: _CachedKD | None = None
-    if (teacher is not None and config.alpha < 1 and config.soft_loss == "kl"
+    if (teacher is not None and config.alpha < 1 and LOSSES.get(config.soft_loss).options.get("fused")
             and teacher.online_model is None and teacher.logits is not None):
         cached_kd = _CachedKD(teacher, data.train.y, config, device)
 
@@ -388,6 +428,7 @@ def run(
                     loss = distillation_loss(
                         s_logits, t_logits, yb, config.temperature, config.alpha,
                         soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
+                        params=config.hyperparameters,
                     )
             logits_grad = None
             if cached_kd is not None:  # in float32 whatever the autocast, as distillation_loss computes it

@@ -34,25 +34,19 @@ the same steps as with :func:`distillation_loss`, for a fraction of the per-step
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdtune.core.objectives import LOSSES, check_values, register_objective
 from kdtune.errors import ConfigError
-
-SoftLoss = Literal["kl", "logit_mse"]
-SOFT_LOSSES: tuple[str, ...] = ("kl", "logit_mse")
 
 
 def _check_hyperparameters(temperature: float, alpha: float, beta: float = 0.0) -> None:
-    if not temperature > 0:
-        raise ConfigError("temperature", f"must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError("alpha", f"must be in [0, 1], got {alpha}")
-    if not beta >= 0.0:
-        raise ConfigError("beta", f"must be >= 0, got {beta}")
+    check_values(temperature=temperature, alpha=alpha, beta=beta)
 
 
 def soft_targets(teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -88,15 +82,28 @@ def logit_mse_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return diff.pow(2).sum(dim=-1).mean() / (2 * student.shape[-1])
 
 
+@register_objective("kl", description="T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batchmean", fused=True)
+def _kl_objective(student_logits: Tensor, teacher_logits: Tensor, params: Mapping[str, Any]) -> Tensor:
+    return kl_soft_loss(student_logits, teacher_logits, params["temperature"])
+
+
+@register_objective("logit_mse", description="squared distance of zero-meaned logits (the large-T limit of T²·KL)")
+def _logit_mse_objective(student_logits: Tensor, teacher_logits: Tensor, params: Mapping[str, Any]) -> Tensor:
+    return logit_mse_loss(student_logits, teacher_logits)
+
+
 def soft_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: str = "kl"
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: str = "kl",
+    params: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """The soft (teacher-matching) term selected by ``kind`` ("kl" or "logit_mse")."""
-    if kind == "kl":
-        return kl_soft_loss(student_logits, teacher_logits, temperature)
-    if kind == "logit_mse":
-        return logit_mse_loss(student_logits, teacher_logits)
-    raise ConfigError("soft_loss", f"unknown soft loss {kind!r}; allowed: {', '.join(SOFT_LOSSES)}")
+    """The soft (teacher-matching) term of the objective ``kind`` registered in
+    :data:`~kdtune.core.objectives.LOSSES` ("kl", "logit_mse", or a plugin's);
+    ``params`` holds the objective's own hyperparameters."""
+    try:
+        objective = LOSSES.get(kind)
+    except ConfigError as exc:
+        raise ConfigError("soft_loss", str(exc).split(": ", 1)[-1]) from None
+    return objective.soft_term(student_logits, teacher_logits, {**(params or {}), "temperature": temperature})
 
 
 def feature_matching_loss(adapted_student_features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -177,6 +184,34 @@ def kd_log_targets(soft_targets_: Tensor) -> Tensor:
     return soft_targets_.float().log().clamp_(min=LOG_TARGET_FLOOR)
 
 
+def _autograd_log_softmax_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    """The gradient at the input of a last-dimension log-softmax whose output was ``output``:
+    ``g − softmax·Σg``, the formula of PyTorch's own kernel."""
+    return grad_output - output.exp() * grad_output.sum(dim=-1, keepdim=True)
+
+
+def _private_log_softmax_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    return torch._log_softmax_backward_data(grad_output, output, -1, output.dtype)
+
+
+def _private_kernel_works() -> bool:
+    """Whether torch's private log-softmax backward exists with the signature used here and
+    agrees with the formula: the kernel is what makes the fused gradient bit-for-bit
+    autograd's, but it is private and may change or vanish in another torch release."""
+    try:
+        output = torch.log_softmax(torch.tensor([[0.5, -1.0, 2.0]]), dim=-1)
+        grad = torch.tensor([[0.1, -0.2, 0.3]])
+        return bool(torch.allclose(_private_log_softmax_backward(grad, output),
+                                   _autograd_log_softmax_backward(grad, output), atol=1e-6))
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+
+
+#: The log-softmax backward the fused loss uses: torch's own kernel when it is there
+#: and behaves (the same rounding as autograd), else the formula (equal up to rounding).
+log_softmax_backward = _private_log_softmax_backward if _private_kernel_works() else _autograd_log_softmax_backward
+
+
 def fused_kd_loss_and_grad(
     student_logits: Tensor, weights: Tensor, log_targets: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
@@ -196,7 +231,7 @@ def fused_kd_loss_and_grad(
     with torch.no_grad():
         student = student_logits.float()
         log_probs = torch.log_softmax(torch.stack((student, student / temperature), dim=1), dim=-1)
-        hard, soft = torch._log_softmax_backward_data(weights, log_probs, -1, log_probs.dtype).unbind(1)
+        hard, soft = log_softmax_backward(weights, log_probs).unbind(1)
         grad = hard + soft / temperature
         log_probs.select(1, 1).sub_(log_targets)
         loss = torch.dot(log_probs.view(-1), weights.reshape(-1))
@@ -213,11 +248,13 @@ def distillation_loss(
     soft_loss_kind: str = "kl",
     beta: float = 0.0,
     feature_loss: Tensor | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """The full distillation loss, a scalar tensor.
 
     ``α·CE(student, labels) + (1 − α)·soft + β·feature_loss`` where ``soft`` is
-    ``T²·KL`` (``soft_loss_kind="kl"``) or ``logit_mse``. ``teacher_logits`` may be
+    ``T²·KL`` (``soft_loss_kind="kl"``), ``logit_mse`` or another registered objective,
+    whose own hyperparameters are in ``params``. ``teacher_logits`` may be
     ``None`` only when ``α == 1`` (plain hard-label training). ``feature_loss`` is a
     precomputed :func:`feature_matching_loss`; it is required when ``β > 0``.
     """
@@ -226,7 +263,7 @@ def distillation_loss(
     if alpha < 1:
         if teacher_logits is None:
             raise ConfigError("alpha", f"alpha={alpha} < 1 needs teacher logits")
-        loss = loss + (1 - alpha) * soft_loss(student_logits, teacher_logits, temperature, soft_loss_kind)
+        loss = loss + (1 - alpha) * soft_loss(student_logits, teacher_logits, temperature, soft_loss_kind, params)
     if beta > 0:
         if feature_loss is None:
             raise ConfigError("beta", f"beta={beta} > 0 needs a feature loss")

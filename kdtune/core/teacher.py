@@ -25,10 +25,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdtune.data import DatasetSplits
-from kdtune.distill import RunConfig, TeacherTargets, evaluate, predict_logits, run, select_device
+from kdtune.core.data import DatasetSplits
+from kdtune.core.distill import RunConfig, TeacherTargets, evaluate, predict_logits, run, select_device
 from kdtune.errors import ConfigError
-from kdtune.models import Network, build_model, count_parameters, model_size_bytes
+from kdtune.core.models import Network, build_model, count_parameters, model_size_bytes
 
 CACHE_FORMAT = 1
 

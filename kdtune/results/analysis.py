@@ -26,6 +26,9 @@ import pandas as pd
 from scipy import stats
 
 from kdtune.errors import ConfigError, ResultsError
+from kdtune.pareto import front_hypervolume, power_of_two_label
+from kdtune.study import JOURNAL_FILE, read_meta
+from kdtune.tables import load_tables
 
 #: Widths with at most this many distinct values are used as buckets as they are.
 MAX_DISCRETE_WIDTHS = 12
@@ -40,22 +43,8 @@ _ONE_T_PREFIX = "only T = "
 _UNTESTABLE = "cannot tell whether T matters for this size: no temperature bin has 2+ trials"
 
 
-def read_study_meta(study_dir: str | Path) -> dict:
-    """The parsed ``study.json`` of a study folder.
-
-    Raises :class:`ResultsError` when the file is missing, is not JSON, or has no
-    ``"study"`` name.
-    """
-    path = Path(study_dir) / "study.json"
-    if not path.is_file():
-        raise ResultsError(f"{path}: not found; is {study_dir} a kdtune study folder?")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ResultsError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("study"), str):
-        raise ResultsError(f'{path}: expected an object with a "study" name')
-    return meta
+#: The parsed ``study.json`` of a study folder (see :func:`kdtune.study.read_meta`).
+read_study_meta = read_meta
 
 
 def _study_dirs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -65,31 +54,19 @@ def _study_dirs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def _load_table(study_dir: Path, name: str) -> pd.DataFrame:
-    """One of a study's tables; rebuilt from Ray's files when the search never wrote it."""
+    """One of a study's tables (see :func:`kdtune.tables.load_tables`: nothing is written)."""
     if not study_dir.is_dir():
         raise ResultsError(f"{study_dir}: no such folder; give the folder of a study, e.g. results/digits")
-    meta = read_study_meta(study_dir)
-    path = study_dir / f"{name}.parquet"
-    if path.is_file():
-        return pd.read_parquet(path)
-    from kdtune.tables import write_tables
-
-    if not (study_dir / "search").is_dir():
-        present = ", ".join(sorted(p.name for p in study_dir.iterdir())) or "nothing"
-        raise ResultsError(
-            f"{study_dir}: study '{meta['study']}' has no {name}.parquet and no Ray experiment (search/) yet; "
-            f"it holds: {present}. The search stopped before any trial ran: resume it with kdtune search SPEC --resume"
-        )
-    trials, history = write_tables(study_dir, meta["study"], meta.get("experiment_root"))
+    trials, history = load_tables(study_dir)
     return trials if name == "trials" else history
 
 
 def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """One row per trial of one or several study folders (a ``study`` column tells them apart).
 
-    Reads ``trials.parquet``; for a study whose search was interrupted before it
-    wrote the tables, they are rebuilt from Ray's experiment files (partial
-    studies load too, their unfinished trials with status "running").
+    Reads ``trials.parquet``; for a study whose search was killed before it wrote
+    the tables, they are rebuilt from its trial records (nothing is written; the
+    trials that had not ended are left out until the search is resumed).
     """
     frames = [_load_table(d, "trials") for d in _study_dirs(paths)]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -197,35 +174,6 @@ def hypervolume(
     return front_hypervolume(zip(sizes, front[score].to_numpy(float)), size_ref, score_ref, log_size)
 
 
-def front_hypervolume(points: Iterable[tuple[float, float]], reference_size: float, reference_score: float = 0.0,
-                      log_size: bool = True) -> float:
-    """The measure of :func:`hypervolume` on plain (size, score) pairs, without pandas
-    (the early-stopping rule ``pareto_asha`` computes it at every rung decision).
-
-    The front of ``points`` is taken first (smallest size for each reachable
-    score); with ``log_size`` sizes must be > 0.
-    """
-    front: list[tuple[float, float]] = []
-    best = -math.inf
-    for size, score in sorted(points, key=lambda p: (p[0], -p[1])):
-        if score > best:
-            front.append((math.log10(size) if log_size else float(size), float(score)))
-            best = score
-    right = math.log10(reference_size) if log_size else float(reference_size)
-    total = 0.0
-    # Scores strictly increase along the front: each point owns the slab from its
-    # own size to the next point's size (or the reference).
-    for i, (x, y) in enumerate(front):
-        edge = min(front[i + 1][0], right) if i + 1 < len(front) else right
-        if x < right and y > reference_score:
-            total += (edge - x) * (y - reference_score)
-    return total
-
-
-def _power_of_two_label(exponent: int) -> str:
-    return f"2^{exponent}–2^{exponent + 1}"
-
-
 def size_buckets(df: pd.DataFrame, size_key: str = "width") -> pd.Series:
     """A size-bucket label for each row of ``df``, as an ordered categorical Series.
 
@@ -255,8 +203,8 @@ def size_buckets(df: pd.DataFrame, size_key: str = "width") -> pd.Series:
         raise ConfigError("params", f"must be > 0 to bin on a log2 scale, got {params.min()}")
     exponents = np.floor(np.log2(params))
     present = sorted({int(e) for e in exponents.dropna()})
-    labels = [None if math.isnan(e) else _power_of_two_label(int(e)) for e in exponents]
-    categories = [_power_of_two_label(e) for e in present]
+    labels = [None if math.isnan(e) else power_of_two_label(int(e)) for e in exponents]
+    categories = [power_of_two_label(e) for e in present]
     return pd.Series(pd.Categorical(labels, categories=categories, ordered=True), index=df.index, name="bucket")
 
 
@@ -495,7 +443,7 @@ def parameter_importance(study_dir: str | Path) -> pd.Series:
 
     study_dir = Path(study_dir)
     name = read_study_meta(study_dir)["study"]
-    journal = study_dir / "optuna.journal"
+    journal = study_dir / JOURNAL_FILE
     if not journal.is_file():
         raise ResultsError(f"{journal}: not found; parameter importance needs the study's Optuna journal")
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))

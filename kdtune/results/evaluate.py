@@ -18,15 +18,10 @@ protocol keeps the reported numbers honest:
 Results go to ``final.csv`` (one row per front configuration) and
 ``final_runs.csv`` (one row per re-training run) in the study folder.
 
-This module also holds the small helpers that find a trial's files in a study
-folder (used by :mod:`kdtune.export` too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import json
 import math
 import statistics
 import time
@@ -38,135 +33,29 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kdtune.core.objectives import baseline_values
 from kdtune.errors import ResultsError
-from kdtune.records import load_record
+from kdtune.study import (
+    FINAL_FILE,
+    FINAL_RUNS_FILE,
+    SPEC_FILE,
+    TEACHER_DIR,
+    recorded_trial_config,
+    require_study,
+    trial_run_config,
+)
 from kdtune.tables import write_frame_atomic
 
 Log = Callable[[str], None]
 
 #: Fresh seeds are ``spec.seed + FRESH_SEED_OFFSET + i``, skipping seeds the search used.
 FRESH_SEED_OFFSET = 1000
-FINAL_FILE, RUNS_FILE = "final.csv", "final_runs.csv"
 FINAL_COLUMNS = [
     "trial_id", "width", "params", "bytes", "temperature", "alpha", "beta", "noise", "val_acc",
     "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "baseline_test_acc_std",
     "kd_gain_mean", "kd_gain_std", "n_seeds", "seeds", "latency_ms", "throughput_per_s", "device", "threads",
 ]
 RUN_COLUMNS = ["trial_id", "role", "seed", "width", "test_acc", "val_acc", "status", "epochs", "train_time_s"]
-#: What a study folder must hold for anything here to work, and why.
-STUDY_FILES = {"study.json": "what the study is", "spec.yaml": "the spec it was run with"}
-_TRIAL_SUBFOLDERS = ("search", "baselines")
-
-
-# --------------------------------------------------------------------------- study folders
-
-
-def require_study(study_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``study.json`` of ``study_dir``, after checking it is a kdtune study folder.
-
-    Raises :class:`ResultsError` saying what the folder holds and what is missing.
-    """
-    from kdtune.analysis import read_study_meta
-
-    study_dir = Path(study_dir)
-    if not study_dir.is_dir():
-        raise ResultsError(f"{study_dir}: no such folder; give the folder of a study, e.g. results/digits")
-    missing = [name for name in STUDY_FILES if not (study_dir / name).is_file()]
-    if missing:
-        present = sorted(p.name for p in study_dir.iterdir())
-        shown = ", ".join(present[:12]) + (f", … ({len(present) - 12} more)" if len(present) > 12 else "")
-        wanted = ", ".join(f"{name} ({STUDY_FILES[name]})" for name in missing)
-        raise ResultsError(
-            f"{study_dir} is not a kdtune study folder: it holds {shown or 'nothing'} but is missing {wanted}. "
-            f"A study folder is what `kdtune search SPEC` writes under results/<study>/"
-        )
-    return read_study_meta(study_dir)
-
-
-def _experiment_roots(study_dir: Path, meta: dict[str, Any]) -> list[Path]:
-    """Where trial folders may live: the study folder first (it may have been copied or
-    moved), then the ``--storage`` location the search recorded, when it is a local path."""
-    roots = [study_dir]
-    recorded = meta.get("experiment_root")
-    if recorded and "://" not in str(recorded) and Path(recorded) != study_dir:
-        roots.append(Path(recorded))
-    return roots
-
-
-def _recorded_trial_id(folder: Path) -> str | None:
-    """The trial id in the first line of a trial folder's ``result.json`` (None when it is empty)."""
-    try:
-        with open(folder / "result.json", encoding="utf-8") as handle:
-            first = handle.readline().strip()
-        return json.loads(first).get("trial_id") if first else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None) -> Path:
-    """The Ray trial folder of ``trial_id`` (search or baseline) that holds its ``params.json``.
-
-    Ray names trial folders ``<trainable>_<trial_id>_<index>_<params>_<date>``.
-    Raises :class:`ResultsError` when no such folder exists.
-    """
-    study_dir = Path(study_dir)
-    meta = meta if meta is not None else require_study(study_dir)
-    roots = _experiment_roots(study_dir, meta)
-    pattern = f"*_{glob.escape(str(trial_id))}_*"
-    candidates = [folder for root in roots for sub in _TRIAL_SUBFOLDERS
-                  for folder in sorted((root / sub).glob(pattern))]
-    for folder in candidates:
-        if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
-            return folder
-    # A trial that ended just before its search was killed has a record but may
-    # lack Ray's params.json (Ray copies it in the background); its checkpoint,
-    # which the trial uploads itself, is there.
-    if load_record(study_dir, trial_id) is not None:
-        for folder in candidates:
-            if latest_checkpoint(folder) is not None:
-                return folder
-    recorded = str(meta.get("experiment_root") or "")
-    hint = (
-        f"; the search kept its trials at {recorded}: copy that experiment into {study_dir} first"
-        if "://" in recorded else ""
-    )
-    searched = ", ".join(str(root / sub) for root in roots for sub in _TRIAL_SUBFOLDERS)
-    raise ResultsError(f"trial {trial_id}: no trial folder with params.json in {searched}{hint}")
-
-
-def trial_run_config(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None,
-                     folder: Path | None = None) -> dict[str, Any]:
-    """The exact config a trial ran with, baseline ``overrides`` merged in: from its
-    record, or else from the ``params.json`` of its folder (``folder`` when the
-    caller has found it already, else :func:`trial_folder`)."""
-    from kdtune.tables import trial_config
-
-    record = load_record(study_dir, trial_id)
-    if record is not None and record.get("config"):
-        return trial_config(record["config"])
-    return read_trial_config(folder or trial_folder(study_dir, trial_id, meta))
-
-
-def read_trial_config(folder: str | Path) -> dict[str, Any]:
-    """The exact config a trial ran with: its ``params.json``, baseline ``overrides`` merged in."""
-    from kdtune.tables import trial_config
-
-    path = Path(folder) / "params.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ResultsError(f"{path}: cannot read the trial's config ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ResultsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return trial_config(raw)
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``checkpoint_*/state.pt`` of a trial folder, or None when it has none."""
-    found = sorted(Path(folder).glob("checkpoint_*/state.pt"))
-    return found[-1] if found else None
-
-
 def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` as CSV atomically (temporary file + rename)."""
     write_frame_atomic(df, path, fmt="csv")
@@ -187,10 +76,11 @@ def fresh_seeds(count: int, base: int, used: set[int] | frozenset[int]) -> list[
 
 
 def baseline_of(config: Any) -> Any:
-    """The no-distillation twin of a :class:`~kdtune.distill.RunConfig`: alpha=1, beta=0,
-    noise=0, everything else (width, lr, batch size, epochs, seed...) unchanged.
-    The temperature is irrelevant at alpha=1 and set to 1 like the search's baselines."""
-    return dataclasses.replace(config, alpha=1.0, beta=0.0, noise=0.0, temperature=1.0)
+    """The no-distillation twin of a :class:`~kdtune.core.distill.RunConfig`: the
+    baseline values of the hyperparameter table (alpha = 1, beta = 0, noise = 0, T = 1),
+    everything else (width, lr, batch size, epochs, seed...) unchanged, as the
+    search's baselines."""
+    return config.replace(**baseline_values())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -249,7 +139,7 @@ def _std(values: list[float]) -> float:
 
 
 def _front_or_explain(trials: pd.DataFrame, study_dir: Path) -> pd.DataFrame:
-    from kdtune.analysis import pareto_front
+    from kdtune.results.analysis import pareto_front
 
     try:
         return pareto_front(trials)
@@ -298,12 +188,11 @@ def final_evaluation(
     no completed search trial, and :class:`~kdtune.errors.ConfigError` for
     ``seeds < 1`` or an unknown device.
     """
-    from kdtune.analysis import load_results
-    from kdtune.distill import RunConfig, select_device
+    from kdtune.core.distill import select_device
+    from kdtune.core.teacher import prepare_teachers
     from kdtune.errors import ConfigError
-    from kdtune.search import load_spec_data, teacher_configs
-    from kdtune.spec import load_spec
-    from kdtune.teacher import prepare_teachers
+    from kdtune.results.analysis import load_results
+    from kdtune.spec import load_spec, load_spec_data, teacher_configs
 
     if int(seeds) < 1:
         raise ConfigError("seeds", f"must be >= 1 fresh seeds per configuration, got {seeds}")
@@ -313,16 +202,16 @@ def final_evaluation(
     front = _front_or_explain(trials, study_dir)
     torch_device = select_device(device)
 
-    spec = load_spec(study_dir / "spec.yaml")
+    spec = load_spec(study_dir / SPEC_FILE)
     used = {int(s) for s in pd.to_numeric(trials["seed"], errors="coerce").dropna()}
     seed_list = fresh_seeds(int(seeds), spec.seed, used)
     configs = {}
     for trial_id in front["trial_id"]:
-        base = RunConfig.from_dict(trial_run_config(study_dir, trial_id, meta))
-        configs[trial_id] = dataclasses.replace(base, device=str(torch_device))
+        base = trial_run_config(recorded_trial_config(study_dir, trial_id, meta))
+        configs[trial_id] = base.replace(device=str(torch_device))
 
     data = load_spec_data(spec)
-    prepared = prepare_teachers(teacher_configs(spec), data, study_dir / "teacher",
+    prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
                                 with_features=spec.uses_features(), log=log)
     if meta.get("teacher_key") and prepared.key != meta["teacher_key"]:
         log(f"warning: the teacher cache key is {prepared.key} but the search used {meta['teacher_key']}: "
@@ -341,9 +230,9 @@ def final_evaluation(
         torch.set_num_threads(caller_threads)
 
     runs = pd.DataFrame([records[_config_key(config)] for _, _, config in planned], columns=RUN_COLUMNS)
-    write_csv_atomic(runs, study_dir / RUNS_FILE)
+    write_csv_atomic(runs, study_dir / FINAL_RUNS_FILE)
     write_csv_atomic(table, study_dir / FINAL_FILE)
-    log(f"wrote {study_dir / FINAL_FILE} and {study_dir / RUNS_FILE}")
+    log(f"wrote {study_dir / FINAL_FILE} and {study_dir / FINAL_RUNS_FILE}")
     return table
 
 
@@ -359,7 +248,7 @@ def _plan_runs(configs: dict[str, Any], seed_list: list[int]) -> list[tuple[str,
     planned, seen = [], set()
     for trial_id, config in configs.items():
         for seed in seed_list:
-            distilled = dataclasses.replace(config, seed=seed)
+            distilled = config.replace(seed=seed)
             for role, run_config in (("distilled", distilled), ("baseline", baseline_of(distilled))):
                 key = _config_key(run_config)
                 if key not in seen:
@@ -375,7 +264,7 @@ def _train_and_test(
 
     Returns the run records keyed by config and the first-seed student of each
     front trial (for the latency measurement)."""
-    from kdtune.distill import evaluate, run
+    from kdtune.core.distill import evaluate, run
 
     records: dict[str, dict[str, Any]] = {}
     students: dict[str, nn.Module] = {}
@@ -416,7 +305,7 @@ def _summarise(
         point = front[front["trial_id"] == trial_id].iloc[0]
         distilled, baseline = [], []
         for seed in seed_list:
-            seeded = dataclasses.replace(config, seed=seed)
+            seeded = config.replace(seed=seed)
             distilled.append(records[_config_key(seeded)]["test_acc"])
             baseline.append(records[_config_key(baseline_of(seeded))]["test_acc"])
         gains = [d - b for d, b in zip(distilled, baseline)]

@@ -28,8 +28,8 @@ import torch
 
 from kdtune import __version__
 from kdtune.errors import ConfigError, KdtuneError, ResultsError
-from kdtune.evaluate import latest_checkpoint, require_study, trial_folder, trial_run_config
-from kdtune.teacher import sha256_file
+from kdtune.core.teacher import sha256_file
+from kdtune.study import EXPORTS_DIR, SPEC_FILE, latest_checkpoint, recorded_trial_config, require_study, trial_folder
 
 #: Export formats and the file suffix each gets by default.
 FORMATS = {"state_dict": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
@@ -68,7 +68,7 @@ def _exportable_ids(trials: pd.DataFrame) -> list[str]:
 
 def _select_trial(trials: pd.DataFrame, trial_id: str | None, pareto_index: int | None) -> pd.Series:
     """The trials-table row chosen by id or by position on the validation Pareto front."""
-    from kdtune.analysis import pareto_front
+    from kdtune.results.analysis import pareto_front
 
     if pareto_index is not None:
         front = pareto_front(trials)
@@ -167,8 +167,8 @@ def _onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray
 
 def _reproduced_accuracy(path: Path, fmt: str, config: dict[str, Any], data: Any) -> float:
     """Validation accuracy of the file at ``path``, reloaded from disk, on the CPU."""
-    from kdtune.distill import evaluate
-    from kdtune.models import build_model
+    from kdtune.core.distill import evaluate
+    from kdtune.core.models import build_model
 
     cpu = torch.device("cpu")
     if fmt == "state_dict":
@@ -221,10 +221,9 @@ def export_student(
     ``trial_id`` / ``pareto_index``; :class:`KdtuneError` for ONNX without the
     onnx package.
     """
-    from kdtune.analysis import load_results
-    from kdtune.models import build_model
-    from kdtune.search import load_spec_data
-    from kdtune.spec import load_spec
+    from kdtune.core.models import build_model
+    from kdtune.results.analysis import load_results
+    from kdtune.spec import load_spec, load_spec_data
 
     if fmt not in FORMATS:
         raise ConfigError("fmt", f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -238,16 +237,16 @@ def export_student(
     row = _select_trial(trials, trial_id, pareto_index)
     chosen = str(row["trial_id"])
     folder = trial_folder(study_dir, chosen, meta)
-    config = trial_run_config(study_dir, chosen, meta, folder)
+    config = recorded_trial_config(study_dir, chosen, meta, folder)
     weights = _load_student_state(folder, row, config, trials)
 
-    data = load_spec_data(load_spec(study_dir / "spec.yaml"))
+    data = load_spec_data(load_spec(study_dir / SPEC_FILE))
     model = build_model(config["family"], data.input_shape, data.num_classes, config["width"],
                         **(config.get("model_options") or {}))
     model.load_state_dict(weights)
     model.eval()
 
-    path = Path(out) if out is not None else study_dir / "exports" / f"{chosen}{FORMATS[fmt]}"
+    path = Path(out) if out is not None else study_dir / EXPORTS_DIR / f"{chosen}{FORMATS[fmt]}"
     sidecar = path.with_name(path.name + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporaries = []

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from kdtune.analysis import (
+from kdtune.results.analysis import (
     best_temperature,
     counted_trials,
     hypervolume,
@@ -28,6 +28,7 @@ from kdtune.analysis import (
     temperature_curve,
 )
 from kdtune.errors import ConfigError, ResultsError
+from kdtune.study import SUMMARY_FILE
 
 FRONT_COLUMNS = ["width", "params", "bytes", "val_acc", "kd_gain", "temperature", "alpha"]
 TEMPERATURE_COLUMNS = [
@@ -455,7 +456,7 @@ def write_report(
     _plot_learning_curves(files["learning_curves"], study, history, trial_buckets, trial_status, palette,
                           [int(r) for r in meta.get("rungs") or []])
 
-    summary = out / "summary.md"
+    summary = out / SUMMARY_FILE
     summary.write_text(_summary(study, meta, trials, best, files), encoding="utf-8")
     return {"summary": summary, **files}
 

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Hashable
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from kdtune.analysis import front_hypervolume
+from kdtune.pareto import front_hypervolume, params_bucket
+from kdtune.study import PHASES, load_records
+from kdtune.tables import phase_tables, record_views
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,18 +108,27 @@ def _rung_of(milestones: list[int], epoch: int) -> int | None:
     return reached[-1] if reached else None
 
 
-def params_bucket(params: float) -> str:
-    """Power-of-two bucket label of a parameter count, e.g. ``"2^10"`` for 1024–2047."""
-    return f"2^{int(math.floor(math.log2(max(float(params), 1.0))))}"
-
-
 class _RungScheduler(FIFOScheduler):
     """What kdtune's Ray schedulers share: their own metric, rungs at
-    :func:`rung_milestones` in ``time_attr`` units, and the trials they stopped."""
+    :func:`rung_milestones` in ``time_attr`` units, the trials they stopped, and
+    rung state that survives a restart.
+
+    Ray does not save schedulers with the experiment: ``Tuner.restore`` brings back
+    the one pickled when the search started, with empty rungs. So on its first use
+    (the first trial added) a scheduler replays the search records of ``study_dir``
+    into its rungs (:meth:`restore_history`): after a resume its decisions are
+    those of an uninterrupted search. A new search has no records yet.
+    """
+
+    #: Class-level defaults, so that schedulers pickled by older kdtune versions
+    #: (without these attributes) still load: they have no study to restore from.
+    study_dir: str | None = None
+    restored_from_records = False
 
     def __init__(self, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float,
-                 time_attr: str) -> None:
+                 time_attr: str, study_dir: str | None = None) -> None:
         super().__init__()
+        self.study_dir = str(study_dir) if study_dir is not None else None
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self._metric = metric
@@ -132,6 +143,24 @@ class _RungScheduler(FIFOScheduler):
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         # The scheduler keeps its own single metric; the searcher may be multi-objective.
         return True
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.restore_from_records()
+        super().on_trial_add(tune_controller, trial)
+
+    def restore_from_records(self) -> int:
+        """Replay the study's search records into the rungs, once; the number of results restored."""
+        if self.restored_from_records or self.study_dir is None:
+            return 0
+        self.restored_from_records = True
+        views = record_views(load_records(self.study_dir, PHASES[0]))
+        if not views:
+            return 0
+        _, history = phase_tables("", PHASES[0], views)
+        return self.restore_history(history) if len(history) else 0
+
+    def restore_history(self, history: "pd.DataFrame") -> int:  # pragma: no cover - every rule overrides it
+        raise NotImplementedError
 
     def _decided(self, trial: Any, decision: str) -> str:
         if decision == STOP:
@@ -163,8 +192,9 @@ class SizeAwareASHA(_RungScheduler):
         reduction_factor: float = 3.0,
         size_key: str = "width",
         time_attr: str = "epoch",
+        study_dir: str | None = None,
     ) -> None:
-        super().__init__(metric, mode, max_t, grace_period, reduction_factor, time_attr)
+        super().__init__(metric, mode, max_t, grace_period, reduction_factor, time_attr, study_dir)
         self.size_key = size_key
         self._groups: dict[Any, HalvingRungs] = {}
 
@@ -256,7 +286,7 @@ class ParetoRungs:
     is not dominated there (a trial stopped by rule 2 keeps its point: by that
     rule it changes the front's hypervolume by less than ``hv_epsilon``).
     Hypervolume is measured as in
-    :func:`kdtune.analysis.hypervolume`: (log10 size, front score) space, reference
+    :func:`kdtune.results.analysis.hypervolume`: (log10 size, front score) space, reference
     point (2 × the largest size seen, 0).
 
     ``mode`` orients the score (``"min"`` for a loss); front scores are always
@@ -409,8 +439,9 @@ class ParetoASHA(_RungScheduler):
         hv_epsilon: float = 0.04,
         score_bound: float = 1.0,
         time_attr: str = "epoch",
+        study_dir: str | None = None,
     ) -> None:
-        super().__init__(metric, mode, max_t, grace_period, reduction_factor, time_attr)
+        super().__init__(metric, mode, max_t, grace_period, reduction_factor, time_attr, study_dir)
         self.front_metric = front_metric
         self.size_attr = size_attr
         self.rungs = ParetoRungs(self.milestones, max_t, mode, hv_epsilon, score_bound)

@@ -27,13 +27,12 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kdtune.records import record_path, recorded_ids
+from kdtune.search.private_apis import fail_lost_trial, optuna_study, optuna_trials, told_trials
 from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
+from kdtune.study import COMPLETED, STOPPED_EARLY, record_path, recorded_ids, trial_status
 
 logger = logging.getLogger(__name__)
 
-#: Optimisation direction of each objective the sampler can use.
-OBJECTIVE_MODES = {"val_acc": "max", "params": "min", "bytes": "min"}
 
 
 def to_optuna_distribution(value: Any) -> BaseDistribution:
@@ -81,7 +80,7 @@ def clear_stale_journal_lock(path: str | Path) -> bool:
 
     Optuna's file lock is a ``<journal>.lock`` link that a SIGKILLed process never
     removes; the next writer then waits 30 s before breaking it. Only call this
-    while holding the study lock (:func:`kdtune.search.study_lock`): no other
+    while holding the study lock (:func:`kdtune.study.study_lock`): no other
     kdtune process can then be writing to the journal.
     """
     lock = Path(f"{path}.lock")
@@ -91,20 +90,18 @@ def clear_stale_journal_lock(path: str | Path) -> bool:
     return False
 
 
-def trial_outcome(result: dict[str, Any] | None, error: bool) -> str:
-    """How a finished Ray trial is told to Optuna: "complete", "pruned" or "fail".
+#: How each way a trial can end is told to Optuna.
+OPTUNA_STATES = {COMPLETED: TrialState.COMPLETE, STOPPED_EARLY: TrialState.PRUNED}
 
-    A trial is complete only when it reported its last budgeted epoch; a trial
-    that stopped earlier without diverging was stopped by the scheduler (pruned).
-    """
-    if error or not result:
+
+def trial_outcome(result: dict[str, Any] | None, error: bool) -> str:
+    """How a finished Ray trial is told to Optuna: "complete", "pruned" or "fail",
+    from its status as :func:`kdtune.study.trial_status` decides it (the budget is
+    the ``epochs`` every result carries)."""
+    if error or not result or result.get("epochs") is None:
         return "fail"
-    if result.get("status") == "diverged":
-        return "fail"
-    epoch, budget = result.get("epoch"), result.get("epochs")
-    if epoch is None or budget is None:
-        return "fail"
-    return "complete" if int(epoch) >= int(budget) else "pruned"
+    state = OPTUNA_STATES.get(trial_status(result, result.get("epochs"), ended=True), TrialState.FAIL)
+    return state.name.lower()
 
 
 class KdOptunaSearch(OptunaSearch):
@@ -131,39 +128,40 @@ class KdOptunaSearch(OptunaSearch):
         self._num_samples = num_samples
         self._records = str(records) if records is not None else None
         self._forgotten: set[str] = set()
-        if size_values and self._ot_study is not None and not self._ot_study.trials:
+        study = optuna_study(self)
+        if size_values and study is not None and not study.trials:
             for value in size_values:
-                self._ot_study.enqueue_trial({size_param: value}, skip_if_exists=True)
+                study.enqueue_trial({size_param: value}, skip_if_exists=True)
 
     def restore(self, checkpoint_path: str) -> None:
         """Restore Ray's saved state, then count the recorded trials it does not know:
         they ended after that state was saved, and they count toward ``num_samples``."""
         super().restore(checkpoint_path)
         if self._records is not None:
-            self._forgotten = recorded_ids(self._records) - set(self._ot_trials)
+            self._forgotten = recorded_ids(self._records) - set(optuna_trials(self))
 
     def suggest(self, trial_id: str) -> dict | None:
         if (self._forgotten and self._num_samples is not None
-                and len(self._ot_trials) + len(self._forgotten) >= self._num_samples):
+                and len(optuna_trials(self)) + len(self._forgotten) >= self._num_samples):
             return Searcher.FINISHED
         config = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = optuna_trials(self).get(trial_id)
         if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
             ot_trial.set_user_attr("ray_trial_id", trial_id)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in told_trials(self) or trial_id not in optuna_trials(self):
             return
         if self._records is not None and record_path(self._records, trial_id).exists():
             # A trial that had ended before a restart: its record is written only
             # after this method told Optuna, so the journal already holds it.
-            self._completed_trials.add(trial_id)
+            told_trials(self).add(trial_id)
             return
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = optuna_trials(self)[trial_id]
         state, values = self._outcome(result, error)
         try:
-            self._ot_study.tell(ot_trial, values if values is None or len(values) > 1 else values[0], state=state)
+            optuna_study(self).tell(ot_trial, values if values is None or len(values) > 1 else values[0], state=state)
         except ValueError:
             # The journal already holds an outcome for this trial: it finished just
             # before a driver crash, after Ray's last saved experiment state, and Ray
@@ -171,7 +169,7 @@ class KdOptunaSearch(OptunaSearch):
             self._record_rerun(ot_trial.number, trial_id, state, values)
         except Exception as exc:  # noqa: BLE001 - a failed tell must not end the search
             logger.warning("could not tell Optuna the outcome of trial %s: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        told_trials(self).add(trial_id)
 
     def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None]:
         outcome = trial_outcome(result, error)
@@ -194,12 +192,12 @@ class KdOptunaSearch(OptunaSearch):
         records the outcome Ray keeps, with user attributes ``ray_trial_id`` and
         ``rerun_of`` (the number of the trial it supersedes).
         """
-        earlier = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number)
+        earlier = next(t for t in optuna_study(self).get_trials(deepcopy=False) if t.number == number)
         same_values = (values is None) == (earlier.values is None) and (
             values is None or all(math.isclose(a, b) for a, b in zip(values, earlier.values)))
         if earlier.state == state and same_values:
             return
-        self._ot_study.add_trial(optuna.trial.create_trial(
+        optuna_study(self).add_trial(optuna.trial.create_trial(
             params=earlier.params, distributions=earlier.distributions, state=state, values=values,
             user_attrs={**earlier.user_attrs, "ray_trial_id": trial_id, "rerun_of": number},
         ))
@@ -221,7 +219,6 @@ def reconcile_journal(storage_path: str | Path, study_name: str, finished_ray_tr
         ray_id = trial.user_attrs.get("ray_trial_id")
         if ray_id in finished_ray_trials:
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, "lost_on_restart", True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        fail_lost_trial(study, trial, "lost_on_restart")
         marked += 1
     return marked

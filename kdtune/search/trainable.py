@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: one trial = one :func:`kdtune.distill.run`.
+"""The Ray Tune function trainable: one trial = one :func:`kdtune.core.distill.run`.
 
 The dataset and the teacher's cached outputs travel as numpy arrays through
 Ray's object store (``tune.with_parameters``): put there once, read zero-copy and
@@ -16,7 +16,7 @@ tables unpack them: the history keeps one row per epoch. The schedulers read the
 so every finished student can be exported later.
 
 On ``--resume``, a trial that had already ended before the driver was killed
-(it has a record, see :mod:`kdtune.records`) but that Ray's restored state still
+(it has a record, see :mod:`kdtune.study`) but that Ray's restored state still
 lists as unfinished ends at once without training: its record keeps its outcome.
 """
 
@@ -35,10 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdtune.data import DatasetSplits, TensorSplit
-from kdtune.distill import RunConfig, TeacherTargets, run
+from kdtune.core.data import DatasetSplits, TensorSplit
+from kdtune.core.distill import TeacherTargets, run
+from kdtune.study import trial_config, trial_run_config
 
 STATE_FILE = "state.pt"
+
 #: Report at least this often (seconds) even between the epochs that must be reported.
 REPORT_INTERVAL_S = 10.0
 
@@ -160,11 +162,9 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     from ray import tune
     import ray
 
-    from kdtune.tables import trial_config
-
     assert data is not None
     config = trial_config(config)
-    run_config = RunConfig.from_dict(config)
+    run_config = trial_run_config(config)
     context = tune.get_context()
     trial_id = context.get_trial_id() or "local"
     if replays and trial_id in replays:

@@ -1,0 +1,226 @@
+"""Distillation objectives and the hyperparameters they declare: the one table.
+
+Every hyperparameter a search can vary is declared here once, as a
+:class:`Hyperparameter`: its type, allowed range, default, the value it takes in
+the no-distillation baseline, and what it needs. That declaration drives spec
+validation (:mod:`kdtune.spec`), the run config (:class:`kdtune.core.distill.RunConfig`),
+the columns of the study's tables (:mod:`kdtune.tables`) and the baseline twin
+of a configuration (:func:`baseline_values`).
+
+A distillation objective (the soft, teacher-matching term of the loss) is one
+:class:`Objective` in the :data:`LOSSES` registry, with the hyperparameters of
+its own. The loss a run minimises is always::
+
+    alpha·CE(student, labels) + (1 − alpha)·objective(student, teacher) + beta·feature_loss
+
+Adding an objective is one decorated function, in the package or in a user's file::
+
+    from kdtune.core.objectives import Hyperparameter, register_objective
+
+    @register_objective("cosine", hyperparameters=(Hyperparameter("cos_margin", "float", 0.0, minimum=0.0),))
+    def cosine(student_logits, teacher_logits, params):
+        ...  # a scalar tensor; params holds the run's hyperparameters by name
+
+Its name becomes an allowed value of ``soft_loss``, and ``cos_margin`` a
+searchable key of the spec's ``space`` and a column of ``trials.parquet``.
+Optuna draws hyperparameters in the order they are declared here (the core ones
+first, then each objective's, in registration order), so the order is part of
+what makes a seeded search reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdtune.errors import ConfigError
+from kdtune.registry import Registry
+
+#: ``Hyperparameter.baseline``: the baseline copies the value of its width's best
+#: completed trial (or the middle of the searched range when it has none), so it is
+#: tuned as well as the students it is compared with.
+TUNED = "tuned"
+#: ``Hyperparameter.baseline``: the baseline leaves the value as the spec fixes it (it
+#: does not matter without a teacher).
+UNCHANGED = "unchanged"
+#: ``Hyperparameter.baseline`` of the student-size hyperparameter: one baseline per size.
+PER_SIZE = "per size"
+
+KINDS = ("float", "int", "choice")
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One searchable hyperparameter, declared once.
+
+    ``kind`` is "float", "int" or "choice". Numbers are bounded by ``minimum`` and
+    ``maximum`` (``exclusive_minimum`` makes the lower bound strict); a choice takes
+    one of ``choices()`` (a function, so that the allowed values are derived from a
+    registry when they are checked, plugins included). ``default`` is a run's value
+    when nothing sets it; ``search_default`` is what a spec searches (or fixes) when
+    its ``space`` leaves the key out: a fixed value or one distribution such as
+    ``{"loguniform": [1, 20]}``. ``baseline`` is the value in the no-distillation
+    baseline, or :data:`TUNED`, :data:`UNCHANGED` or :data:`PER_SIZE`.
+    ``needs_features``: a value > 0 needs the teacher's penultimate features.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: Callable[[], Sequence[str]] | None = None
+    search_default: Any = None
+    baseline: Any = UNCHANGED
+    needs_features: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"hyperparameter {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "choice" and self.choices is None:
+            raise ValueError(f"hyperparameter {self.name!r}: a choice needs choices")
+
+    @property
+    def spec_default(self) -> Any:
+        """What a spec uses when its ``space`` leaves this key out."""
+        return self.default if self.search_default is None else self.search_default
+
+    def allows(self, value: Any) -> bool:
+        """Whether ``value`` is one this hyperparameter may take."""
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices()  # type: ignore[misc]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.kind == "int" and not float(value).is_integer():
+            return False
+        if self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum):
+            return False
+        return self.maximum is None or value <= self.maximum
+
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. "numbers in [0, 1]" or "one of: kl, logit_mse"."""
+        if self.kind == "choice":
+            return "one of: " + ", ".join(self.choices())  # type: ignore[misc]
+        things = "integers" if self.kind == "int" else "numbers"
+        if self.minimum is not None and self.maximum is not None:
+            return f"{things} in [{self.minimum:g}, {self.maximum:g}]"
+        if self.minimum is not None:
+            return f"{things} {'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+        if self.maximum is not None:
+            return f"{things} <= {self.maximum:g}"
+        return things
+
+    def check(self, value: Any) -> Any:
+        """``value`` if allowed, else a :class:`ConfigError` naming this key and what is allowed."""
+        if not self.allows(value):
+            raise ConfigError(self.name, f"{value!r} is not allowed; allowed: {self.allowed()}")
+        return int(value) if self.kind == "int" else value
+
+
+#: A soft term: (student_logits, teacher_logits, params) → scalar tensor, where
+#: ``params`` maps the run's hyperparameters by name.
+SoftTerm = Callable[[Any, Any, Mapping[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A distillation objective: the soft term of the loss and the hyperparameters it declares."""
+
+    name: str
+    soft_term: SoftTerm
+    hyperparameters: tuple[Hyperparameter, ...] = ()
+    description: str = ""
+    #: Extra fields a loss may use (e.g. whether a fused fast path exists).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+LOSSES: Registry[Objective] = Registry("loss")
+
+
+def register_objective(name: str, hyperparameters: Sequence[Hyperparameter] = (), description: str = "",
+                       **options: Any) -> Callable[[SoftTerm], SoftTerm]:
+    """Decorator registering a soft term as the objective ``name`` with its own hyperparameters.
+
+    A hyperparameter's name must not be taken by another objective or by the core
+    table (an objective's weights get their own names, e.g. ``dkd_beta``, never ``beta``).
+    """
+
+    def decorator(fn: SoftTerm) -> SoftTerm:
+        taken = set(hyperparameter_table())
+        clash = [hp.name for hp in hyperparameters if hp.name in taken]
+        if clash:
+            raise ValueError(f"loss {name!r}: hyperparameter name(s) {clash} already declared; choose new names")
+        LOSSES.register(name)(Objective(name, fn, tuple(hyperparameters), description or (fn.__doc__ or "").strip(),
+                                        dict(options)))
+        return fn
+
+    return decorator
+
+
+def _loss_names() -> list[str]:
+    return LOSSES.names()
+
+
+#: The hyperparameters of every run, in the order Optuna draws them.
+CORE_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
+    Hyperparameter("temperature", "float", 4.0, minimum=0.0, exclusive_minimum=True,
+                   search_default={"loguniform": [1.0, 20.0]}, baseline=1.0,
+                   description="T of the soft targets softmax(teacher/T)"),
+    Hyperparameter("alpha", "float", 0.5, minimum=0.0, maximum=1.0, search_default={"uniform": [0.0, 0.5]},
+                   baseline=1.0, description="weight of the hard-label cross-entropy"),
+    Hyperparameter("beta", "float", 0.0, minimum=0.0, baseline=0.0, needs_features=True,
+                   description="weight of the feature-matching term"),
+    Hyperparameter("noise", "float", 0.0, minimum=0.0, baseline=0.0,
+                   description="std of Gaussian noise on the teacher's logits"),
+    Hyperparameter("width", "float", 32, minimum=0.0, exclusive_minimum=True,
+                   search_default={"choice": [4, 8, 16, 32, 64]}, baseline=PER_SIZE,
+                   description="the student's width (its size)"),
+    Hyperparameter("lr", "float", 1e-2, minimum=0.0, exclusive_minimum=True, baseline=TUNED,
+                   description="learning rate"),
+    Hyperparameter("weight_decay", "float", 0.0, minimum=0.0, baseline=TUNED, description="weight decay"),
+    Hyperparameter("batch_size", "int", 64, minimum=1, search_default=32, baseline=TUNED, description="batch size"),
+    Hyperparameter("epochs", "int", 20, minimum=1, search_default=27, baseline=TUNED,
+                   description="the epoch budget of a trial that is never stopped early"),
+    Hyperparameter("soft_loss", "choice", "kl", choices=_loss_names, description="the distillation objective"),
+)
+
+#: The hyperparameter that measures a student's size (one baseline per value).
+SIZE_HYPERPARAMETER = "width"
+
+
+def hyperparameter_table() -> dict[str, Hyperparameter]:
+    """Every hyperparameter by name: the core ones, then each registered objective's."""
+    table = {hp.name: hp for hp in CORE_HYPERPARAMETERS}
+    for name in LOSSES.registration_order():
+        for hp in LOSSES.get(name).hyperparameters:
+            table[hp.name] = hp
+    return table
+
+
+def hyperparameter(name: str) -> Hyperparameter:
+    """One hyperparameter's declaration; a :class:`ConfigError` listing the known names otherwise."""
+    table = hyperparameter_table()
+    if name not in table:
+        raise ConfigError(name, f"unknown hyperparameter; allowed: {', '.join(table)}")
+    return table[name]
+
+
+def check_values(**values: Any) -> None:
+    """Check named hyperparameter values against their declarations (the first bad one raises)."""
+    for name, value in values.items():
+        hyperparameter(name).check(value)
+
+
+def baseline_values() -> dict[str, Any]:
+    """The values every no-distillation baseline fixes (alpha = 1, beta = 0, no noise, ...)."""
+    return {name: hp.baseline for name, hp in hyperparameter_table().items()
+            if hp.baseline not in (TUNED, UNCHANGED, PER_SIZE)}
+
+
+def tuned_in_baseline() -> list[str]:
+    """The hyperparameters a baseline copies from its width's best trial."""
+    return [name for name, hp in hyperparameter_table().items() if hp.baseline == TUNED]

@@ -1,0 +1,1 @@
+"""Results of finished studies: analysis, report, evaluation and export (no Ray import)."""

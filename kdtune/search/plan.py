@@ -1,0 +1,283 @@
+"""The plan of a search: spec → run configs, before anything runs.
+
+Checks everything that can be checked before Ray starts (:func:`preflight`,
+:func:`check_inputs`), decides where trials run (:func:`plan_placement`), and
+turns the spec into the trials' base config and the no-distillation baselines'
+configs. Also the study's lifecycle checks: may this study be created, or resumed
+with this spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from kdtune import __version__
+from kdtune.atomic import write_text_atomic
+from kdtune.core.data import DatasetSplits, check_dataset_root
+from kdtune.core.models import build_model
+from kdtune.core.objectives import (
+    SIZE_HYPERPARAMETER,
+    baseline_values,
+    hyperparameter_table,
+    tuned_in_baseline,
+)
+from kdtune.core.teacher import load_checkpoint
+from kdtune.errors import ConfigError, KdtuneError
+from kdtune.search.cluster import known_cluster_resources
+from kdtune.search.early_stopping import EARLY_STOPPING
+from kdtune.spec import Choice, IntRange, LogUniform, SearchSpec, bounds, load_spec_data, parse_spec, possible_values, teacher_configs
+from kdtune.study import COMPLETED, META_FILE, SPEC_FILE, update_meta
+
+
+@dataclass
+class Placement:
+    """Where trials run: per-trial Ray resources, device, and how many at once."""
+
+    resources: dict[str, float]
+    device: str
+    max_concurrent: int
+    threads: int
+    warnings: list[str] = field(default_factory=list)
+
+def plan_placement(spec: SearchSpec, cluster: dict[str, float], num_samples: int,
+                   joined_cluster: bool = False) -> Placement:
+    """Decide per-trial resources and concurrency from the spec and the cluster.
+
+    GPUs asked for on a cluster without any are dropped with a warning (the same
+    spec runs on a laptop); more GPUs per trial than the cluster has is an error.
+    Without ``max_concurrent_trials`` Ray runs one trial at a time behind a custom
+    searcher, so it is set from how many trials fit at once.
+    """
+    cpus, gpus = spec.resources.cpus, spec.resources.gpus
+    notes: list[str] = []
+    total_cpu, total_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if gpus > 0 and total_gpu == 0 and joined_cluster:
+        # On a cluster (--address) a missing GPU means the GPU workers have not
+        # joined yet: silently training on CPUs would waste the whole search.
+        raise ConfigError("resources.gpus", f"{gpus:g} GPUs per trial but the cluster has no GPU registered; "
+                                            "start the GPU workers first (see `ray status`), or set resources.gpus: 0")
+    if gpus > 0 and total_gpu == 0:
+        notes.append(f"resources.gpus={gpus} but the cluster has no GPU: running on the CPU")
+        gpus = 0.0
+    if gpus > total_gpu > 0:
+        raise ConfigError("resources.gpus", f"{gpus:g} GPUs per trial but the cluster has {total_gpu:g}; "
+                                            f"allowed: at most {total_gpu:g} (fractions share a GPU)")
+    if cpus > total_cpu:
+        raise ConfigError("resources.cpus", f"{cpus:g} CPUs per trial but the cluster has {total_cpu:g}; "
+                                            f"allowed: at most {total_cpu:g}")
+    fit = math.floor(total_cpu / cpus)
+    if gpus > 0:
+        fit = min(fit, math.floor(total_gpu / gpus + 1e-9))
+    concurrent = spec.resources.max_concurrent_trials or max(1, fit)
+    resources = {"cpu": cpus, "gpu": gpus}
+    return Placement(resources, "cuda" if gpus > 0 else "cpu", max(1, min(concurrent, num_samples)),
+                     max(1, int(cpus)), notes)
+
+def _located(exc: ConfigError, section: str) -> str:
+    """A model/dataset error re-keyed to where it sits in the spec, e.g. the
+    ``depth`` error of ``build_model`` becomes ``student.options.depth``."""
+    message = str(exc)
+    rest = message[len(exc.field) + 2:] if message.startswith(f"{exc.field}: ") else message
+    if exc.field in ("model", "family"):
+        key = f"{section}.family"
+    elif exc.field == "dataset":
+        key = f"{section}.dataset"
+    elif exc.field in ("width", "checkpoint") or exc.field.startswith(section.split("[")[0] + "."):
+        key = exc.field if "." in exc.field else f"{section}.{exc.field}"
+    else:
+        key = f"{section}.options.{exc.field}"
+    return f"{key}: {rest}"
+
+def preflight(spec: SearchSpec, source: str = "spec") -> None:
+    """Check everything that can be checked without data or Ray; raise on the first problem
+    (a :class:`KdtuneError` naming ``source`` and the spec key)."""
+    try:
+        check_dataset_root(spec.data.dataset, spec.data.root, spec.data.download)
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {_located(exc, 'data')}") from None
+    if not spec.space.searched():
+        raise KdtuneError(f"{source}: space: nothing to search (every hyperparameter is fixed); "
+                          f"make at least one a distribution, e.g. temperature: {{loguniform: [1, 20]}}")
+    if spec.early_stopping.rule not in EARLY_STOPPING:
+        raise KdtuneError(f"{source}: early_stopping.rule: unknown early-stopping rule "
+                          f"{spec.early_stopping.rule!r}; allowed: {', '.join(EARLY_STOPPING.names())}")
+    widths = [float(w) for w in possible_values(spec.space.width)]
+    input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
+    section = "student"
+    try:
+        for width in (min(widths), max(widths)):
+            build_model(spec.student.family, input_shape, classes, width, **spec.student.options)
+        teachers = spec.teachers()
+        for index, teacher in enumerate(teachers):
+            section = "teacher" if len(teachers) == 1 else f"teacher[{index}]"
+            build_model(teacher.family, input_shape, classes, teacher.width, **teacher.options)
+            if teacher.checkpoint and not Path(teacher.checkpoint).expanduser().is_file():
+                raise ConfigError("checkpoint", f"{teacher.checkpoint} does not exist or is not a file")
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {_located(exc, section)}") from None
+    except TypeError as exc:
+        # Keyword arguments a model family does not take (a misspelt option).
+        raise KdtuneError(f"{source}: {section}.options: {exc}") from None
+
+def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = None) -> DatasetSplits:
+    """The checks after :func:`preflight` that need the data: load it, load every
+    teacher checkpoint into its architecture, and check the per-trial resources
+    against the cluster when that is known without starting Ray. Writes nothing.
+    Returns the data; raises :class:`KdtuneError` naming ``source`` and the key."""
+    try:
+        data = load_spec_data(spec)
+        check_teacher_checkpoints(spec, data)
+        known = known_cluster_resources(address)
+        if known is not None:
+            plan_placement(spec, known, spec.num_samples)
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {exc}") from None
+    return data
+
+def check_teacher_checkpoints(spec: SearchSpec, data: DatasetSplits) -> None:
+    """Load every teacher checkpoint into its architecture before any training starts."""
+    for config in teacher_configs(spec):
+        if config.checkpoint:
+            model = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
+            load_checkpoint(model, config.checkpoint)
+
+def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
+    """The constant part of every trial's config (fixed hyperparameters included)."""
+    fixed = spec.space.fixed()
+    return {
+        **fixed,
+        "family": spec.student.family,
+        "model_options": dict(spec.student.options),
+        "optimizer": spec.student.optimizer,
+        "amp": spec.student.amp,
+        "device": placement.device,
+        "threads": placement.threads,
+        "train_subset": spec.data.train_subset,
+        "data_seed": spec.seed,
+        "seed": spec.seed,
+        "phase": "search",
+        "checkpoint_every": spec.checkpoint_every,
+    }
+
+def max_epochs(spec: SearchSpec) -> int:
+    """The largest epoch budget a trial can have."""
+    return int(max(possible_values(spec.space.epochs)))
+
+def baseline_widths(spec: SearchSpec, search_trials: pd.DataFrame) -> list[float]:
+    """Widths that get an α=1 baseline: every width the space allows when that is a
+    short list, else every width that a completed search trial used."""
+    width = spec.space.width
+    if isinstance(width, Choice):
+        return sorted(set(width.choice))
+    if isinstance(width, IntRange) and width.int[1] - width.int[0] < 12:
+        return list(range(width.int[0], width.int[1] + 1))
+    if bounds(width) is None:
+        return [width]
+    done = search_trials[search_trials["status"] == "completed"] if len(search_trials) else search_trials
+    return sorted(set(done["width"].dropna().tolist())) if len(done) else []
+
+def baseline_configs(spec: SearchSpec, search_trials: pd.DataFrame) -> list[dict[str, Any]]:
+    """One config per width: the baseline values the hyperparameter table declares
+    (alpha = 1, beta = 0, no noise, T = 1), and the tuned hyperparameters (lr, weight
+    decay, batch size, epochs) of that width's best completed search trial, so the
+    baseline is tuned as well as the students it is compared with. A width without
+    a completed trial gets the middle of each searched range (geometric for a
+    log-uniform one)."""
+    searched = spec.space.searched()
+    table = hyperparameter_table()
+    tuned = [name for name in tuned_in_baseline() if name in searched]
+    overrides = []
+    for width in baseline_widths(spec, search_trials):
+        entry: dict[str, Any] = {SIZE_HYPERPARAMETER: width, **baseline_values()}
+        pool = (search_trials[(search_trials["status"] == COMPLETED) & (search_trials[SIZE_HYPERPARAMETER] == width)]
+                if len(search_trials) else search_trials)
+        best = pool.sort_values("val_acc", ascending=False).iloc[0] if len(pool) else None
+        for key in tuned:
+            value = best[key] if best is not None else _middle(searched[key])
+            entry[key] = int(value) if table[key].kind == "int" else float(value)
+        entry.setdefault("epochs", max_epochs(spec))
+        overrides.append(entry)
+    return overrides
+
+
+def _middle(distribution: Any) -> float:
+    """The middle of a searched range: geometric for a log-uniform one, else arithmetic
+    (of both ends of a range, or of the first and last choice)."""
+    b = bounds(distribution)
+    lo, hi = (b[0], b[-1]) if isinstance(b, list) else b
+    if isinstance(distribution, LogUniform) or (isinstance(distribution, IntRange) and distribution.log):
+        return math.sqrt(lo * hi)
+    return (lo + hi) / 2
+def _spec_identity(spec: SearchSpec) -> dict[str, Any]:
+    # The folder names the study (--name may differ from the spec's `study`), and
+    # num_samples is checked on its own (see resumed_num_samples): neither makes
+    # it another search.
+    data = spec.model_dump(mode="json")
+    data.pop("num_samples", None)
+    data.pop("study", None)
+    return data
+
+def check_study(spec: SearchSpec, study_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing study, to resume a missing one, or to resume
+    with another spec. Reads only; safe to call before anything is written."""
+    marker = study_dir / META_FILE
+    if marker.exists() and not resume:
+        raise KdtuneError(
+            f"study '{study_dir.name}' already exists at {study_dir}: pass --resume to continue it, "
+            f"or --name NEW to start a separate study"
+        )
+    if not resume:
+        return
+    if not marker.exists():
+        raise KdtuneError(f"--resume: no study at {study_dir} (nothing to resume); run without --resume to start it")
+    stored_path = study_dir / SPEC_FILE
+    try:
+        stored = parse_spec(yaml.safe_load(stored_path.read_text()), str(stored_path))
+    except (OSError, yaml.YAMLError) as exc:
+        raise KdtuneError(f"--resume: cannot read the spec the study was started with ({stored_path}: {exc})") from None
+    if _spec_identity(stored) != _spec_identity(spec):
+        changed = sorted(k for k, v in _spec_identity(spec).items() if _spec_identity(stored).get(k) != v)
+        raise KdtuneError(
+            f"--resume: the spec differs from the one study '{study_dir.name}' was started with "
+            f"(changed: {', '.join(changed)}); Ray cannot change a search space on resume. "
+            f"Start a new study with --name instead"
+        )
+
+def resumed_num_samples(study_dir: Path, requested: int | None, default: int) -> int:
+    """The number of trials a resumed study runs to: the one it was started with.
+
+    Ray restores a search with its original number of samples, so asking for
+    another one with ``--num-samples`` is refused rather than silently ignored.
+    """
+    try:
+        stored = json.loads((study_dir / META_FILE).read_text()).get("num_samples")
+    except (OSError, ValueError):
+        stored = None
+    if stored is None:
+        return requested if requested is not None else default
+    if requested is not None and int(requested) != int(stored):
+        raise KdtuneError(
+            f"--num-samples {requested}: study '{study_dir.name}' was started with {stored} trials and Ray "
+            f"cannot change that on resume; resume without --num-samples (or with --num-samples {stored}), "
+            f"or start a new study with --name")
+    return int(stored)
+
+def create_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path) -> None:
+    """Create the study folder: spec.yaml, then study.json in state "starting"
+    (after :func:`check_study` said it may be created).
+
+    ``study.json`` is written before any long work, so that a search killed while
+    its teacher trains can already be resumed with ``--resume``.
+    """
+    study_dir.mkdir(parents=True, exist_ok=True)
+    text = spec_source.read_text() if spec_source else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    write_text_atomic(study_dir / SPEC_FILE, text)
+    update_meta(study_dir, {"study": study_dir.name, "kdtune_version": __version__, "state": "starting",
+                            "num_samples": spec.num_samples})
