@@ -1,7 +1,7 @@
 """Size-vs-accuracy fronts in plain Python: the one definition of a front's
 hypervolume and of power-of-two size buckets.
 
-It sits below every layer: the early-stopping rules decide with it at each
+Also the front of a trials table (:func:`pareto_front`). It sits below every layer: the early-stopping rules decide with it at each
 rung, and the results layer measures finished studies with it.
 """
 
@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from kdtune.errors import ConfigError, ResultsError
 
 
 def front_hypervolume(points: Iterable[tuple[float, float]], reference_size: float, reference_score: float = 0.0,
@@ -50,3 +55,63 @@ def power_of_two_label(exponent: int) -> str:
 def params_bucket(params: float) -> str:
     """The labelled power-of-two bucket of a parameter count."""
     return power_of_two_label(power_of_two_exponent(params))
+
+
+def require_columns(df: pd.DataFrame, **columns: str) -> None:
+    """ConfigError naming the argument whose column is not in ``df``."""
+    for argument, column in columns.items():
+        if column not in df.columns:
+            raise ConfigError(
+                argument,
+                f"column {column!r} is not in the table; available: {', '.join(map(str, df.columns))}",
+            )
+
+
+def counted_trials(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """The rows the analyses count: completed, search-phase, with ``columns`` not NaN.
+
+    ``status`` and ``phase`` filter only when the table has those columns.
+    """
+    mask = pd.Series(True, index=df.index)
+    if "status" in df.columns:
+        mask &= df["status"] == "completed"
+    if "phase" in df.columns:
+        mask &= df["phase"] == "search"
+    rows = df[mask]
+    return rows.dropna(subset=list(columns))
+
+
+def pareto_front(df: pd.DataFrame, size: str = "params", score: str = "val_acc") -> pd.DataFrame:
+    """The non-dominated rows of ``df``: smallest ``size`` for each reachable ``score``.
+
+    Only completed search-phase rows count (:func:`counted_trials`). A row is
+    dominated when another row has ``size <=`` and ``score >=`` with at least one
+    inequality strict. Rows with exactly the same (size, score) as an earlier row
+    of ``df`` are dropped: the front keeps the first occurrence only, so every
+    point of the front appears once.
+
+    Returns the front's rows with all of ``df``'s columns and original index,
+    sorted by ``size`` ascending (so ``score`` strictly increases too).
+
+    Raises :class:`ResultsError` when no completed search-phase row is left, and
+    :class:`ConfigError` when ``size`` or ``score`` is not a column.
+    """
+    require_columns(df, size=size, score=score)
+    rows = counted_trials(df, size, score)
+    if rows.empty:
+        raise ResultsError(
+            f"no completed search trials with {size!r} and {score!r} "
+            f"({len(df)} rows in the table): nothing to build a Pareto front from"
+        )
+    # Smallest size first, best score first within a size, then input order, so
+    # that the sweep below keeps the first of exact duplicates.
+    order = np.lexsort((np.arange(len(rows)), -rows[score].to_numpy(float), rows[size].to_numpy(float)))
+    ordered = rows.iloc[order]
+    keep = []
+    best_score = -math.inf
+    for position, value in enumerate(ordered[score].to_numpy(float)):
+        # Every earlier row is no larger; this one survives only if it scores strictly higher.
+        if value > best_score:
+            keep.append(position)
+            best_score = value
+    return ordered.iloc[keep]

@@ -43,6 +43,10 @@ class Registry(Generic[F]):
                 self.kind, f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}"
             ) from None
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a test or a plugin being reloaded); unknown names are ignored."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._entries)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from types import SimpleNamespace
 
 import math
@@ -96,11 +98,11 @@ def test_stock_asha_stops_the_narrow_students_that_size_aware_keeps():
 
 
 def test_params_buckets_are_powers_of_two():
-    assert params_bucket(1024) == "2^10"
-    assert params_bucket(2047) == "2^10"
-    assert params_bucket(2048) == "2^11"
+    assert params_bucket(1024) == "2^10–2^11"
+    assert params_bucket(2047) == "2^10–2^11"
+    assert params_bucket(2048) == "2^11–2^12"
     scheduler = SizeAwareASHA(size_key="params", max_t=9)
-    assert scheduler.bucket_of({"width": 0.5}, {"params": 3000}) == ("params", "2^11")
+    assert scheduler.bucket_of({"width": 0.5}, {"params": 3000}) == ("params", "2^11–2^12")
 
 
 def test_sizeaware_restore_history_replays_rung_scores():
@@ -245,17 +247,21 @@ def test_restore_history_names_missing_columns():
 
 
 def test_early_stopping_spec_defaults_and_allowed_rules():
-    from pydantic import ValidationError
-
-    from kdtune.spec import EarlyStoppingSpec
+    from kdtune.errors import KdtuneError
+    from kdtune.search.early_stopping import EARLY_STOPPING
+    from kdtune.search.plan import preflight
+    from kdtune.spec import EarlyStoppingSpec, parse_spec
 
     default = EarlyStoppingSpec()
     assert (default.rule, default.reduction_factor, default.hv_epsilon) == ("pareto_asha", 3.0, 0.04)
     assert EarlyStoppingSpec(rule="size_aware_asha").reduction_factor == 3.0
     assert EarlyStoppingSpec(rule="asha", reduction_factor=4).reduction_factor == 4.0
-    with pytest.raises(ValidationError) as error:
-        EarlyStoppingSpec(rule="hyperband")
-    for allowed in ("pareto_asha", "size_aware_asha", "asha", "none"):
+    assert {"pareto_asha", "size_aware_asha", "asha", "none"} <= set(EARLY_STOPPING.names())
+    # The allowed rules are the registry's names, checked before anything runs.
+    with pytest.raises(KdtuneError) as error:
+        preflight(parse_spec({"early_stopping": {"rule": "hyperband"}}))
+    assert "early_stopping.rule" in str(error.value)
+    for allowed in EARLY_STOPPING.names():
         assert allowed in str(error.value)
 
 
@@ -272,14 +278,15 @@ def test_early_stopping_spec_defaults_and_allowed_rules():
 def test_a_search_over_one_size_defaults_to_asha_within_it(width, early_stopping, expected):
     # One student size makes the front a single point, where Pareto halving would keep
     # only record-setting trials; the default then falls back to halving within the size.
-    from kdtune.search import _scheduler
+    from kdtune.search.early_stopping import build_rule
     from kdtune.spec import SearchSpec
 
     raw = {"space": {"width": width, "epochs": 27}}
     if early_stopping is not None:
         raw["early_stopping"] = early_stopping
     spec = SearchSpec.model_validate(raw)
-    scheduler, rungs = _scheduler(spec)
+    rule = build_rule(spec.early_stopping, 27, Path("unused"))
+    scheduler, rungs = rule.scheduler, rule.report_epochs
     assert (spec.early_stopping.rule, type(scheduler)) == expected
     grace = (early_stopping or {}).get("grace_period", 1)
     assert rungs == [grace * 3**k for k in range(4) if grace * 3**k < 27]

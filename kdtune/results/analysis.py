@@ -26,7 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from kdtune.errors import ConfigError, ResultsError
-from kdtune.pareto import front_hypervolume, power_of_two_label
+from kdtune.pareto import counted_trials, front_hypervolume, pareto_front, power_of_two_label, require_columns
 from kdtune.study import JOURNAL_FILE, read_meta
 from kdtune.tables import load_tables
 
@@ -76,66 +76,6 @@ def load_history(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """One row per trial per epoch of one or several study folders (``history.parquet``)."""
     frames = [_load_table(d, "history") for d in _study_dirs(paths)]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-
-
-def _require_columns(df: pd.DataFrame, **columns: str) -> None:
-    """ConfigError naming the argument whose column is not in ``df``."""
-    for argument, column in columns.items():
-        if column not in df.columns:
-            raise ConfigError(
-                argument,
-                f"column {column!r} is not in the table; available: {', '.join(map(str, df.columns))}",
-            )
-
-
-def counted_trials(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
-    """The rows the analyses count: completed, search-phase, with ``columns`` not NaN.
-
-    ``status`` and ``phase`` filter only when the table has those columns.
-    """
-    mask = pd.Series(True, index=df.index)
-    if "status" in df.columns:
-        mask &= df["status"] == "completed"
-    if "phase" in df.columns:
-        mask &= df["phase"] == "search"
-    rows = df[mask]
-    return rows.dropna(subset=list(columns))
-
-
-def pareto_front(df: pd.DataFrame, size: str = "params", score: str = "val_acc") -> pd.DataFrame:
-    """The non-dominated rows of ``df``: smallest ``size`` for each reachable ``score``.
-
-    Only completed search-phase rows count (see the module docstring). A row is
-    dominated when another row has ``size <=`` and ``score >=`` with at least one
-    inequality strict. Rows with exactly the same (size, score) as an earlier row
-    of ``df`` are dropped: the front keeps the first occurrence only, so every
-    point of the front appears once.
-
-    Returns the front's rows with all of ``df``'s columns and original index,
-    sorted by ``size`` ascending (so ``score`` strictly increases too).
-
-    Raises :class:`ResultsError` when no completed search-phase row is left, and
-    :class:`ConfigError` when ``size`` or ``score`` is not a column.
-    """
-    _require_columns(df, size=size, score=score)
-    rows = counted_trials(df, size, score)
-    if rows.empty:
-        raise ResultsError(
-            f"no completed search trials with {size!r} and {score!r} "
-            f"({len(df)} rows in the table): nothing to build a Pareto front from"
-        )
-    # Smallest size first, best score first within a size, then input order, so
-    # that the sweep below keeps the first of exact duplicates.
-    order = np.lexsort((np.arange(len(rows)), -rows[score].to_numpy(float), rows[size].to_numpy(float)))
-    ordered = rows.iloc[order]
-    keep = []
-    best_score = -math.inf
-    for position, value in enumerate(ordered[score].to_numpy(float)):
-        # Every earlier row is no larger; this one survives only if it scores strictly higher.
-        if value > best_score:
-            keep.append(position)
-            best_score = value
-    return ordered.iloc[keep]
 
 
 def hypervolume(
@@ -261,8 +201,8 @@ def temperature_curve(
     a log bin), ``mean``, ``std`` (sample std, NaN for one sample), ``count``, and
     ``t_min``/``t_max`` (smallest and largest T actually in the bin).
     """
-    _require_columns(df, score=score)
-    _require_columns(df, temperature="temperature")
+    require_columns(df, score=score)
+    require_columns(df, temperature="temperature")
     columns = ["bucket", "t_bin_center", "mean", "std", "count", "t_min", "t_max"]
     rows = counted_trials(df, score, "temperature")
     if rows.empty:

@@ -22,6 +22,7 @@ Results go to ``final.csv`` (one row per front configuration) and
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time

@@ -22,6 +22,7 @@ from kdtune import __version__
 from kdtune.core.data import DatasetSplits
 from kdtune.core.teacher import prepare_teachers
 from kdtune.errors import ConfigError, KdtuneError
+from kdtune.pareto import pareto_front
 from kdtune.search.callbacks import progress_callback, recording_callback
 from kdtune.search.cluster import ray_session
 from kdtune.search.early_stopping import build_rule
@@ -71,8 +72,6 @@ class SearchResult:
 
     def pareto_front(self, size: str = "params", score: str = "val_acc") -> pd.DataFrame:
         """The validation Pareto front of student size against accuracy."""
-        from kdtune.analysis import pareto_front
-
         return pareto_front(self.trials, size=size, score=score)
 
 def _searcher(spec: SearchSpec, study_dir: Path, study: str):
@@ -259,7 +258,7 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
     each; returns (stopped before the end, trials, history)."""
     from ray import tune
 
-    from kdtune.search.trainable import DataArrays, distill_trainable
+    from kdtune.search.trainable import DataArrays, distill_trainable, user_objectives
 
     search_path = experiment_path(experiment_root, "search")
     baseline_path = experiment_path(experiment_root, "baseline")
@@ -272,7 +271,7 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
         replays = frozenset().union(*(recorded_ids(records_dir(study_dir, phase)) for phase in PHASES))
     trainable = tune.with_resources(
         tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets,
-                             replays=replays),
+                             replays=replays, objectives=user_objectives()),
         placement.resources,
     )
     log(f"study '{study}': {spec.num_samples} trials, up to {placement.max_concurrent} at a time, "

@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import tempfile
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray import cloudpickle  # the pickler Ray ships trial parameters with
 
 from kdtune.core.data import DatasetSplits, TensorSplit
 from kdtune.core.distill import TeacherTargets, run
+from kdtune.core.objectives import LOSSES, Objective
 from kdtune.study import trial_config, trial_run_config
 
 STATE_FILE = "state.pt"
@@ -149,8 +152,31 @@ class SparseReporter:
         return result
 
 
+def user_objectives() -> tuple[Objective, ...]:
+    """The registered losses defined outside kdtune (a user's module, a test): Ray
+    workers do not import the module that registered them, so the trials get them
+    with their parameters (pickled by value) and register them on arrival."""
+    found = []
+    for name in LOSSES.registration_order():
+        objective = LOSSES.get(name)
+        module = getattr(objective.soft_term, "__module__", "") or ""
+        if not module.startswith("kdtune."):
+            found.append(objective)
+            if module in sys.modules and module != "__main__":
+                cloudpickle.register_pickle_by_value(sys.modules[module])
+    return tuple(found)
+
+
+def install_objectives(objectives: tuple[Objective, ...]) -> None:
+    """Register the shipped objectives this worker does not know yet."""
+    for objective in objectives:
+        if objective.name not in LOSSES:
+            LOSSES.register(objective.name)(objective)
+
+
 def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, teacher: TeacherTargets | None = None,
-                      replays: frozenset[str] | set[str] | None = None) -> None:
+                      replays: frozenset[str] | set[str] | None = None,
+                      objectives: tuple[Objective, ...] = ()) -> None:
     """Ray Tune function trainable: train one student, reporting the epochs that matter.
 
     ``config`` holds the fields of :class:`~kdtune.distill.RunConfig` plus
@@ -158,11 +184,13 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     decides at) and, in kdtune's own tests, ``fault``.
     ``replays`` holds the Ray ids of trials that had ended before a restart: run
     again, they end at once without training (their record holds their outcome).
+    ``objectives`` are losses registered outside kdtune (:func:`user_objectives`).
     """
     from ray import tune
     import ray
 
     assert data is not None
+    install_objectives(objectives)
     config = trial_config(config)
     run_config = trial_run_config(config)
     context = tune.get_context()
