@@ -238,7 +238,8 @@ def _checked(declared: Any, value: Any) -> Any:
 
 
 class SamplerSpec(_Strict):
-    name: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
+    #: A name in the SAMPLERS registry (kdtune.search.sampler), checked before the search starts.
+    name: str = "tpe"
     objectives: list[str] = Field(default_factory=lambda: ["val_acc", "params"])
     n_startup_trials: int = Field(10, ge=0)
     multivariate: bool = True

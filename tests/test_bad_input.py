@@ -121,6 +121,10 @@ BAD_SPECS = [
      ["early_stopping.rule", "size_aware_asha"]),
     ("study-name-escapes-results", changed("study", "../elsewhere"), ["study", "letters, digits"]),
     ("val-fraction-above-1", changed("data.val_fraction", 1.5), ["data.val_fraction", "less than"]),
+    # An empty or truncated file is an accident, not a request for the defaults.
+    ("empty-file", lambda tmp: "", ["spec is empty", "study: my_study"]),
+    ("only-comments", lambda tmp: "# study: digits\n# space: ...\n", ["spec is empty", "defaults on purpose"]),
+    ("unknown-space-key", changed("space.tempreature", 4.0), ["space.tempreature", "unknown key", "temperature"]),
 ]
 
 
@@ -129,9 +133,9 @@ def no_ray(monkeypatch):
     """Fail the test if the command reaches kdtune's Ray session (started, joined or
     reused): bad input must be refused before it."""
     def refuse(*args, **kwargs):
-        pytest.fail("the command reached kdtune.search.ray_session")
+        pytest.fail("the command reached kdtune.search.pipeline.ray_session")
 
-    monkeypatch.setattr("kdtune.search.ray_session", refuse)
+    monkeypatch.setattr("kdtune.search.pipeline.ray_session", refuse)
 
 
 @pytest.mark.parametrize("maker, needles", [pytest.param(m, n, id=i) for i, m, n in BAD_SPECS])

@@ -32,6 +32,7 @@ from kdtune.core.teacher import load_checkpoint
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.search.cluster import known_cluster_resources
 from kdtune.search.early_stopping import EARLY_STOPPING
+from kdtune.search.sampler import SAMPLERS
 from kdtune.spec import Choice, IntRange, LogUniform, SearchSpec, bounds, load_spec_data, parse_spec, possible_values, teacher_configs
 from kdtune.study import COMPLETED, META_FILE, SPEC_FILE, update_meta
 
@@ -105,9 +106,11 @@ def preflight(spec: SearchSpec, source: str = "spec") -> None:
     if not spec.space.searched():
         raise KdtuneError(f"{source}: space: nothing to search (every hyperparameter is fixed); "
                           f"make at least one a distribution, e.g. temperature: {{loguniform: [1, 20]}}")
-    if spec.early_stopping.rule not in EARLY_STOPPING:
-        raise KdtuneError(f"{source}: early_stopping.rule: unknown early-stopping rule "
-                          f"{spec.early_stopping.rule!r}; allowed: {', '.join(EARLY_STOPPING.names())}")
+    for key, name, registry in (("early_stopping.rule", spec.early_stopping.rule, EARLY_STOPPING),
+                                ("sampler.name", spec.sampler.name, SAMPLERS)):
+        if name not in registry:
+            raise KdtuneError(f"{source}: {key}: unknown {registry.kind} {name!r}; "
+                              f"allowed: {', '.join(registry.names())}")
     widths = [float(w) for w in possible_values(spec.space.width)]
     input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
     section = "student"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -27,6 +28,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from kdtune.registry import Registry
 from kdtune.search.private_apis import fail_lost_trial, optuna_study, optuna_trials, told_trials
 from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
 from kdtune.study import COMPLETED, STOPPED_EARLY, record_path, recorded_ids, trial_status
@@ -48,26 +50,43 @@ def to_optuna_distribution(value: Any) -> BaseDistribution:
     raise TypeError(f"not a distribution: {value!r}")
 
 
+#: Optuna samplers by the name a spec gives (``sampler.name``):
+#: (sampler settings, seed, multi-objective?) → sampler.
+SAMPLERS: Registry[Callable[[SamplerSpec, int, bool], optuna.samplers.BaseSampler]] = Registry("sampler")
+
+
+@SAMPLERS.register("tpe")
+def _tpe(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    # Multi-objective TPE must be multivariate to model the front; constant_liar keeps
+    # parallel trials from all asking for the same point.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials,
+                                      multivariate=spec.multivariate or multi_objective,
+                                      constant_liar=spec.constant_liar)
+
+
+@SAMPLERS.register("random")
+def _random(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+@SAMPLERS.register("nsga2")
+def _nsga2(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+@SAMPLERS.register("gp")
+def _gp(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.n_startup_trials)
+
+
 def build_sampler(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler a spec names.
+    """The Optuna sampler a spec names (see :data:`SAMPLERS`).
 
     The default, multi-objective TPE over (val accuracy, params), models the whole
     front, so it keeps sampling small students instead of collapsing onto the
-    widest one; ``constant_liar`` keeps parallel trials from all asking for the
-    same point.
+    widest one.
     """
-    if spec.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if spec.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.n_startup_trials)
-    return optuna.samplers.TPESampler(
-        seed=seed,
-        n_startup_trials=spec.n_startup_trials,
-        multivariate=spec.multivariate or multi_objective,
-        constant_liar=spec.constant_liar,
-    )
+    return SAMPLERS.get(spec.name)(spec, seed, multi_objective)
 
 
 def journal_storage(path: str | Path) -> JournalStorage:
