@@ -65,15 +65,16 @@ def validate(spec: Path) -> None:
 @click.option("--dashboard", is_flag=True, help="Start Ray's dashboard, bound to 127.0.0.1 only.")
 @click.option("--results", "results_root", default="results", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Results root folder.")
+@click.option("--budget", help="Stop sampling once spent: epochs of search trials (500) or time (2h, 90m).")
 def search(spec: Path, num_samples: int | None, name: str | None, address: str | None, storage: str | None,
-           resume: bool, dashboard: bool, results_root: Path) -> None:
+           resume: bool, dashboard: bool, results_root: Path, budget: str | None) -> None:
     """Run a distillation search described by SPEC (a YAML file)."""
     from kdtune.search import SearchInterrupted, resume_command
     from kdtune.search import search as run_search
 
     try:
         result = run_search(spec, num_samples=num_samples, name=name, address=address, storage=storage,
-                            resume=resume, dashboard=dashboard, results_root=results_root,
+                            resume=resume, dashboard=dashboard, results_root=results_root, budget=budget,
                             log=lambda m: click.echo(m, err=False))
     except SearchInterrupted as exc:
         _interrupted(exc)

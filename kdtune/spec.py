@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic_core import PydanticUndefined
@@ -43,7 +43,8 @@ class _Strict(BaseModel):
     @classmethod
     def _no_stray_booleans(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic reads `num_samples: true` as 1; a boolean is only meant for a switch.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
             raise ValueError("true/false is not allowed here; expected a number or a setting")
         return value
 
@@ -318,7 +319,10 @@ class SearchSpec(_Strict):
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_failures: int = Field(2, ge=0)
-    baselines: bool = True
+    #: No-distillation baselines after the search: true trains one per width that has a
+    #: completed trial (a width none reached the end of has nothing to compare with),
+    #: "all" one per width of the space, false none.
+    baselines: Union[bool, Literal["all"]] = True
     checkpoint_every: int = Field(0, ge=0)
     faults: FaultSpec | None = None
 

@@ -50,8 +50,8 @@ def test_columns_and_baseline_come_from_the_table():
 
 
 def test_baselines_copy_the_tuned_hyperparameters_of_their_width():
-    spec = parse_spec({"space": {"width": {"choice": [8, 16]}, "lr": {"loguniform": [0.001, 0.1]},
-                                 "epochs": 5}})
+    spec = parse_spec({"baselines": "all", "space": {"width": {"choice": [8, 16]},
+                                                     "lr": {"loguniform": [0.001, 0.1]}, "epochs": 5}})
     trials = pd.DataFrame([
         {"status": "completed", "width": 8, "val_acc": 0.9, "lr": 0.02},
         {"status": "completed", "width": 8, "val_acc": 0.8, "lr": 0.05},
@@ -68,3 +68,14 @@ def test_teacher_spec_and_teacher_config_hold_the_same_settings():
     assert spec_fields == config_fields
     config = TeacherSpec(family="cnn", width=16, options={"depth": 1}, epochs=3).to_config()
     assert (config.family, config.width, config.model_options, config.epochs) == ("cnn", 16, {"depth": 1}, 3)
+
+
+def test_baselines_only_for_widths_with_a_completed_trial_unless_all_are_asked_for():
+    trials = pd.DataFrame([
+        {"status": "completed", "width": 8, "val_acc": 0.9, "lr": 0.02},
+        {"status": "stopped_early", "width": 32, "val_acc": 0.5, "lr": 0.02},
+    ])
+    space = {"width": {"choice": [8, 16, 32]}, "epochs": 5}
+    assert [c["width"] for c in baseline_configs(parse_spec({"space": space}), trials)] == [8]
+    every = parse_spec({"space": space, "baselines": "all"})
+    assert [c["width"] for c in baseline_configs(every, trials)] == [8, 16, 32]

@@ -11,6 +11,7 @@ folder (its layout: :mod:`kdtune.study`).
 from __future__ import annotations
 
 import shlex
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from kdtune.search.callbacks import progress_callback, recording_callback
 from kdtune.search.cluster import ray_session
 from kdtune.search.early_stopping import build_rule
 from kdtune.search.plan import (
+    Budget,
     Placement,
     base_config,
     baseline_configs,
@@ -34,6 +36,7 @@ from kdtune.search.plan import (
     check_study,
     create_study,
     max_epochs,
+    parse_budget,
     plan_placement,
     preflight,
     resumed_num_samples,
@@ -74,7 +77,7 @@ class SearchResult:
         """The validation Pareto front of student size against accuracy."""
         return pareto_front(self.trials, size=size, score=score)
 
-def _searcher(spec: SearchSpec, study_dir: Path, study: str):
+def _searcher(spec: SearchSpec, study_dir: Path, study: str, budget: Budget | None = None):
     from kdtune.core.distill import OBJECTIVE_MODES
     from kdtune.search.sampler import KdOptunaSearch, build_sampler, journal_storage, to_optuna_distribution
 
@@ -93,6 +96,7 @@ def _searcher(spec: SearchSpec, study_dir: Path, study: str):
         size_values=list(spec.space.width.choice) if isinstance(spec.space.width, Choice) else None,
         num_samples=spec.num_samples,
         records=records_dir(study_dir, "search"),
+        budget=budget,
     )
 
 
@@ -169,6 +173,7 @@ def search(
     resume: bool = False,
     dashboard: bool = False,
     results_root: str | Path = "results",
+    budget: Budget | str | None = None,
     log: Log = print,
 ) -> SearchResult:
     """Run (or resume) a distillation search and return its tables.
@@ -180,7 +185,10 @@ def search(
     Bad input raises :class:`KdtuneError` before Ray starts (a joined cluster's
     resources are checked right after joining) and before anything is written.
     Ctrl-C before the trials start raises :class:`SearchInterrupted`; during the
-    trials Ray stops them, and the result has ``interrupted=True``.
+    trials Ray stops them, and the result has ``interrupted=True``. ``budget``
+    (epochs such as ``"500"``, or a time such as ``"2h"``; see
+    :func:`~kdtune.search.plan.parse_budget`) stops sampling once spent: running
+    trials finish, the baselines run, and the study is complete with fewer trials.
     """
     from kdtune.search.sampler import clear_stale_journal_lock, reconcile_journal
 
@@ -196,6 +204,8 @@ def search(
     if name is not None:
         spec = parse_spec({**spec.model_dump(mode="json"), "study": name}, "--name")
     source = str(spec_source or "spec")
+    if isinstance(budget, str):
+        budget = parse_budget(budget)
     preflight(spec, source)
     results_root = Path(results_root).expanduser().resolve()
     study_dir = results_root / study
@@ -240,20 +250,29 @@ def search(
             "teacher": prepared.info[0], "teachers": prepared.info, "teacher_key": prepared.key,
             "rungs": rungs, "num_samples": spec.num_samples, "experiment_root": experiment_root,
             "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
+            **({"budget": {"epochs": budget.epochs, "seconds": budget.seconds}} if budget else {}),
         })
         interrupted, trials, history = _run_trials(spec, study, study_dir, experiment_root, data, prepared,
-                                                   placement, rule.scheduler, rungs, resume, log)
+                                                   placement, rule.scheduler, rungs, resume, log, budget)
         if not interrupted:
             ray_ids = set(trials.loc[trials["phase"] == "search", "trial_id"]) if len(trials) else set()
             lost = reconcile_journal(study_dir / JOURNAL_FILE, study, ray_ids)
             if lost:
                 log(f"optuna journal: {lost} trial(s) asked before the restart and never run marked FAIL")
-        update_meta(study_dir, {"state": "interrupted" if interrupted else "complete"})
+        update_meta(study_dir, {"state": "interrupted" if interrupted else "complete",
+                                "epochs_spent": epochs_spent(trials)})
     return SearchResult(study_dir, trials, history, prepared.info, interrupted, resume_cmd)
+
+def epochs_spent(trials: pd.DataFrame) -> dict[str, int]:
+    """The epochs a study's trials ran, by phase: what the search cost, baselines included."""
+    if not len(trials):
+        return {}
+    return {str(phase): int(group["epochs_run"].fillna(0).sum()) for phase, group in trials.groupby("phase")}
+
 
 def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: str, data: DatasetSplits,
                 prepared: Any, placement: Placement, scheduler: Any, rungs: list[int], resume: bool,
-                log: Log) -> tuple[bool, pd.DataFrame, pd.DataFrame]:
+                log: Log, budget: Budget | None = None) -> tuple[bool, pd.DataFrame, pd.DataFrame]:
     """Run (or resume) the search trials, then the baselines, writing the tables after
     each; returns (stopped before the end, trials, history)."""
     from ray import tune
@@ -282,7 +301,7 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
             trainable,
             param_space=config,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(spec, study_dir, study),
+                search_alg=_searcher(spec, study_dir, study, budget),
                 scheduler=scheduler,
                 num_samples=spec.num_samples,
                 max_concurrent_trials=placement.max_concurrent,
@@ -298,11 +317,17 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
         return tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
 
+    started = time.monotonic()
     _fit(new_search_tuner, search_path, restore_search_tuner if resume else None)
     trials, history = study_tables(study_dir, study, experiment_root, PHASES)
     search_trials = trials[trials["phase"] == "search"] if len(trials) else trials
     finished = search_trials[search_trials["status"].isin(FINISHED)] if len(search_trials) else search_trials
-    if len(finished) < spec.num_samples:
+    all_ended = len(finished) == len(search_trials)
+    spent = budget is not None and all_ended and budget.spent(
+        epochs_spent(search_trials).get("search", 0), time.monotonic() - started)
+    if spent:
+        log(f"budget of {budget.describe()} spent: {len(finished)} of {spec.num_samples} trials ran")
+    elif len(finished) < spec.num_samples:
         return True, trials, history
     overrides = baseline_configs(spec, search_trials) if spec.baselines else []
     if not overrides:

@@ -173,9 +173,49 @@ def max_epochs(spec: SearchSpec) -> int:
     """The largest epoch budget a trial can have."""
     return int(max(possible_values(spec.space.epochs)))
 
+@dataclass(frozen=True)
+class Budget:
+    """A compute budget for a search: epochs of search trials, and/or wall-clock
+    seconds of this run. Once spent, no new trial starts; running ones finish."""
+
+    epochs: int | None = None
+    seconds: float | None = None
+
+    def spent(self, epochs_run: float, elapsed_s: float) -> bool:
+        """Whether ``epochs_run`` epochs or ``elapsed_s`` seconds use the budget up."""
+        return ((self.epochs is not None and epochs_run >= self.epochs)
+                or (self.seconds is not None and elapsed_s >= self.seconds))
+
+    def describe(self) -> str:
+        parts = ([f"{self.epochs} epochs"] if self.epochs is not None else []) + (
+            [f"{self.seconds / 3600:g} h"] if self.seconds is not None else [])
+        return " or ".join(parts)
+
+
+def parse_budget(text: str) -> Budget:
+    """``--budget``: a number of epochs (``500``) or wall-clock time (``2h``, ``90m``, ``1.5h``)."""
+    raw = str(text).strip().lower()
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    try:
+        if raw and raw[-1] in units:
+            seconds = float(raw[:-1]) * units[raw[-1]]
+            if seconds > 0:
+                return Budget(seconds=seconds)
+        elif int(raw) >= 1:
+            return Budget(epochs=int(raw))
+    except ValueError:
+        pass
+    raise KdtuneError(f"--budget {text!r}: expected a number of epochs (e.g. 500) or a time (e.g. 2h, 90m)")
+
+
 def baseline_widths(spec: SearchSpec, search_trials: pd.DataFrame) -> list[float]:
-    """Widths that get an α=1 baseline: every width the space allows when that is a
-    short list, else every width that a completed search trial used."""
+    """Widths that get an alpha = 1 baseline: those with a completed search trial
+    (``baselines: true``), or every width the space allows when that is a short list
+    (``baselines: "all"``; a continuous width range still gives the completed ones)."""
+    done = search_trials[search_trials["status"] == COMPLETED] if len(search_trials) else search_trials
+    completed = sorted(set(done[SIZE_HYPERPARAMETER].dropna().tolist())) if len(done) else []
+    if spec.baselines != "all":
+        return completed
     width = spec.space.width
     if isinstance(width, Choice):
         return sorted(set(width.choice))
@@ -183,8 +223,8 @@ def baseline_widths(spec: SearchSpec, search_trials: pd.DataFrame) -> list[float
         return list(range(width.int[0], width.int[1] + 1))
     if bounds(width) is None:
         return [width]
-    done = search_trials[search_trials["status"] == "completed"] if len(search_trials) else search_trials
-    return sorted(set(done["width"].dropna().tolist())) if len(done) else []
+    return completed
+
 
 def baseline_configs(spec: SearchSpec, search_trials: pd.DataFrame) -> list[dict[str, Any]]:
     """One config per width: the baseline values the hyperparameter table declares

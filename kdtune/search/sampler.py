@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -130,8 +131,14 @@ class KdOptunaSearch(OptunaSearch):
     ``ray_trial_id``) so the journal can be reconciled with Ray's tables.
     """
 
+    #: Class-level defaults, so that searchers pickled by older versions still load.
+    _budget: Any = None
+    _epochs_spent: dict[str, int] | None = None
+    _started: float | None = None
+
     def __init__(self, *args: Any, size_param: str = "width", size_values: list[Any] | None = None,
-                 num_samples: int | None = None, records: str | Path | None = None, **kwargs: Any) -> None:
+                 num_samples: int | None = None, records: str | Path | None = None, budget: Any = None,
+                 **kwargs: Any) -> None:
         """Arguments as :class:`OptunaSearch`, plus the student sizes to try first.
 
         ``size_values`` (the discrete widths of the space) are enqueued as the
@@ -141,9 +148,13 @@ class KdOptunaSearch(OptunaSearch):
         ``num_samples`` and ``records`` (the folder of the search's trial records,
         see :mod:`kdtune.records`) let a restored searcher count the trials that
         ended after Ray's last saved state, so the search still ends at
-        ``num_samples`` trials.
+        ``num_samples`` trials. ``budget`` (a :class:`kdtune.search.plan.Budget`)
+        stops sampling once the search trials have run that many epochs, or this
+        run that many seconds; trials already running finish.
         """
         super().__init__(*args, **kwargs)
+        self._budget = budget
+        self._epochs_spent = {}
         self._num_samples = num_samples
         self._records = str(records) if records is not None else None
         self._forgotten: set[str] = set()
@@ -156,10 +167,29 @@ class KdOptunaSearch(OptunaSearch):
         """Restore Ray's saved state, then count the recorded trials it does not know:
         they ended after that state was saved, and they count toward ``num_samples``."""
         super().restore(checkpoint_path)
+        self._started = None  # a wall-clock budget counts this run's time
         if self._records is not None:
             self._forgotten = recorded_ids(self._records) - set(optuna_trials(self))
 
+    def budget_spent(self) -> bool:
+        """Whether the search's compute budget is used up (never, without one)."""
+        if self._budget is None:
+            return False
+        elapsed = time.monotonic() - self._started if self._started is not None else 0.0
+        return self._budget.spent(sum((self._epochs_spent or {}).values()), elapsed)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        if self._budget is not None and result.get("epoch") is not None:
+            spent = self._epochs_spent if self._epochs_spent is not None else {}
+            spent[trial_id] = max(spent.get(trial_id, 0), int(result["epoch"]))
+            self._epochs_spent = spent
+
     def suggest(self, trial_id: str) -> dict | None:
+        if self._started is None:
+            self._started = time.monotonic()
+        if self.budget_spent():
+            return Searcher.FINISHED
         if (self._forgotten and self._num_samples is not None
                 and len(optuna_trials(self)) + len(self._forgotten) >= self._num_samples):
             return Searcher.FINISHED
