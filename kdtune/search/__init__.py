@@ -8,24 +8,39 @@ Ray starts), :mod:`~kdtune.search.cluster` (the Ray session, auth, resources),
 (records, progress), :mod:`~kdtune.search.experiment` (Ray's experiment folder
 read into the tables) and :mod:`~kdtune.search.pipeline` (:func:`search`).
 
-``from kdtune.search import search`` is the Python entry point.
+``from kdtune.search import search`` is the Python entry point. The names below
+load their module on first use, so that a Ray worker importing
+:mod:`kdtune.search.trainable` does not import the whole driver side.
 """
 
-from kdtune.search.cluster import ray_auth_environment, ray_init_kwargs, ray_session
-from kdtune.search.pipeline import SearchInterrupted, SearchResult, resume_command, search
-from kdtune.search.plan import (
-    Placement,
-    base_config,
-    baseline_configs,
-    check_inputs,
-    max_epochs,
-    plan_placement,
-    preflight,
-)
-from kdtune.spec import load_spec_data, teacher_configs
+from __future__ import annotations
 
-__all__ = [
-    "Placement", "SearchInterrupted", "SearchResult", "base_config", "baseline_configs", "check_inputs",
-    "load_spec_data", "max_epochs", "plan_placement", "preflight", "ray_auth_environment", "ray_init_kwargs",
-    "ray_session", "resume_command", "search", "teacher_configs",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "search": "kdtune.search.pipeline",
+    "SearchResult": "kdtune.search.pipeline",
+    "SearchInterrupted": "kdtune.search.pipeline",
+    "resume_command": "kdtune.search.pipeline",
+    "Placement": "kdtune.search.plan",
+    "Budget": "kdtune.search.plan",
+    "base_config": "kdtune.search.plan",
+    "baseline_configs": "kdtune.search.plan",
+    "check_inputs": "kdtune.search.plan",
+    "max_epochs": "kdtune.search.plan",
+    "plan_placement": "kdtune.search.plan",
+    "preflight": "kdtune.search.plan",
+    "ray_auth_environment": "kdtune.search.cluster",
+    "ray_init_kwargs": "kdtune.search.cluster",
+    "ray_session": "kdtune.search.cluster",
+    "load_spec_data": "kdtune.spec",
+    "teacher_configs": "kdtune.spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdtune.search' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
