@@ -87,7 +87,7 @@ BASELINE = "no distillation (α=1)"
 MIN_ROUNDS = 3
 DEFAULT_MAX_SEEDS = 10
 #: Default practical difference, in units of the measured seed-to-seed standard deviation.
-DEFAULT_PRACTICAL_MULTIPLE = 0.5
+DEFAULT_PRACTICAL_MULTIPLE = 1.0
 VARIANCE_MODELS = ("pooled", "paired")
 #: Power of the "how many more seeds" estimate.
 _POWER = 0.8
@@ -144,13 +144,49 @@ def contender_grid(lo: float, hi: float, log: bool, n: int = 8, include: Sequenc
 # --------------------------------------------------------------------------- critical values
 
 
-@lru_cache(maxsize=4096)
-def _tukey_half_width_factor(k: int, df: int, level: float) -> float:
-    """``q_{1-level}(k, df) / √2``: the simultaneous two-sided critical value, in units of
-    the standard error of one pairwise difference, for all pairs of ``k`` means."""
+#: Simulated null races behind each calibrated boundary (Monte Carlo error of the
+#: whole-race level about ±0.003 at alpha 0.05), and their fixed seed.
+CALIBRATION_SIMS = 20_000
+_CALIBRATION_SEED = 20160916
+
+
+@lru_cache(maxsize=256)
+def calibrated_boundary(k: int, min_rounds: int, max_seeds: int, alpha: float) -> tuple[float, ...]:
+    """Critical values of the pooled race for ``k`` survivors at the looks after rounds
+    ``min_rounds..max_seeds``, in units of the standard error of one pairwise difference.
+
+    Under the null (all ``k`` contenders equal) and the two-way normal model, the
+    studentized range of the survivors' means at every look is pivotal: it does
+    not depend on the means, the round effects or the error variance. So the
+    joint law of the looks is simulated once (``CALIBRATION_SIMS`` races of
+    standard normal scores), each look's statistic is turned into its marginal
+    tail probability, and one per-look level ``a`` is chosen so that the
+    probability that *any* look crosses is ``alpha`` (a Pocock-type boundary:
+    ``a`` is the ``alpha``-quantile of the smallest tail probability over the
+    looks). Look ``l``'s critical value is its statistic's ``1 - a`` quantile
+    divided by √2 (the range of means over √(s²/n), expressed per pairwise
+    standard error √(2s²/n)). Deterministic: the simulation has a fixed seed.
+    """
     if k < 2:
-        return 0.0
-    return float(stats.studentized_range.ppf(1.0 - level, k, df)) / math.sqrt(2.0)
+        return tuple(0.0 for _ in range(min_rounds, max_seeds + 1))
+    rng = np.random.default_rng([_CALIBRATION_SEED, k, min_rounds, max_seeds])
+    z = rng.standard_normal((CALIBRATION_SIMS, k, max_seeds))
+    statistics = []
+    for n in range(min_rounds, max_seeds + 1):
+        y = z[:, :, :n]
+        means = y.mean(axis=2)
+        residual = y - means[:, :, None] - y.mean(axis=1)[:, None, :] + means.mean(axis=1)[:, None, None]
+        s2 = (residual**2).sum(axis=(1, 2)) / ((k - 1) * (n - 1))
+        statistics.append((means.max(axis=1) - means.min(axis=1)) / np.sqrt(2.0 * s2 / n))
+    looks = np.stack(statistics)  # (looks, sims)
+    ordered = np.sort(looks, axis=1)
+    # Marginal tail probability of each simulated value at its own look: P(R_l >= r).
+    tails = 1.0 - np.stack([np.searchsorted(ordered[l], looks[l], side="left") for l in range(len(looks))]) \
+        / CALIBRATION_SIMS
+    smallest = np.sort(tails.min(axis=0))
+    level = float(smallest[max(int(math.floor(alpha * CALIBRATION_SIMS)) - 1, 0)])
+    index = min(int(math.ceil((1.0 - level) * CALIBRATION_SIMS)), CALIBRATION_SIMS - 1)
+    return tuple(float(ordered[l][index]) for l in range(len(looks)))
 
 
 @lru_cache(maxsize=4096)
@@ -172,9 +208,9 @@ class _Look:
     diff_sd: np.ndarray  # (k, k) standard deviation of one round's paired difference
 
 
-def _look(scores: np.ndarray, level: float, variance: str) -> _Look:
+def _look(scores: np.ndarray, critical: float, variance: str) -> _Look:
     """Simultaneous intervals for every pairwise difference among the rows of ``scores``
-    (survivors × rounds), at family level ``level``."""
+    (survivors × rounds): ``critical`` standard errors either side of each difference."""
     k, n = scores.shape
     means = scores.mean(axis=1)
     nan = np.full((k, k), np.nan)
@@ -185,11 +221,9 @@ def _look(scores: np.ndarray, level: float, variance: str) -> _Look:
         df = (k - 1) * (n - 1)
         s2 = float((residual**2).sum()) / df
         diff_sd = np.full((k, k), math.sqrt(2.0 * s2))
-        critical = _tukey_half_width_factor(k, df, level)
     else:
         differences = scores[:, None, :] - scores[None, :, :]
         diff_sd = differences.std(axis=2, ddof=1)
-        critical = _bonferroni_t(k, n - 1, level)
     np.fill_diagonal(diff_sd, 0.0)
     return _Look(means, critical * diff_sd / math.sqrt(n), critical, diff_sd)
 
@@ -215,6 +249,9 @@ class Race:
       as ``practical_multiple`` × the measured seed-to-seed standard deviation.
     * ``variance``: "pooled" (two-way residual, Tukey) or "paired" (per-pair
       paired differences, Bonferroni); see the module docstring.
+    * ``futility``: stop early, unresolved, when at the observed gaps and noise
+      no survivor would be dropped or shown equivalent within ``max_seeds``
+      (their seeds needed with 50% power all exceed it).
     * ``min_rounds``: no decision before this many rounds (3).
     * ``param``, ``scale``, ``unit``: how the verdict names the raced
       hyperparameter and differences (scores × 100 as "points" by default).
@@ -229,6 +266,7 @@ class Race:
         *,
         practical_multiple: float = DEFAULT_PRACTICAL_MULTIPLE,
         variance: str = "pooled",
+        futility: bool = True,
         min_rounds: int = MIN_ROUNDS,
         param: str = "T",
         scale: float = 100.0,
@@ -263,7 +301,8 @@ class Race:
         self.dropped: dict[Contender, int] = {}  # contender -> round after which it was dropped
         self.dropped_by: dict[Contender, Contender] = {}
         self.equivalent = False
-        self._last_look: _Look | None = None
+        self.futility = bool(futility)
+        self.futile = False
 
     # ------------------------------------------------------------------ state
 
@@ -283,23 +322,33 @@ class Race:
 
     @property
     def done(self) -> bool:
-        """True when one contender is left, the survivors are equivalent, or ``max_seeds`` rounds ran."""
-        return len(self.survivors()) == 1 or self.equivalent or self.rounds >= self.max_seeds
+        """True when one contender is left, the survivors are equivalent, ``max_seeds`` rounds ran,
+        or (with ``futility``) the observed gaps say that ``max_seeds`` would not resolve the race."""
+        return len(self.survivors()) == 1 or self.equivalent or self.futile or self.rounds >= self.max_seeds
 
     @property
     def resolved(self) -> bool:
         """True when the race ended with an answer (one left, or equivalence), not at the seed limit."""
         return len(self.survivors()) == 1 or self.equivalent
 
+    def critical(self, k: int, n: int) -> float:
+        """The critical value (in standard errors of a pairwise difference) for ``k`` survivors
+        after ``n`` rounds: the calibrated boundary with the pooled variance, Bonferroni over
+        pairs and looks with per-pair variances."""
+        if self.variance == "pooled":
+            boundary = calibrated_boundary(k, self.min_rounds, self.max_seeds, self.alpha)
+            return boundary[min(max(n, self.min_rounds), self.max_seeds) - self.min_rounds]
+        return _bonferroni_t(k, max(n, 2) - 1, self.look_level)
+
     def _matrix(self, members: Sequence[Contender]) -> np.ndarray:
         return np.array([self.scores[c] for c in members], dtype=float)
 
     def seed_sd(self) -> float:
-        """The seed-to-seed standard deviation of one run's score, pooled over contenders
-        (each contender's variance over the rounds it ran, weighted by its degrees of freedom).
-        NaN before two rounds."""
+        """The seed-to-seed standard deviation of one run's score, pooled over the survivors
+        (each one's variance over its rounds, weighted by its degrees of freedom): how much a
+        single reseeding moves the score of a contender still in the race. NaN before two rounds."""
         num = den = 0.0
-        for values in self.scores.values():
+        for values in (self.scores[c] for c in self.survivors()):
             if len(values) >= 2:
                 num += float(np.var(values, ddof=1)) * (len(values) - 1)
                 den += len(values) - 1
@@ -347,8 +396,7 @@ class Race:
         survivors = self.survivors()
         if self.rounds < self.min_rounds or len(survivors) < 2:
             return []
-        look = _look(self._matrix(survivors), self.look_level, self.variance)
-        self._last_look = look
+        look = _look(self._matrix(survivors), self.critical(len(survivors), self.rounds), self.variance)
         if np.isnan(look.half).all():
             return []
         best = int(np.argmax(look.means))
@@ -363,6 +411,11 @@ class Race:
             spread = look.means[remaining][:, None] - look.means[remaining][None, :]
             # Equivalence: every pairwise interval among the survivors inside ±practical.
             self.equivalent = bool(np.all(np.abs(spread) + look.half[sub] < self.practical))
+        if self.futility and not self.resolved and self.rounds < self.max_seeds:
+            found = self._requirements(0.5)
+            # Futility: at the observed gaps no survivor would be dropped or shown equivalent
+            # even at max_seeds. Stopping early never adds a false elimination.
+            self.futile = bool(found and found[1] and min(n for n, _, _ in found[1]) > self.max_seeds)
         return out
 
     # ------------------------------------------------------------------ results
@@ -421,44 +474,49 @@ class Race:
         table["dropped_round"] = table["dropped_round"].astype("Int64")
         return table
 
-    def more_seeds(self) -> tuple[int, Contender, Contender, str] | None:
-        """Estimated further seeds to resolve the race, and the pair that needs them.
-
-        Returns ``(seeds, best, other, how)`` with ``how`` "separate" (drop
-        ``other``) or "equivalent" (show both within the practical difference),
-        for the undecided survivor needing the most seeds; None when the race is
-        resolved or no variance is known yet. ``seeds`` is capped at 1000.
-        """
+    def _requirements(self, power: float) -> tuple[Contender, list[tuple[float, Contender, str]]] | None:
+        """For each survivor other than the best: the total seeds at which, with ``power``, the
+        race would drop it ("separate") or show it within the practical difference ("equivalent"),
+        whichever comes first, assuming the observed mean gap and paired standard deviation.
+        The critical value is the one of the last planned look. None without a variance yet."""
         survivors = self.survivors()
-        if self.resolved or len(survivors) < 2 or self.rounds < 2:
+        if len(survivors) < 2 or self.rounds < 2:
             return None
-        look = self._last_look if self._last_look is not None and self._last_look.means.size == len(survivors) \
-            else _look(self._matrix(survivors), self.look_level, self.variance)
-        if math.isnan(look.critical):
-            return None
+        look = _look(self._matrix(survivors), self.critical(len(survivors), self.max_seeds), self.variance)
         best_index = int(np.argmax(look.means))
-        best = survivors[best_index]
-        z = float(stats.norm.ppf(_POWER))
+        z = float(stats.norm.ppf(power))
         practical = self.practical
-        worst: tuple[float, Contender, str] | None = None
+        needs: list[tuple[float, Contender, str]] = []
         for i, c in enumerate(survivors):
             if i == best_index:
                 continue
             gap = float(look.means[best_index] - look.means[i])
             sd = float(look.diff_sd[best_index, i])
-            needs = []
+            options = []
             if gap > 0:
-                needs.append((((look.critical + z) * sd / gap) ** 2, "separate"))
+                options.append(((max(look.critical + z, 0.0) * sd / gap) ** 2, "separate"))
             if math.isfinite(practical) and gap < practical:
-                needs.append((((look.critical + z) * sd / (practical - gap)) ** 2, "equivalent"))
-            if sd == 0:
-                needs.append((float(self.rounds), "separate" if gap > 0 else "equivalent"))
-            total, how = min(needs) if needs else (math.inf, "separate")
-            if worst is None or total > worst[0]:
-                worst = (total, c, how)
-        if worst is None:
+                options.append(((max(look.critical + z, 0.0) * sd / (practical - gap)) ** 2, "equivalent"))
+            total, how = min(options) if options else (math.inf, "separate")
+            needs.append((max(total, float(self.rounds)), c, how))
+        return survivors[best_index], needs
+
+    def more_seeds(self) -> tuple[int, Contender, Contender, str] | None:
+        """Estimated further seeds to resolve the race, and the pair that needs them.
+
+        Returns ``(seeds, best, other, how)`` with ``how`` "separate" (drop
+        ``other``) or "equivalent" (show both within the practical difference),
+        for the undecided survivor needing the most seeds (80% power, see the
+        module docstring); None when the race is resolved or no variance is
+        known yet. ``seeds`` is at least 1 and capped at 1000.
+        """
+        if self.resolved:
             return None
-        total, other, how = worst
+        found = self._requirements(_POWER)
+        if found is None or not found[1]:
+            return None
+        best, needs = found
+        total, other, how = max(needs, key=lambda n: n[0])
         more = math.ceil(total) - self.rounds if math.isfinite(total) else _MAX_MORE_SEEDS
         return max(1, min(more, _MAX_MORE_SEEDS)), best, other, how
 
@@ -489,8 +547,12 @@ class Race:
                 text = f"{self._span(survivors)} within {practical} of each other after {self.rounds} seeds"
                 text += f"; {dropped}" if dropped else ""
         else:
-            text = f"{'unresolved' if self.done else 'undecided'} after {self.rounds} seeds: " \
-                   f"{self._span(survivors)} still in the race"
+            state = "undecided"
+            if self.futile:
+                state = f"unresolved (stopped early: {self.max_seeds} seeds would not settle it)"
+            elif self.done:
+                state = "unresolved"
+            text = f"{state} after {self.rounds} seeds: {self._span(survivors)} still in the race"
             estimate = self.more_seeds()
             if estimate is not None:
                 more, a, b, how = estimate
