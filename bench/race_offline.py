@@ -49,6 +49,8 @@ WIDTHS = (8, 64)
 SEEDS = 20
 #: Fresh seeds, as ``kdtune evaluate`` draws them: never a search's seeds.
 SEED_BASE = 1000
+#: How a race can end (kdtune.racing.Race.outcome), as replay table columns.
+OUTCOMES = ("one left", "equivalence", "futility", "max seeds")
 COLUMNS = ["width", "contender", "temperature", "alpha", "seed", "val_acc", "pool_acc", "test_acc",
            "epochs", "train_time_s"]
 
@@ -190,7 +192,7 @@ def replay_races(matrix, contenders, replays: int, max_seeds: int, reference: tu
     best, kept = reference
     k, seeds = matrix.shape
     outcome = {"drop_best": 0, "drop_kept": 0, "winner_in_set": 0, "runs": [], "rounds": [],
-               "how": {"one left": 0, "equivalence": 0, "unresolved": 0}, "example": None}
+               "how": {"one left": 0, "equivalence": 0, "futility": 0, "max seeds": 0}, "example": None}
     for r in range(replays):
         order = np.random.default_rng(r).permutation(seeds)[:max_seeds]
         race = replay(Race(contenders, max_seeds=max_seeds, **race_options),
@@ -202,8 +204,7 @@ def replay_races(matrix, contenders, replays: int, max_seeds: int, reference: tu
         outcome["winner_in_set"] += winner in kept
         outcome["runs"].append(race.runs)
         outcome["rounds"].append(race.rounds)
-        how = "one left" if len(race.survivors()) == 1 else ("equivalence" if race.equivalent else "unresolved")
-        outcome["how"][how] += 1
+        outcome["how"][race.outcome()] += 1
         if r == 0:
             outcome["example"] = race
     outcome["brute_runs"] = k * seeds
@@ -238,15 +239,14 @@ def run(quick: bool = False, matrix_path: Path | None = None, replays: int | Non
                 if score not in frame.columns:
                     continue
                 _, _, scores = score_matrix(frame, width, score)
-                # Every variant is judged against brute force on validation accuracy (the question asked).
-                out = replay_races(scores, contenders, replays, max_seeds, (best, kept), variance=variance)
+                # Each variant is judged against brute force on the same score.
+                out = replay_races(scores, contenders, replays, max_seeds, brute_force(scores), variance=variance)
                 row = [
                     width, variance, score,
                     out["drop_best"] / replays, out["drop_kept"] / replays, out["winner_in_set"] / replays,
                     float(np.mean(out["runs"])) / out["brute_runs"],
                     float(np.mean(out["runs"])), float(np.mean(out["rounds"])),
-                    out["how"]["one left"] / replays, out["how"]["equivalence"] / replays,
-                    out["how"]["unresolved"] / replays,
+                    *(out["how"][how] / replays for how in OUTCOMES),
                 ]
                 (headline_rows if (variance, score) == ("pooled", "val_acc") else variant_rows).append(row)
                 if (variance, score) == ("pooled", "val_acc"):
@@ -269,7 +269,7 @@ def run(quick: bool = False, matrix_path: Path | None = None, replays: int | Non
                "seed sd = the pooled standard deviation of one run across seeds.\n\n"
                + common.markdown_table(["width", "seeds", *labels, "seed sd"], brute_rows))
     headers = ["width", "variance", "score", "drop best", "drop any of set", "winner in set", "cost share",
-               "runs", "rounds", "one left", "equivalent", "unresolved"]
+               "runs", "rounds", *OUTCOMES]
     report.add(f"Race replays: {replays} random seed orders, max {max_seeds} seeds, α {nominal}",
                "drop best = replays that dropped brute force's best; drop any of set = dropped any contender "
                "brute force cannot tell from its best; winner in set = the race's best survivor is in that set; "
@@ -277,7 +277,7 @@ def run(quick: bool = False, matrix_path: Path | None = None, replays: int | Non
                "all seeds).\n\n" + common.markdown_table(headers, headline_rows))
     report.add("Variants: per-pair variance (no sphericity assumption) and scoring on unseen training-pool images",
                "`pool_acc` scores each run on the training-pool images outside the 150 labelled ones (927 images, "
-               "against 360 validation images); it is judged against brute force on validation accuracy.\n\n"
+               "against 360 validation images); it is judged against brute force on the same images.\n\n"
                + common.markdown_table(headers, variant_rows))
     report.notes.append(f"Matrix: {_shown(source)} ({len(frame)} runs, widths "
                         f"{', '.join(map(str, widths))}, {epochs} epochs each).")

@@ -181,7 +181,7 @@ def test_futility_stops_a_race_that_max_seeds_cannot_settle():
     means = {4.0: 0.900, 8.0: 0.901}  # 0.1 points apart, error sd 1 point: hopeless in 10 seeds
     race = replay(Race(list(means), practical=0.0), synthetic_rounds(means, np.random.default_rng(2)))
     assert race.futile and race.rounds < 10 and not race.dropped
-    assert "stopped early: 10 seeds would not settle it" in race.verdict()
+    assert f"unresolved after {race.rounds} seeds (stopped early: 10 would not settle it)" in race.verdict()
 
 
 def test_round_by_round_matches_a_replay_of_the_recorded_rounds():
