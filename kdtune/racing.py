@@ -595,6 +595,8 @@ class Race:
             if self.futile:
                 state += f" (stopped early: {self.max_seeds} would not settle it)"
             text = f"{state}: {self._span(survivors)} still in the race"
+            if math.isfinite(self.bound):  # what the simultaneous intervals already bound
+                text += f", within {within} of each other"
             estimate = self.more_seeds()
             if estimate is not None:
                 more, a, b, how = estimate

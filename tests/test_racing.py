@@ -156,6 +156,10 @@ def test_verdict_names_the_equivalent_span_and_the_dropped_contenders():
     verdict = race.verdict("at α = 0.2")
     assert verdict.startswith("T from 2.4 to 20 within ")
     assert "T from 1 to 1.5 and no distillation" in verdict and verdict.endswith("points worse (at α = 0.2)")
+    summary = race.summary()
+    assert summary["indistinguishable"] == "2.4;3.6;5.5;8.5;13;20" and summary["outcome"] == "equivalence"
+    assert summary["recommended"] == race.best() and summary["runs"] == 3 * 3 + 6 * race.rounds
+    assert race.bound < race.practical
 
 
 def test_unresolved_race_estimates_the_seeds_that_would_separate_the_leaders():
