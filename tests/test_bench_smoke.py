@@ -139,3 +139,21 @@ def test_throughput_blocks_count_completions_per_minute():
     assert [r[0] for r in rows] == ["1–2", "3–4"]
     assert [r[1] for r in rows] == pytest.approx([2.0, 2.0])
     assert [r[2] for r in rows] == pytest.approx([60.0, 60.0])
+
+
+def test_race_replay_brute_force_set_and_replay_counts():
+    """bench/race_offline.py on a hand-made matrix: contender 0 is 10 points behind, 1 and 2
+    differ by noise only. Brute force keeps {1, 2}; every replay drops 0 and nothing else."""
+    import numpy as np
+
+    import race_offline
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(0, 0.03, 20)
+    matrix = np.array([0.80 + block + rng.normal(0, 0.01, 20) for _ in range(3)])
+    matrix[1:] += 0.10
+    best, kept = race_offline.brute_force(matrix)
+    assert kept == {1, 2} and best in kept
+    out = race_offline.replay_races(matrix, [1.0, 4.0, 8.0], 20, 10, (best, kept))
+    assert out["drop_best"] == 0 and out["drop_kept"] == 0 and out["winner_in_set"] == 20
+    assert out["brute_runs"] == 60 and all(runs >= 9 for runs in out["runs"])
