@@ -142,21 +142,39 @@ def _trials_with_finished_search(results: Path) -> Any:
 
 @main.command("best-t")
 @_study_command
-def best_t(results: Path) -> None:
-    """Recommend a temperature per student size from a finished study."""
+@click.option("--race", is_flag=True, help="Race the contenders with seeded runs per size (the evidence-based answer).")
+@click.option("--param", default="temperature", show_default=True, help="The hyperparameter to race.")
+@click.option("--widths", help="Comma-separated sizes to race (default: the sizes on the validation front).")
+@click.option("--max-seeds", type=click.IntRange(min=3), default=10, show_default=True, help="Rounds at most.")
+@click.option("--alpha", "alpha_level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="Whole-race rate of false eliminations.")
+@click.option("--grid", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Contender values over the searched range (plus the no-distillation baseline).")
+@click.option("--resume", is_flag=True, help="With --race: continue an interrupted race without rerunning finished runs.")
+def best_t(results: Path, race: bool, param: str, widths: str | None, max_seeds: int, alpha_level: float,
+           grid: int, resume: bool) -> None:
+    """Recommend a temperature per student size from a finished study (with --race: by racing it)."""
     from kdtune.results.analysis import best_temperature, counted_trials, parameter_importance, untested_sizes
     from kdtune.results.report import format_terminal_table
 
+    if race:
+        _race(results, param, widths, max_seeds, alpha_level, grid, resume)
+        return
+    if resume:
+        raise KdtuneError("--resume goes with --race: kdtune best-t RESULTS --race --resume")
     trials = _trials_with_finished_search(results)
     table = best_temperature(trials)
     click.echo(format_terminal_table(table, list(table.columns)))
     untested = untested_sizes(table)
     if untested:
+        from kdtune.search.race import race_bound
+
         searched = trials[trials["phase"] == "search"] if "phase" in trials.columns else trials
         sizes = ", ".join(f"{b:g}" if isinstance(b, (int, float)) else str(b) for b in untested)
         click.echo(f"too few trials to compare temperatures for size(s) {sizes}: {len(counted_trials(trials))} of "
-                   f"{len(searched)} search trials ran their full budget. For evidence on T, search again with more "
-                   f"trials and early_stopping rule size_aware_asha, which runs more trials to the end")
+                   f"{len(searched)} search trials ran their full budget. `kdtune best-t {results} --race` answers "
+                   f"it with seeded runs per size: at most {race_bound(results, param, None, max_seeds)} epochs "
+                   f"(usually far fewer: contenders significantly worse are dropped from the third round on)")
     try:
         importance = parameter_importance(results)
         click.echo("parameter importance for validation accuracy (Optuna fANOVA):")
@@ -164,6 +182,30 @@ def best_t(results: Path) -> None:
             click.echo(f"  {name:<14} {value:.3f}")
     except KdtuneError as exc:
         click.echo(f"parameter importance unavailable: {exc}")
+
+
+def _race(results: Path, param: str, widths: str | None, max_seeds: int, alpha_level: float, grid: int,
+          resume: bool) -> None:
+    from kdtune.results.report import format_terminal_table, plot_race
+    from kdtune.search.race import run_race
+
+    sizes = None
+    if widths:
+        try:
+            sizes = [float(w) for w in widths.split(",") if w.strip()]
+        except ValueError:
+            raise KdtuneError(f"--widths {widths!r}: expected comma-separated numbers, e.g. 8,64") from None
+    outcome = run_race(results, param=param, widths=sizes, max_seeds=max_seeds, alpha=alpha_level, resume=resume,
+                       grid=grid, log=click.echo)
+    columns = ["width", "recommended", "indistinguishable", "best_mean", "kd_gain", "kd_gain_low", "kd_gain_high",
+               "rounds", "epochs", "outcome"]
+    click.echo(format_terminal_table(outcome.best, columns))
+    for _, row in outcome.best.iterrows():
+        click.echo(f"width {row['width']:g}: {row['verdict']}")
+    click.echo(f"wrote {plot_race(results)}")
+    if outcome.interrupted:
+        click.echo(f"the race was interrupted; continue it with: kdtune best-t {results} --race --resume", err=True)
+        sys.exit(130)
 
 
 @main.command()

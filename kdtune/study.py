@@ -17,6 +17,7 @@ A study folder (``results/<study>/`` by default)::
     summary.md, *.png  written by `kdtune report`
     final.csv          written by `kdtune evaluate`
     exports/           written by `kdtune export`
+    race/, race_runs/  written by `kdtune best-t --race` (records in records/race/)
 
 Durable per-trial records are what make a killed search lose nothing. Ray saves
 its experiment state (trial statuses, the searcher, the trials' result logs) in
@@ -67,8 +68,15 @@ EXPORTS_DIR = "exports"
 FAULTS_DIR = "faults"
 #: The phases of a study: the search's trials, then the no-distillation baselines.
 PHASES = ("search", "baseline")
+#: The phase of a race's runs (``kdtune best-t --race``; not part of the tables).
+RACE_PHASE = "race"
 #: Ray experiment folder of each phase, under the study folder or --storage.
-EXPERIMENT_FOLDERS = {"search": "search", "baseline": "baselines"}
+EXPERIMENT_FOLDERS = {"search": "search", "baseline": "baselines", RACE_PHASE: "race_runs"}
+#: What a race writes: its folder, one row per size, one row per size and contender.
+RACE_DIR = "race"
+RACE_TABLE = f"{RACE_DIR}/best_t.csv"
+RACE_CONTENDERS_TABLE = f"{RACE_DIR}/contenders.csv"
+RACE_PLOT = f"{RACE_DIR}/best_t.png"
 #: What a study folder must hold for the results commands to work, and why.
 REQUIRED_FILES = {META_FILE: "what the study is", SPEC_FILE: "the spec it was run with"}
 
@@ -98,7 +106,7 @@ def trial_status(last: Mapping[str, Any] | None, budget: int | None, *, ended: b
 
 #: Keys of a trial's config that steer the trial rather than the run: every other
 #: key is a RunConfig setting or hyperparameter (a misspelt one is an error).
-TRIAL_KEYS = ("phase", "report_epochs", "fault", "checkpoint_every", "overrides")
+TRIAL_KEYS = ("phase", "report_epochs", "fault", "checkpoint_every", "overrides", "race")
 
 
 def trial_config(config: Mapping[str, Any]) -> dict[str, Any]:

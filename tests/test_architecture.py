@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "kdtune"
-BASE = {"kdtune", "kdtune.errors", "kdtune.atomic", "kdtune.registry", "kdtune.pareto"}
+BASE = {"kdtune", "kdtune.errors", "kdtune.atomic", "kdtune.registry", "kdtune.pareto", "kdtune.racing"}
 FORBIDDEN_IN_CORE = ("ray", "optuna", "pydantic")
 
 

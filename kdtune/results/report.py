@@ -28,7 +28,7 @@ from kdtune.results.analysis import (
     temperature_curve,
 )
 from kdtune.errors import ConfigError, ResultsError
-from kdtune.study import SUMMARY_FILE
+from kdtune.study import RACE_CONTENDERS_TABLE, RACE_PLOT, RACE_TABLE, SUMMARY_FILE
 
 FRONT_COLUMNS = ["width", "params", "bytes", "val_acc", "kd_gain", "temperature", "alpha"]
 TEMPERATURE_COLUMNS = [
@@ -460,3 +460,58 @@ def write_report(
     summary.write_text(_summary(study, meta, trials, best, files), encoding="utf-8")
     return {"summary": summary, **files}
 
+
+
+def plot_race(study_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Plot a race (``race/contenders.csv``): per size, accuracy vs the raced value with
+    95% intervals, dropped contenders greyed with the round they fell in, the
+    no-distillation contender as a band, the recommended value circled.
+    Returns the PNG's path (``race/best_t.png`` by default)."""
+    study_dir = Path(study_dir)
+    table_path = study_dir / RACE_CONTENDERS_TABLE
+    if not table_path.is_file():
+        raise ResultsError(f"{table_path}: not found; run kdtune best-t {study_dir} --race first")
+    table = pd.read_csv(table_path)
+    best = pd.read_csv(study_dir / RACE_TABLE)
+    sizes = sorted(table["width"].unique())
+    fig = Figure(figsize=(5.5 * len(sizes), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+    param = str(best["param"].iloc[0]) if "param" in best.columns and len(best) else "temperature"
+    for ax, size in zip(axes, sizes):
+        rows = table[(table["width"] == size)]
+        baseline = rows[rows["baseline"].astype(bool)]
+        values = rows[~rows["baseline"].astype(bool)].copy()
+        values["x"] = values["contender"].astype(float)
+        for _, row in baseline.iterrows():
+            ax.axhspan(row["ci_low"], row["ci_high"], color="0.85", label="no distillation (95% CI)")
+            ax.axhline(row["mean"], color="0.5", linewidth=1.0)
+        for dropped, style in ((False, {"color": "tab:blue"}), (True, {"color": "0.65"})):
+            part = values[values["status"].eq("dropped") == dropped]
+            if part.empty:
+                continue
+            ax.errorbar(part["x"], part["mean"], yerr=[part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]],
+                        fmt="o", capsize=3, label="dropped" if dropped else "survivor", **style)
+            if dropped:
+                for _, row in part.iterrows():
+                    ax.annotate(f"r{int(row['dropped_round'])}", (row["x"], row["mean"]), textcoords="offset points",
+                                xytext=(4, -10), fontsize=7, color="0.5")
+        chosen = best[best["width"] == size]["recommended"]
+        if len(chosen):
+            try:
+                at = values[values["x"] == float(chosen.iloc[0])]
+                ax.scatter(at["x"], at["mean"], s=140, facecolors="none", edgecolors="tab:red", linewidths=1.6,
+                           zorder=4, label="recommended")
+            except ValueError:
+                pass  # the baseline won: nothing to circle on the axis
+        ax.set_xscale("log" if values["x"].min() > 0 else "linear")
+        ax.set_xticks(sorted(values["x"]))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.2g}"))
+        ax.set_title(f"width {size:g}")
+        ax.set_xlabel(param)
+        ax.set_ylabel("validation accuracy (mean, 95% CI)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    path = Path(out) if out is not None else study_dir / RACE_PLOT
+    fig.savefig(path, dpi=_DPI)
+    return path

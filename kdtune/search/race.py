@@ -1,0 +1,317 @@
+"""The race: which temperature (or other hyperparameter) for each student size, with
+as few seeded runs as the evidence needs (``kdtune best-t RESULTS --race``).
+
+For each size on the validation front (or the sizes asked for) the race holds
+every other hyperparameter at that size's best search trial and races contenders
+for one hyperparameter: a grid over the spec's range of it
+(:func:`kdtune.racing.contender_grid`) plus the no-distillation baseline. Rounds
+train every surviving contender once more with one fresh seed shared by all
+contenders of the round (common random numbers); the statistics, drops and
+stopping are :class:`kdtune.racing.Race`'s.
+
+All runs go out through Ray as ONE Tuner driven by :class:`RaceSearcher`: it hands
+out the runs of the current round of every size, waits until a size's round is
+complete before starting its next one, and finishes when every size's race is
+done. Runs use the search's trainable, resources, failure rules and records
+(``records/race/``): a killed race resumes with ``--race --resume`` by replaying
+the recorded runs into the races, so no finished run is repeated, and the seeds
+(``spec.seed + RACE_SEED_OFFSET + round``) make the outcome that of an
+uninterrupted race.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune.search import Searcher
+
+from kdtune.core.objectives import baseline_values, hyperparameter
+from kdtune.errors import KdtuneError
+from kdtune.pareto import pareto_front
+from kdtune.racing import BASELINE, DEFAULT_MAX_SEEDS, Race, contender_grid
+from kdtune.spec import Choice, IntRange, LogUniform, SearchSpec, Uniform, bounds
+from kdtune.study import (
+    COMPLETED,
+    EXPERIMENT_FOLDERS,
+    RACE_CONTENDERS_TABLE,
+    RACE_DIR,
+    RACE_PHASE,
+    RACE_TABLE,
+    TRIAL_KEYS,
+    load_records,
+    recorded_trial_config,
+    trial_config,
+)
+from kdtune.tables import epoch_rows, write_frame_atomic
+
+Log = Callable[[str], None]
+
+#: Race seeds are ``spec.seed + RACE_SEED_OFFSET + round``: never a search seed
+#: (the search uses ``spec.seed``) nor an evaluation seed (``+ 1000 + i``).
+RACE_SEED_OFFSET = 2000
+
+
+@dataclass
+class SizeRace:
+    """The race of one student size: its best trial's config and its contenders."""
+
+    size: float
+    trial_id: str
+    base: dict[str, Any]
+    race: Race
+    epochs: int
+    #: round → contender → score, rounds not yet added to the race.
+    partial: dict[int, dict[Any, float]] = field(default_factory=dict)
+
+
+def contenders_for(spec: SearchSpec, param: str, n: int = 8) -> list[Any]:
+    """The contenders of a race on ``param``: a grid over the spec's range of it
+    (log-spaced for a log-uniform range, with T = 1 for the temperature; linear for a
+    uniform one; every value of a choice or a short int range), then the baseline."""
+    hyperparameter(param)  # unknown names raise, listing the known ones
+    searched = spec.space.searched()
+    if param not in searched:
+        raise KdtuneError(f"--param {param}: the study did not search {param} (it was fixed at "
+                          f"{getattr(spec.space, param)!r}); race a searched hyperparameter: "
+                          f"{', '.join(searched) or 'none'}")
+    value = searched[param]
+    if isinstance(value, Choice):
+        grid = list(value.choice)
+    elif isinstance(value, IntRange) and value.int[1] - value.int[0] < n:
+        grid = list(range(value.int[0], value.int[1] + 1))
+    else:
+        lo, hi = bounds(value)
+        grid = contender_grid(float(lo), float(hi), log=isinstance(value, LogUniform) or
+                              (isinstance(value, IntRange) and value.log), n=n,
+                              include=(1.0,) if param == "temperature" else ())
+        if isinstance(value, IntRange):
+            grid = sorted({int(round(v)) for v in grid})
+    return [*grid, BASELINE]
+
+
+def plan_races(study_dir: Path, spec: SearchSpec, trials: pd.DataFrame, param: str, widths: list[float] | None,
+               max_seeds: int, alpha: float, grid: int = 8) -> list[SizeRace]:
+    """One :class:`SizeRace` per size on the validation front (or per ``widths``)."""
+    search = trials[(trials["phase"] == "search") & (trials["status"] == COMPLETED)]
+    if search.empty:
+        raise KdtuneError(f"{study_dir}: no search trial has completed; a race needs a best trial per size "
+                          f"(finish the search first: kdtune search SPEC --resume)")
+    if widths:
+        unknown = [w for w in widths if w not in set(search["width"])]
+        if unknown:
+            raise KdtuneError(f"--widths: {', '.join(f'{w:g}' for w in unknown)} not among the study's completed "
+                              f"sizes; allowed: {', '.join(f'{w:g}' for w in sorted(set(search['width'])))}")
+        sizes = sorted(widths)
+    else:
+        sizes = sorted(set(pareto_front(search)["width"]))
+    contenders = contenders_for(spec, param, grid)
+    races = []
+    for size in sizes:
+        best = search[search["width"] == size].sort_values("val_acc", ascending=False).iloc[0]
+        config = trial_config(recorded_trial_config(study_dir, best["trial_id"]))
+        base = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
+        race = Race(contenders, alpha=alpha, max_seeds=max_seeds, param="T" if param == "temperature" else param)
+        races.append(SizeRace(float(size), str(best["trial_id"]), base, race, int(base["epochs"])))
+    return races
+
+
+def race_seed(spec: SearchSpec, round_index: int) -> int:
+    """The seed every contender of round ``round_index`` (from 0) trains with."""
+    return int(spec.seed) + RACE_SEED_OFFSET + round_index
+
+
+class RaceSearcher(Searcher):
+    """Ray searcher handing out the runs of each size's current round; see the module docstring."""
+
+    def __init__(self, races: list[SizeRace], param: str, seed: int) -> None:
+        super().__init__(metric="val_acc", mode="max")
+        self.races, self.param, self.seed = races, param, int(seed)
+        self.pending: dict[str, tuple[int, Any, int]] = {}
+
+    def run_config(self, index: int, contender: Any, round_index: int) -> dict[str, Any]:
+        """The trial config of one run: the size's best config, the contender, the round's seed."""
+        entry = self.races[index]
+        values = dict(baseline_values()) if contender == BASELINE else {self.param: contender}
+        return {**entry.base, **values, "seed": self.seed + RACE_SEED_OFFSET + round_index,
+                "phase": RACE_PHASE, "report_epochs": [],
+                "race": {"size": entry.size, "contender": contender, "round": round_index}}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        waiting = False
+        for index, entry in enumerate(self.races):
+            if entry.race.done:
+                continue
+            round_index = entry.race.rounds
+            scored = entry.partial.get(round_index, {})
+            busy = {c for i, c, r in self.pending.values() if i == index and r == round_index}
+            for contender in entry.race.survivors():
+                if contender not in scored and contender not in busy:
+                    self.pending[trial_id] = (index, contender, round_index)
+                    return self.run_config(index, contender, round_index)
+            waiting = True
+        return None if waiting else Searcher.FINISHED
+
+    def record(self, index: int, contender: Any, round_index: int, score: float) -> None:
+        """A finished run's score; completes the size's round when it was the last one."""
+        entry = self.races[index]
+        if round_index != entry.race.rounds:
+            return  # a run of a round already added (a replayed record)
+        scores = entry.partial.setdefault(round_index, {})
+        scores[contender] = score
+        if all(c in scores for c in entry.race.survivors()):
+            entry.race.add_round({c: scores[c] for c in entry.race.survivors()},
+                                 seed=self.seed + RACE_SEED_OFFSET + round_index)
+            del entry.partial[round_index]
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.pending:
+            return
+        index, contender, round_index = self.pending.pop(trial_id)
+        self.record(index, contender, round_index, run_score(result, error))
+
+    def replay(self, records: Mapping[str, Mapping[str, Any]]) -> int:
+        """Feed the recorded runs of an interrupted race, round by round; the number replayed."""
+        runs = []
+        for record in records.values():
+            race = (record.get("config") or {}).get("race")
+            rows = epoch_rows(list(record.get("results") or []))
+            if not race:
+                continue
+            index = next((i for i, e in enumerate(self.races) if e.size == float(race["size"])), None)
+            if index is not None:
+                last = rows[-1] if rows else None
+                runs.append((int(race["round"]), index, race["contender"],
+                             run_score(last, record.get("ray_status") == "ERROR")))
+        for round_index, index, contender, score in sorted(runs, key=lambda r: (r[0], r[1])):
+            self.record(index, contender, round_index, score)
+        return len(runs)
+
+
+def run_score(result: Mapping[str, Any] | None, error: bool) -> float:
+    """The score of one run: its final validation accuracy; a run that diverged or failed
+    after its retries scores 0 (it is genuinely no good at that setting)."""
+    if error or not result or result.get("status") == "diverged":
+        return 0.0
+    value = result.get("val_acc")
+    return float(value) if value is not None and math.isfinite(float(value)) else 0.0
+
+
+def race_tables(races: list[SizeRace], param: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(best_t: one row per size, contenders: one row per size and contender)."""
+    summaries, tables = [], []
+    for entry in races:
+        context = f"at width {entry.size:g}'s other hyperparameters (its best search trial {entry.trial_id})"
+        summary = entry.race.summary(context)
+        runs = entry.race.runs
+        summaries.append({"width": entry.size, "param": param, "best_trial": entry.trial_id, **summary,
+                          "epochs": runs * entry.epochs})
+        table = entry.race.table()
+        table.insert(0, "width", entry.size)
+        tables.append(table)
+    contenders = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    contenders["contender"] = contenders["contender"].astype(str)
+    best = pd.DataFrame(summaries)
+    best["recommended"] = best["recommended"].astype(str)
+    return best, contenders
+
+
+def race_bound(study_dir: str | Path, param: str = "temperature", widths: list[float] | None = None,
+               max_seeds: int = DEFAULT_MAX_SEEDS) -> int:
+    """The most epochs a race could cost: every contender of every size for ``max_seeds`` rounds."""
+    from kdtune.spec import load_spec
+    from kdtune.study import SPEC_FILE
+    from kdtune.tables import load_tables
+
+    spec = load_spec(Path(study_dir) / SPEC_FILE)
+    trials, _ = load_tables(study_dir)
+    races = plan_races(Path(study_dir), spec, trials, param, widths, max_seeds, 0.05)
+    return sum(len(e.race.contenders) * max_seeds * e.epochs for e in races)
+
+
+@dataclass
+class RaceResult:
+    """What :func:`run_race` returns."""
+
+    best: pd.DataFrame
+    contenders: pd.DataFrame
+    epochs: int
+    bound_epochs: int
+    interrupted: bool
+
+
+def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[float] | None = None,
+             max_seeds: int = DEFAULT_MAX_SEEDS, alpha: float = 0.05, resume: bool = False, grid: int = 8,
+             log: Log = print) -> RaceResult:
+    """Race ``param`` per student size of a finished study; write ``race/best_t.csv`` and
+    ``race/contenders.csv``. Bad input raises :class:`KdtuneError` before Ray starts."""
+    from ray import tune
+
+    from kdtune.core.teacher import prepare_teachers
+    from kdtune.search.callbacks import progress_callback, recording_callback
+    from kdtune.search.cluster import ray_session
+    from kdtune.search.plan import plan_placement
+    from kdtune.search.trainable import DataArrays, distill_trainable, user_objectives
+    from kdtune.spec import load_spec, load_spec_data, teacher_configs
+    from kdtune.study import SPEC_FILE, TEACHER_DIR, check_not_locked, require_study, study_lock
+    from kdtune.tables import load_tables
+
+    study_dir = Path(study_dir).resolve()
+    require_study(study_dir)
+    spec = load_spec(study_dir / SPEC_FILE)
+    trials, _ = load_tables(study_dir)
+    races = plan_races(study_dir, spec, trials, param, widths, max_seeds, alpha, grid)
+    recorded = load_records(study_dir, RACE_PHASE)
+    if recorded and not resume:
+        raise KdtuneError(f"{study_dir}: a race was run here already ({len(recorded)} runs recorded in "
+                          f"records/{RACE_PHASE}/); continue it with --race --resume, or delete that folder")
+    searcher = RaceSearcher(races, param, spec.seed)
+    replayed = searcher.replay(recorded) if resume else 0
+    check_not_locked(study_dir)
+    search_epochs = int(trials.loc[trials["phase"] == "search", "epochs_run"].fillna(0).sum())
+    bound = sum(len(e.race.contenders) * max_seeds * e.epochs for e in races)
+    log(f"race on {param} for width(s) {', '.join(f'{e.size:g}' for e in races)}: "
+        f"{len(races[0].race.contenders)} contenders, up to {max_seeds} seeds; at most {bound} epochs "
+        f"({bound / max(search_epochs, 1):.1f}× the search's {search_epochs})"
+        + (f"; {replayed} recorded run(s) replayed" if replayed else ""))
+    data = load_spec_data(spec)
+    with ray_session(None, False, log), study_lock(study_dir):
+        import ray
+
+        placement = plan_placement(spec, ray.cluster_resources(), 10**6)
+        prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
+                                    with_features=spec.uses_features(), log=log)
+        trainable = tune.with_resources(
+            tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets,
+                                 objectives=user_objectives()),
+            placement.resources)
+        total = sum(len(e.race.contenders) for e in races) * max_seeds
+        tuner = tune.Tuner(
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                        max_concurrent_trials=placement.max_concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT_FOLDERS[RACE_PHASE] + (f"-resumed-{replayed}" if replayed else ""),
+                storage_path=str(study_dir), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                callbacks=[recording_callback(study_dir, RACE_PHASE), progress_callback(total, log)]),
+        )
+        tuner.fit()
+    # The searcher Ray ran is a copy: rebuild the outcome from the records, as a resume would.
+    final = RaceSearcher(plan_races(study_dir, spec, trials, param, widths, max_seeds, alpha, grid), param, spec.seed)
+    final.replay(load_records(study_dir, RACE_PHASE))
+    best, contenders = race_tables(final.races, param)
+    out = study_dir / RACE_DIR
+    out.mkdir(exist_ok=True)
+    write_frame_atomic(best, study_dir / RACE_TABLE, fmt="csv")
+    write_frame_atomic(contenders, study_dir / RACE_CONTENDERS_TABLE, fmt="csv")
+    epochs = int(best["epochs"].sum()) if len(best) else 0
+    interrupted = not all(e.race.done for e in final.races)
+    log(f"race cost: {epochs} epochs ({epochs / max(search_epochs, 1):.1f}× the search's), "
+        f"bound {bound}; tables in {study_dir / RACE_TABLE}")
+    return RaceResult(best, contenders, epochs, bound, interrupted)

@@ -1,0 +1,105 @@
+"""``kdtune best-t RESULTS --race`` for real on digits: a tiny race, killed mid-way
+and resumed, matches the uninterrupted race with the same seeds; bad input is one
+clear error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY_SPEC, assert_one_clean_error, write_spec
+from kdtune.cli import main
+from kdtune.study import RACE_CONTENDERS_TABLE, RACE_TABLE, load_records
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+RACE_ARGS = ["--race", "--widths", "8", "--max-seeds", "3", "--grid", "3"]
+
+
+@pytest.fixture(scope="module")
+def raced_study(ray_session, tmp_path_factory):
+    """A tiny finished study (one width), raced once without interruption."""
+    root = tmp_path_factory.mktemp("race")
+    spec = {**TINY_SPEC, "study": "racing", "num_samples": 3, "baselines": False,
+            "space": {**TINY_SPEC["space"], "width": 8}, "early_stopping": {"rule": "none"}}
+    outcome = CliRunner().invoke(main, ["search", str(write_spec(root, spec)), "--results", str(root / "results")])
+    assert outcome.exit_code == 0, outcome.output
+    study = root / "results" / "racing"
+    pristine = root / "pristine"
+    shutil.copytree(study, pristine)
+    raced = CliRunner().invoke(main, ["best-t", str(study), *RACE_ARGS])
+    assert raced.exit_code == 0, raced.output
+    return study, pristine, raced.output
+
+
+def test_a_race_writes_its_verdict_tables_and_plot(raced_study):
+    study, _, output = raced_study
+    best = pd.read_csv(study / RACE_TABLE)
+    contenders = pd.read_csv(study / RACE_CONTENDERS_TABLE)
+    assert list(best["width"]) == [8.0] and best["verdict"].str.len().gt(20).all()
+    # Three temperatures over [1, 10] (log-spaced, T = 1 included) and the baseline.
+    assert len(contenders) == 4 and contenders["baseline"].sum() == 1
+    assert contenders.loc[~contenders["baseline"], "contender"].astype(float).min() == 1.0
+    assert (study / "race" / "best_t.png").is_file()
+    assert "race cost:" in output and "width 8:" in output
+    # Every run of the race has its record, one per contender and round.
+    runs = Counter((r["config"]["race"]["contender"], r["config"]["race"]["round"])
+                   for r in load_records(study, "race").values())
+    assert set(runs.values()) == {1} and len(runs) == int(best["runs"].iloc[0])
+
+
+def test_a_killed_race_resumes_without_rerunning_and_matches_the_uninterrupted_one(raced_study, tmp_path):
+    study, pristine, _ = raced_study
+    copy = tmp_path / "racing"
+    shutil.copytree(pristine, copy)
+    records = copy / "records" / "race"
+    proc = subprocess.Popen([sys.executable, "-m", "kdtune.cli", "best-t", str(copy), *RACE_ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(records.glob("*.json"))) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {p.name for p in records.glob("*.json")}
+    assert 0 < len(before), "the race should have recorded some runs before the kill"
+    resumed = CliRunner().invoke(main, ["best-t", str(copy), *RACE_ARGS, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    runs = Counter((r["config"]["race"]["contender"], r["config"]["race"]["round"])
+                   for r in load_records(copy, "race").values())
+    assert set(runs.values()) == {1}, "a run was repeated"
+    expected = pd.read_csv(study / RACE_CONTENDERS_TABLE)
+    got = pd.read_csv(copy / RACE_CONTENDERS_TABLE)
+    pd.testing.assert_frame_equal(got, expected)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--param", "tempreature"], ["tempreature", "temperature"]),
+    (["--param", "lr"], ["--param lr", "did not search"]),
+    (["--widths", "1000"], ["--widths", "1000", "8"]),
+])
+def test_bad_race_input_is_one_clear_error(raced_study, args, needles):
+    study, _, _ = raced_study
+    assert_one_clean_error(CliRunner().invoke(main, ["best-t", str(study), "--race", *args]), *needles)
+
+
+def test_a_race_needs_a_completed_trial(tmp_path):
+    study = tmp_path / "unfinished"
+    study.mkdir()
+    (study / "study.json").write_text('{"study": "unfinished", "state": "interrupted"}')
+    write_spec(study, TINY_SPEC)
+    records = study / "records" / "search"
+    records.mkdir(parents=True)
+    (records / "t1.json").write_text('{"trial_id": "t1", "phase": "search", "ray_status": "TERMINATED", '
+                                     '"config": {"width": 8, "epochs": 4}, "results": [{"epoch": 1, "val_acc": 0.5, '
+                                     '"status": "running"}], "error": null}')
+    assert_one_clean_error(CliRunner().invoke(main, ["best-t", str(study), "--race"]), "no search trial has completed")
