@@ -15,6 +15,7 @@ import click
 
 from kdtune import __version__
 from kdtune.errors import KdtuneError
+from kdtune.export_formats import DEFAULT_FORMAT, DEPRECATED_FORMATS, FORMATS
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -195,7 +196,9 @@ def evaluate(results: Path, seeds: int) -> None:
 @_study_command
 @click.option("--trial", "trial_id", help="Trial id to export.")
 @click.option("--pareto-index", type=click.IntRange(min=0), help="Index on the Pareto front (0 = smallest).")
-@click.option("--format", "fmt", type=click.Choice(["state_dict", "torchscript", "onnx"]), default="state_dict", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=DEFAULT_FORMAT,
+              show_default=True, help="pt2: torch.export archive (dynamic batch); state_dict: weights only; "
+              "torchscript: deprecated upstream in favour of torch.export; onnx: needs pip install 'kdtune[onnx]'.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: in RESULTS/exports/).")
 def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: str, out: Path | None) -> None:
     """Export a trained student with a JSON sidecar, checking it reproduces its val accuracy."""
@@ -203,6 +206,8 @@ def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: s
 
     if (trial_id is None) == (pareto_index is None):
         raise KdtuneError("export: give exactly one of --trial ID or --pareto-index K")
+    if fmt in DEPRECATED_FORMATS:
+        click.echo(f"note: {fmt} is {DEPRECATED_FORMATS[fmt]}", err=True)
     path, sidecar = export_student(results, trial_id=trial_id, pareto_index=pareto_index, fmt=fmt, out=out)
     click.echo(f"wrote {path} and {sidecar}")
 

@@ -25,7 +25,6 @@ folder (used by :mod:`kdtune.export` too).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import statistics
@@ -106,14 +105,16 @@ def _recorded_trial_id(folder: Path) -> str | None:
 def trial_folder(study_dir: str | Path, trial_id: str, meta: dict[str, Any] | None = None) -> Path:
     """The Ray trial folder of ``trial_id`` (search or baseline) that holds its ``params.json``.
 
-    Ray names trial folders ``<trainable>_<trial_id>_<index>_<params>_<date>``.
+    Ray's default folder names are ``<trainable>_<trial_id>_<index>_<params>_<date>``,
+    kdtune's short ones ``...-<trial_id>`` (see :mod:`kdtune.trial_names`): both are found.
     Raises :class:`ResultsError` when no such folder exists.
     """
+    from kdtune.trial_names import folder_patterns
+
     study_dir = Path(study_dir)
     meta = meta if meta is not None else require_study(study_dir)
     roots = _experiment_roots(study_dir, meta)
-    pattern = f"*_{glob.escape(str(trial_id))}_*"
-    candidates = [folder for root in roots for sub in _TRIAL_SUBFOLDERS
+    candidates = [folder for root in roots for sub in _TRIAL_SUBFOLDERS for pattern in folder_patterns(trial_id)
                   for folder in sorted((root / sub).glob(pattern))]
     for folder in candidates:
         if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):
