@@ -167,12 +167,18 @@ def best_t(results: Path) -> None:
 @main.command()
 @_study_command
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for summary.md and PNGs (default: the study folder).")
-def report(results: Path, out: Path | None) -> None:
+@click.option("--html", "as_html", is_flag=True,
+              help="Also write report.html: one self-contained page (figures embedded, no script, no network).")
+def report(results: Path, out: Path | None, as_html: bool) -> None:
     """Write summary.md and plots (Pareto front, accuracy vs T, learning curves)."""
     from kdtune.analysis import load_history
     from kdtune.report import write_report
 
     written = write_report(results, _trials_with_finished_search(results), load_history(results), out)
+    if as_html:
+        from kdtune.report_html import write_html_report
+
+        written["html"] = write_html_report(written["summary"])
     for name, path in written.items():
         click.echo(f"wrote {path}")
 
