@@ -16,6 +16,7 @@ import click
 from kdtune import __version__
 from kdtune.errors import KdtuneError
 from kdtune.export_formats import DEFAULT_FORMAT, DEPRECATED_FORMATS, FORMATS
+from kdtune.tracking import DEFAULT_TRACKER, TRACKER_PACKAGES
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -216,6 +217,24 @@ def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: s
         click.echo(f"note: {fmt} is {DEPRECATED_FORMATS[fmt]}", err=True)
     path, sidecar = export_student(results, trial_id=trial_id, pareto_index=pareto_index, fmt=fmt, out=out)
     click.echo(f"wrote {path} and {sidecar}")
+
+
+@main.command()
+@_study_command
+@click.option("--tracker", type=click.Choice(list(TRACKER_PACKAGES)), default=DEFAULT_TRACKER, show_default=True,
+              help="Experiment tracker: mlflow (pip install 'kdtune[mlflow]') or wandb, offline "
+              "(pip install 'kdtune[wandb]').")
+@click.option("--uri", help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db, no server needed).")
+def track(results: Path, tracker: str, uri: str | None) -> None:
+    """Log a study to an experiment tracker: a run per study, a nested run per trial with per-epoch metrics.
+
+    Trials already logged are skipped, so running it again after a resumed search logs only the new ones.
+    """
+    from kdtune.tracking import log_study
+
+    outcome = log_study(results, tracker=tracker, uri=uri, log=click.echo)
+    if tracker == "mlflow":
+        click.echo(f"open it with: mlflow ui --backend-store-uri {outcome.location}")
 
 
 if __name__ == "__main__":  # pragma: no cover
