@@ -6,9 +6,9 @@ rebuilds that student from the trial's exact config, writes it as a
 ``torch.export`` archive (``.pt2``, the default), a ``state_dict``, a TorchScript
 module (deprecated upstream) or an ONNX graph, reloads the written file, and
 refuses to keep it unless it reproduces the trial's recorded validation
-accuracy and the eager student's logits at batch size 1. A JSON sidecar next to the file says what it is: the trial's config
-and metrics, the teacher it learned from, the input shape, the accuracy the
-exported file reproduced.
+accuracy and the eager student's logits at batch size 1. A JSON sidecar next to
+the file says what it is: the trial's config and metrics, the teacher it learned
+from, the input shape, the accuracy the exported file reproduced.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _write_artefact(model: torch.nn.Module, fmt: str, path: Path, example: torch
         program.save(str(path), external_data=False)
 
 
-def onnx_runner(path: str | Path) -> Any:
+def _onnx_runner(path: str | Path) -> Any:
     """A function from a float32 batch (numpy) to the logits of the ONNX file at ``path``:
     onnxruntime on the CPU when installed, else onnx's reference evaluator. The file is
     checked with ``onnx.checker`` first."""
@@ -210,7 +210,7 @@ def _reloaded(path: Path, fmt: str, config: dict[str, Any], data: Any) -> Any:
         # An exported program keeps the eval-mode graph it was traced in (its module refuses .eval()).
         # torch.export.load unpickles: only the file this function has just written is loaded here.
         return torch.export.load(str(path)).module()
-    run = onnx_runner(path)
+    run = _onnx_runner(path)
     return lambda batch: torch.from_numpy(run(batch.numpy()))
 
 
@@ -273,7 +273,8 @@ def export_student(
     The written file is reloaded from disk and run on the CPU: unless it gives
     the eager student's logits on a batch of one image (within 1e-4) and
     reproduces the trial's recorded final ``val_acc`` on the whole validation
-    split (within 1e-6), nothing is kept and :class:`ResultsError` is raised. Both files are written atomically (temporary file, then rename).
+    split (within 1e-6), nothing is kept and :class:`ResultsError` is raised.
+    Both files are written atomically (temporary file, then rename).
 
     Raises :class:`ResultsError` for a folder that is not a study, an unknown
     trial id or out-of-range index (listing the valid ones), and a trial that
@@ -313,7 +314,7 @@ def export_student(
     path.parent.mkdir(parents=True, exist_ok=True)
     temporaries = []
     try:
-        # The temporary keeps the suffix: torch.export and onnx name archive contents after it.
+        # The temporary keeps the suffix: torch.export.save warns about an archive not named *.pt2.
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)

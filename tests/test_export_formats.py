@@ -85,6 +85,19 @@ def eager_student(study: Path, trial_id: str, data) -> torch.nn.Module:
     return model.eval()
 
 
+def exported(study: Path, fmt: str | None) -> tuple[pd.Series, object, Path]:
+    """Export the best completed search trial of ``study`` (``fmt`` None: the default format);
+    return its trials-table row, the study's data and the file, after checking the sidecar."""
+    row = completed_trial(study)
+    data = load_spec_data(load_spec(study / "spec.yaml"))
+    path, sidecar = export_student(study, trial_id=row["trial_id"], **({"fmt": fmt} if fmt else {}))
+    fmt = fmt or DEFAULT_FORMAT
+    assert path == study / "exports" / f"{row['trial_id']}{FORMATS[fmt]}"
+    meta = json.loads(sidecar.read_text())
+    assert meta["format"] == fmt and meta["val_acc_reproduced"] == pytest.approx(row["val_acc"], abs=1e-6)
+    return row, data, path
+
+
 def batches(data) -> list[torch.Tensor]:
     """A batch of one, an odd batch, and the whole validation split."""
     return [data.val.x[:1], data.val.x[3:20], data.val.x]
@@ -95,12 +108,8 @@ def batches(data) -> list[torch.Tensor]:
 @pytest.mark.parametrize("family", ["mlp", "cnn", "resnet"])
 def test_onnx_export_runs_in_onnxruntime(studies, family):
     study = studies[family]
-    row = completed_trial(study)
-    data = load_spec_data(load_spec(study / "spec.yaml"))
-    path, sidecar = export_student(study, trial_id=row["trial_id"], fmt="onnx")
-    assert path == study / "exports" / f"{row['trial_id']}.onnx"
-    assert json.loads(sidecar.read_text())["format"] == "onnx"
-
+    row, data, path = exported(study, "onnx")
+    assert path.suffix == ".onnx" and not list(path.parent.glob("*.data"))  # weights inside the one file
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (given,) = session.get_inputs()
     assert given.name == "input" and isinstance(given.shape[0], str), given.shape  # a symbolic batch size
@@ -120,13 +129,9 @@ def test_onnx_export_runs_in_onnxruntime(studies, family):
 @pytest.mark.parametrize("family", ["mlp", "cnn", "resnet"])
 def test_pt2_export_is_the_default_and_takes_any_batch_size(studies, family):
     study = studies[family]
-    row = completed_trial(study)
-    data = load_spec_data(load_spec(study / "spec.yaml"))
     assert DEFAULT_FORMAT == "pt2"
-    path, sidecar = export_student(study, trial_id=row["trial_id"])
-    assert path == study / "exports" / f"{row['trial_id']}.pt2"
-    meta = json.loads(sidecar.read_text())
-    assert meta["format"] == "pt2" and meta["val_acc_reproduced"] == pytest.approx(row["val_acc"], abs=1e-6)
+    row, data, path = exported(study, None)
+    assert path.suffix == ".pt2"
 
     program = torch.export.load(str(path))
     (batch_range,) = program.range_constraints.values()
