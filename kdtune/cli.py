@@ -15,7 +15,8 @@ import click
 
 from kdtune import __version__
 from kdtune.errors import KdtuneError
-from kdtune.results.export import FORMATS as EXPORT_FORMATS
+from kdtune.results.export_formats import DEFAULT_FORMAT, DEPRECATED_FORMATS, FORMATS
+from kdtune.results.tracking import DEFAULT_TRACKER, TRACKER_PACKAGES
 from kdtune.study import FINAL_FILE, HISTORY_TABLE, META_FILE, TRIALS_TABLE
 
 
@@ -211,12 +212,18 @@ def _race(results: Path, param: str, widths: str | None, max_seeds: int, alpha_l
 @main.command()
 @_study_command
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for summary.md and PNGs (default: the study folder).")
-def report(results: Path, out: Path | None) -> None:
+@click.option("--html", "as_html", is_flag=True,
+              help="Also write report.html: one self-contained page (figures embedded, no script, no network).")
+def report(results: Path, out: Path | None, as_html: bool) -> None:
     """Write summary.md and plots (Pareto front, accuracy vs T, learning curves)."""
     from kdtune.results.analysis import load_history
     from kdtune.results.report import write_report
 
     written = write_report(results, _trials_with_finished_search(results), load_history(results), out)
+    if as_html:
+        from kdtune.results.report_html import write_html_report
+
+        written["html"] = write_html_report(written["summary"])
     for name, path in written.items():
         click.echo(f"wrote {path}")
 
@@ -240,7 +247,9 @@ def evaluate(results: Path, seeds: int) -> None:
 @_study_command
 @click.option("--trial", "trial_id", help="Trial id to export.")
 @click.option("--pareto-index", type=click.IntRange(min=0), help="Index on the Pareto front (0 = smallest).")
-@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)), default="state_dict", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=DEFAULT_FORMAT,
+              show_default=True, help="pt2: torch.export archive (dynamic batch); state_dict: weights only; "
+              "torchscript: deprecated upstream in favour of torch.export; onnx: needs pip install 'kdtune[onnx]'.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: in RESULTS/exports/).")
 def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: str, out: Path | None) -> None:
     """Export a trained student with a JSON sidecar, checking it reproduces its val accuracy."""
@@ -248,8 +257,28 @@ def export(results: Path, trial_id: str | None, pareto_index: int | None, fmt: s
 
     if (trial_id is None) == (pareto_index is None):
         raise KdtuneError("export: give exactly one of --trial ID or --pareto-index K")
+    if fmt in DEPRECATED_FORMATS:
+        click.echo(f"note: {fmt} is {DEPRECATED_FORMATS[fmt]}", err=True)
     path, sidecar = export_student(results, trial_id=trial_id, pareto_index=pareto_index, fmt=fmt, out=out)
     click.echo(f"wrote {path} and {sidecar}")
+
+
+@main.command()
+@_study_command
+@click.option("--tracker", type=click.Choice(list(TRACKER_PACKAGES)), default=DEFAULT_TRACKER, show_default=True,
+              help="Experiment tracker: mlflow (pip install 'kdtune[mlflow]') or wandb, offline "
+              "(pip install 'kdtune[wandb]').")
+@click.option("--uri", help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db, no server needed).")
+def track(results: Path, tracker: str, uri: str | None) -> None:
+    """Log a study to an experiment tracker: a run per study, a nested run per trial with per-epoch metrics.
+
+    Trials already logged are skipped, so running it again after a resumed search logs only the new ones.
+    """
+    from kdtune.results.tracking import log_study
+
+    outcome = log_study(results, tracker=tracker, uri=uri, log=click.echo)
+    if tracker == "mlflow":
+        click.echo(f"open it with: mlflow ui --backend-store-uri {outcome.location}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -322,6 +322,14 @@ def _recorded_trial_id(folder: Path) -> str | None:
         return None
 
 
+def folder_patterns(trial_id: str) -> list[str]:
+    """Glob patterns matching the folder of ``trial_id`` in a Ray experiment folder,
+    under Ray's default naming (``<trainable>_<id>_<index>_<params>_<date>``) and
+    under :func:`kdtune.trial_names.trial_dirname` (``...-<id>``, or the bare id)."""
+    escaped = glob.escape(str(trial_id))
+    return [f"*_{escaped}_*", f"*-{escaped}", escaped]
+
+
 def trial_folder(study_dir: str | Path, trial_id: str, meta: Mapping[str, Any] | None = None) -> Path:
     """The Ray trial folder of ``trial_id`` (search or baseline) that holds its ``params.json``.
 
@@ -332,9 +340,8 @@ def trial_folder(study_dir: str | Path, trial_id: str, meta: Mapping[str, Any] |
     study_dir = Path(study_dir)
     meta = meta if meta is not None else require_study(study_dir)
     roots = _experiment_roots(study_dir, meta)
-    escaped = glob.escape(str(trial_id))
     candidates = [folder for root in roots for sub in EXPERIMENT_FOLDERS.values()
-                  for pattern in (f"*_{escaped}_*", f"*-{escaped}")
+                  for pattern in folder_patterns(trial_id)
                   for folder in sorted((root / sub).glob(pattern))]
     for folder in candidates:
         if (folder / "params.json").is_file() and _recorded_trial_id(folder) in (None, trial_id):

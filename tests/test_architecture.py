@@ -42,7 +42,7 @@ def layer(module: str) -> tuple[int, str]:
         return 1, "core"
     if module == "kdtune.spec":
         return 2, "spec"
-    if module in ("kdtune.study", "kdtune.tables"):
+    if module in ("kdtune.study", "kdtune.tables", "kdtune.trial_names"):
         return 3, "study"
     if module == "kdtune.search" or module.startswith("kdtune.search."):
         return 4, "search"

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from kdtune.cli import main
 from kdtune.errors import ConfigError
 from kdtune.records import load_records
+from kdtune.study import trial_folder
 from kdtune.search import plan_placement
 from kdtune.spec import parse_spec
 from kdtune.searcher import journal_storage
@@ -102,7 +103,7 @@ def test_cli_search_on_digits_writes_a_complete_study(ray_session, tmp_path):
     # log has those epochs, the history every epoch (checked above).
     assert meta["rungs"] == [1, 3]
     for row in search.itertuples():
-        logged = [json.loads(line)["epoch"] for line in next((study / "search").glob(f"*_{row.trial_id}_*")).joinpath(
+        logged = [json.loads(line)["epoch"] for line in trial_folder(study, row.trial_id).joinpath(
             "result.json").read_text().splitlines()]
         assert logged == [e for e in meta["rungs"] if e < row.epochs_run] + [row.epochs_run], (row.trial_id, logged)
     # Every trial, search and baseline, has its record: config, every report, status.

@@ -3,11 +3,12 @@
 Every trial that ran its full epoch budget left its student in a checkpoint
 (``checkpoint_*/state.pt`` in its Ray trial folder). :func:`export_student`
 rebuilds that student from the trial's exact config, writes it as a
-``state_dict``, a TorchScript module or an ONNX graph, reloads the written file,
-and refuses to keep it unless it reproduces the trial's recorded validation
-accuracy. A JSON sidecar next to the file says what it is: the trial's config
-and metrics, the teacher it learned from, the input shape, the accuracy the
-exported file reproduced.
+``torch.export`` archive (``.pt2``, the default), a ``state_dict``, a TorchScript
+module (deprecated upstream) or an ONNX graph, reloads the written file, and
+refuses to keep it unless it reproduces the trial's recorded validation
+accuracy and the eager student's logits at batch size 1. A JSON sidecar next to
+the file says what it is: the trial's config and metrics, the teacher it learned
+from, the input shape, the accuracy the exported file reproduced.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ import torch
 from kdtune import __version__
 from kdtune.errors import ConfigError, KdtuneError, ResultsError
 from kdtune.core.teacher import sha256_file
+from kdtune.results.export_formats import DEFAULT_FORMAT, FORMATS
 from kdtune.study import EXPORTS_DIR, SPEC_FILE, latest_checkpoint, recorded_trial_config, require_study, trial_folder
 
-#: Export formats and the file suffix each gets by default.
-FORMATS = {"state_dict": ".pt", "torchscript": ".ts", "onnx": ".onnx"}
 #: The exported file must reproduce the recorded validation accuracy this closely.
 ACCURACY_TOLERANCE = 1e-6
+#: ... and the eager student's logits on one image this closely (ONNX kernels differ in rounding).
+LOGITS_TOLERANCE = 1e-4
+#: Packages the ONNX export needs: the graph format and the dynamo-based exporter.
+ONNX_PACKAGES = ("onnx", "onnxscript")
 _MAX_LISTED = 20
 READABLE = 0o644
 
@@ -91,8 +95,26 @@ def _select_trial(trials: pd.DataFrame, trial_id: str | None, pareto_index: int 
 
 
 def _require_onnx() -> None:
-    if importlib.util.find_spec("onnx") is None:
-        raise KdtuneError("export --format onnx needs the optional onnx package: pip install 'kdtune[onnx]'")
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise KdtuneError(f"export --format onnx needs the optional package(s) {', '.join(missing)}: "
+                          f"pip install 'kdtune[onnx]'")
+
+
+def _batch_dim() -> Any:
+    """A dynamic batch dimension that admits batch size 1.
+
+    torch.export specialises every dimension whose example size is 0 or 1, so
+    the example batch given with this dimension must hold at least 2 inputs
+    (see :func:`_example_batch`); min=1 then keeps size 1 valid at run time.
+    """
+    return torch.export.Dim("batch", min=1)
+
+
+def _example_batch(x: torch.Tensor) -> torch.Tensor:
+    """Two validation inputs (the first one twice if the split holds only one): never a
+    batch of one, which torch.export and the ONNX exporter would bake in as a constant."""
+    return x[:2] if len(x) >= 2 else x[:1].repeat(2, *([1] * (x.dim() - 1)))
 
 
 def _load_student_state(folder: Path, row: pd.Series, config: dict[str, Any], trials: pd.DataFrame) -> dict[str, Any]:
@@ -128,6 +150,9 @@ def _load_student_state(folder: Path, row: pd.Series, config: dict[str, Any], tr
 def _write_artefact(model: torch.nn.Module, fmt: str, path: Path, example: torch.Tensor) -> None:
     if fmt == "state_dict":
         torch.save(model.state_dict(), path)
+    elif fmt == "pt2":
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+        torch.export.save(program, path)
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             # torch.jit is deprecated in favour of torch.export, but a traced
@@ -137,18 +162,22 @@ def _write_artefact(model: torch.nn.Module, fmt: str, path: Path, example: torch
             traced = torch.jit.trace(model, example)
             torch.jit.save(traced, str(path))
     else:
-        # The TorchScript-based exporter needs only the onnx package (the dynamo one also needs onnxscript).
+        # The dynamo-based exporter (torch.export, then onnxscript): the TorchScript-based one is on its way out.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
-            torch.onnx.export(
-                model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: _batch_dim()},), verbose=False,
             )
+        # Weights inline (a kdtune student is far below protobuf's 2 GB limit): one self-contained file.
+        program.save(str(path), external_data=False)
 
 
-def _onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits of an ONNX file: onnxruntime when installed, else onnx's reference evaluator."""
+def _onnx_runner(path: str | Path) -> Any:
+    """A function from a float32 batch (numpy) to the logits of the ONNX file at ``path``:
+    onnxruntime on the CPU when installed, else onnx's reference evaluator. The file is
+    checked with ``onnx.checker`` first."""
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))
@@ -156,70 +185,103 @@ def _onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        infer = lambda batch: session.run(["logits"], {"input": batch})[0]  # noqa: E731
-    else:
-        from onnx.reference import ReferenceEvaluator
+        return lambda batch: session.run(["logits"], {"input": np.ascontiguousarray(batch)})[0]
+    from onnx.reference import ReferenceEvaluator
 
-        evaluator = ReferenceEvaluator(str(path))
-        infer = lambda batch: evaluator.run(["logits"], {"input": batch})[0]  # noqa: E731
-    return np.concatenate([infer(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    evaluator = ReferenceEvaluator(str(path))
+    return lambda batch: evaluator.run(["logits"], {"input": batch})[0]
 
 
-def _reproduced_accuracy(path: Path, fmt: str, config: dict[str, Any], data: Any) -> float:
-    """Validation accuracy of the file at ``path``, reloaded from disk, on the CPU."""
-    from kdtune.core.distill import evaluate
+def _reloaded(path: Path, fmt: str, config: dict[str, Any], data: Any) -> Any:
+    """The file at ``path`` reloaded from disk, as a function from a CPU batch to CPU logits."""
     from kdtune.core.models import build_model
 
-    cpu = torch.device("cpu")
     if fmt == "state_dict":
         fresh = build_model(config["family"], data.input_shape, data.num_classes, config["width"],
                             **(config.get("model_options") or {}))
         fresh.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return evaluate(fresh, data.val, cpu)[0]
+        return fresh.eval()
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
-            loaded = torch.jit.load(str(path), map_location="cpu")
-        return evaluate(loaded, data.val, cpu)[0]
-    logits = _onnx_logits(path, data.val.x.numpy())
-    return float((logits.argmax(axis=1) == data.val.y.numpy()).mean())
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    if fmt == "pt2":
+        # An exported program keeps the eval-mode graph it was traced in (its module refuses .eval()).
+        # torch.export.load unpickles: only the file this function has just written is loaded here.
+        return torch.export.load(str(path)).module()
+    run = _onnx_runner(path)
+    return lambda batch: torch.from_numpy(run(batch.numpy()))
+
+
+def _logits(infer: Any, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    # 512: the batch size the trials' own evaluation used (kdtune.distill.evaluate), so
+    # that a student scored on the same batches rounds alike.
+    with torch.no_grad():
+        return torch.cat([infer(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+def _check_reloaded(path: Path, fmt: str, config: dict[str, Any], data: Any, model: torch.nn.Module) -> float:
+    """Validation accuracy of the file at ``path``, reloaded from disk, on the CPU, after
+    checking that it gives the eager ``model``'s logits on a batch of one image (the
+    batch size an export traced with a larger batch is most likely to get wrong)."""
+    infer = _reloaded(path, fmt, config, data)
+    single = data.val.x[:1]
+    with torch.no_grad():
+        expected = model(single)
+    got = _logits(infer, single)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=0.0, atol=LOGITS_TOLERANCE):
+        gap = (got - expected).abs().max().item() if got.shape == expected.shape else f"shape {tuple(got.shape)}"
+        raise ResultsError(
+            f"the exported {fmt} gives other logits than the trained student on a batch of one image "
+            f"(max difference {gap}, allowed {LOGITS_TOLERANCE}); nothing was written"
+        )
+    logits = _logits(infer, data.val.x)
+    return float((logits.argmax(dim=1) == data.val.y).float().mean().item())
 
 
 def export_student(
     study_dir: str | Path,
     trial_id: str | None = None,
     pareto_index: int | None = None,
-    fmt: str = "state_dict",
+    fmt: str = DEFAULT_FORMAT,
     out: str | Path | None = None,
 ) -> tuple[Path, Path]:
     """Export one trained student of a study and return ``(file, sidecar)``.
 
     Choose the student by ``trial_id`` (search or baseline trial) or by
     ``pareto_index`` K on the validation Pareto front sorted by size (0 = the
-    smallest). ``fmt`` is ``"state_dict"`` (``torch.save`` of the weights; load
-    into ``kdtune.models.build_model(family, input_shape, num_classes, width,
-    **model_options)`` with the sidecar's values), ``"torchscript"`` (a traced
-    module for ``torch.jit.load``) or ``"onnx"`` (needs ``pip install
-    'kdtune[onnx]'``; input ``"input"``, output ``"logits"``, dynamic batch).
+    smallest). ``fmt`` is one of :data:`FORMATS`:
 
-    The file goes to ``out`` or ``<study_dir>/exports/<trial_id>.<pt|ts|onnx>``;
+    * ``"pt2"`` (default): a ``torch.export`` archive with a dynamic batch
+      dimension (any batch size from 1); ``torch.export.load(path).module()``
+      gives the model (the archive holds pickled data: load only files you trust);
+    * ``"state_dict"``: ``torch.save`` of the weights; load into
+      ``kdtune.models.build_model(family, input_shape, num_classes, width,
+      **model_options)`` with the sidecar's values;
+    * ``"torchscript"``: a traced module for ``torch.jit.load``, which torch
+      deprecates in favour of torch.export;
+    * ``"onnx"``: through the dynamo-based exporter (needs ``pip install
+      'kdtune[onnx]'``); input ``"input"``, output ``"logits"``, dynamic batch.
+
+    The file goes to ``out`` or ``<study_dir>/exports/<trial_id>.<pt2|pt|ts|onnx>``;
     the sidecar is ``<file>.json`` (trial config and metrics row, teacher cache
     key and info, kdtune and torch versions, format, input shape, number of
     classes, the file's sha256, recorded and reproduced val_acc). Inputs are
     expected normalised as the study's data splits are (see :mod:`kdtune.data`).
 
-    The written file is reloaded from disk and evaluated on the validation
-    split on the CPU; unless that reproduces the trial's recorded final
-    ``val_acc`` within 1e-6, nothing is kept and :class:`ResultsError` is
-    raised. Both files are written atomically (temporary file, then rename).
+    The written file is reloaded from disk and run on the CPU: unless it gives
+    the eager student's logits on a batch of one image (within 1e-4) and
+    reproduces the trial's recorded final ``val_acc`` on the whole validation
+    split (within 1e-6), nothing is kept and :class:`ResultsError` is raised.
+    Both files are written atomically (temporary file, then rename).
 
     Raises :class:`ResultsError` for a folder that is not a study, an unknown
     trial id or out-of-range index (listing the valid ones), and a trial that
     has no saved student (stopped early, diverged, error, or checkpoint
     missing); :class:`ConfigError` for an unknown format or not exactly one of
     ``trial_id`` / ``pareto_index``; :class:`KdtuneError` for ONNX without the
-    onnx package.
+    onnx or onnxscript package.
     """
     from kdtune.core.models import build_model
     from kdtune.results.analysis import load_results
@@ -251,13 +313,14 @@ def export_student(
     path.parent.mkdir(parents=True, exist_ok=True)
     temporaries = []
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        # The temporary keeps the suffix: torch.export.save warns about an archive not named *.pt2.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         temporaries.append(tmp)
-        _write_artefact(model, fmt, tmp, data.val.x[:2])
+        _write_artefact(model, fmt, tmp, _example_batch(data.val.x))
         recorded = float(row["val_acc"])
-        reproduced = float(_reproduced_accuracy(tmp, fmt, config, data))
+        reproduced = _check_reloaded(tmp, fmt, config, data, model)
         if not abs(reproduced - recorded) <= ACCURACY_TOLERANCE:
             trained_on = str(config.get("device") or "cpu")
             device_note = (

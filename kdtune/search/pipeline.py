@@ -58,6 +58,7 @@ from kdtune.study import (
     update_meta,
 )
 from kdtune.search.experiment import study_tables
+from kdtune.trial_names import trial_dirname, trial_name
 
 Log = Callable[[str], None]
 
@@ -306,6 +307,8 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
                 num_samples=spec.num_samples,
                 max_concurrent_trials=placement.max_concurrent,
                 reuse_actors=True,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname,
             ),
             run_config=_run_config(EXPERIMENT_FOLDERS["search"], experiment_root, spec, [
                 recording_callback(study_dir, "search"), progress_callback(spec.num_samples, log)]),
@@ -340,7 +343,8 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
     def new_baseline_tuner():
         return tune.Tuner(
             trainable, param_space=baseline_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=placement.max_concurrent, reuse_actors=True),
+            tune_config=tune.TuneConfig(max_concurrent_trials=placement.max_concurrent, reuse_actors=True,
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
             run_config=_run_config(EXPERIMENT_FOLDERS["baseline"], experiment_root, spec, [
                 recording_callback(study_dir, "baseline"), progress_callback(len(overrides), log)]),
         )
