@@ -664,15 +664,18 @@ def _mean_ci(values: np.ndarray, confidence: float) -> tuple[float, float, float
     return mean, mean - half, mean + half
 
 
-def replay(race: Race, rounds: Iterable[Mapping[Contender, float]]) -> Race:
+def replay(race: Race, rounds: Iterable[Mapping[Contender, float]], seeds: Iterable[Any] | None = None) -> Race:
     """Feed recorded rounds to ``race`` until it is done (each round may hold scores of
-    contenders already dropped: only the survivors' are used). Returns ``race``.
+    contenders already dropped: only the survivors' are used), with their ``seeds`` when
+    given (one per round, as :meth:`Race.add_round` records them). Returns ``race``.
 
     This is how a resumed race rebuilds its state from the runs it recorded, and how
     the offline benchmark replays a recorded matrix.
     """
+    seed_list = iter(seeds) if seeds is not None else None
     for scores in rounds:
         if race.done:
             break
-        race.add_round({c: scores[c] for c in race.survivors()})
+        seed = next(seed_list, None) if seed_list is not None else None
+        race.add_round({c: scores[c] for c in race.survivors()}, seed=seed)
     return race
