@@ -163,6 +163,18 @@ def contender_grid(lo: float, hi: float, log: bool, n: int = 8, include: Sequenc
 # --------------------------------------------------------------------------- critical values
 
 
+def two_way(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contender means and residual variance of the two-way model ``contender + round + error``.
+
+    ``scores`` is ``(..., k contenders, n rounds)``; returns the means ``(..., k)`` and the
+    residual variance ``(...)`` with ``(k-1)(n-1)`` degrees of freedom (round effects removed).
+    """
+    k, n = scores.shape[-2:]
+    means = scores.mean(axis=-1)
+    residual = scores - means[..., :, None] - scores.mean(axis=-2)[..., None, :] + means.mean(axis=-1)[..., None, None]
+    return means, (residual**2).sum(axis=(-2, -1)) / ((k - 1) * (n - 1))
+
+
 #: Simulated null races behind each calibrated boundary (Monte Carlo error of the
 #: whole-race level about ±0.003 at alpha 0.05), and their fixed seed.
 CALIBRATION_SIMS = 20_000
@@ -192,10 +204,7 @@ def calibrated_boundary(k: int, min_rounds: int, max_seeds: int, alpha: float) -
     z = rng.standard_normal((CALIBRATION_SIMS, k, max_seeds))
     statistics = []
     for n in range(min_rounds, max_seeds + 1):
-        y = z[:, :, :n]
-        means = y.mean(axis=2)
-        residual = y - means[:, :, None] - y.mean(axis=1)[:, None, :] + means.mean(axis=1)[:, None, None]
-        s2 = (residual**2).sum(axis=(1, 2)) / ((k - 1) * (n - 1))
+        means, s2 = two_way(z[:, :, :n])
         statistics.append((means.max(axis=1) - means.min(axis=1)) / np.sqrt(2.0 * s2 / n))
     looks = np.stack(statistics)  # (looks, sims)
     ordered = np.sort(looks, axis=1)
@@ -236,10 +245,7 @@ def _look(scores: np.ndarray, critical: float, variance: str) -> _Look:
     if n < 2 or k < 2:
         return _Look(means, nan, math.nan, nan)
     if variance == "pooled":
-        residual = scores - means[:, None] - scores.mean(axis=0)[None, :] + scores.mean()
-        df = (k - 1) * (n - 1)
-        s2 = float((residual**2).sum()) / df
-        diff_sd = np.full((k, k), math.sqrt(2.0 * s2))
+        diff_sd = np.full((k, k), math.sqrt(2.0 * float(two_way(scores)[1])))
     else:
         differences = scores[:, None, :] - scores[None, :, :]
         diff_sd = differences.std(axis=2, ddof=1)
