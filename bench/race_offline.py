@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     if args.record:
         record(args.matrix or RECORDED, widths, args.seeds, args.epochs)
+    load_before, started = common.load_average(), time.perf_counter()
     report = run(matrix_path=args.matrix, replays=args.replays, max_seeds=args.max_seeds)
+    report.wall_s, report.load_before, report.load_after = time.perf_counter() - started, load_before, common.load_average()
     command = "python bench/race_offline.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     print(report.to_markdown(command))
     print(f"-> {report.write(command)}")

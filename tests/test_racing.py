@@ -200,8 +200,9 @@ def test_round_by_round_matches_a_replay_of_the_recorded_rounds():
         played = {c: scores[c] for c in live.survivors()}
         live.add_round(played)
         recorded.append(played)
-    rebuilt = replay(Race(CONTENDERS), recorded)
+    rebuilt = replay(Race(CONTENDERS), recorded, seeds=range(1000, 1000 + len(recorded)))
     assert rebuilt.dropped == live.dropped and rebuilt.rounds == live.rounds
+    assert rebuilt.seeds == list(range(1000, 1000 + live.rounds))
     assert rebuilt.table().equals(live.table()) and rebuilt.verdict() == live.verdict()
 
 
