@@ -50,6 +50,7 @@ def validate(spec: Path) -> None:
 
     parsed = load_spec(spec)
     preflight(parsed, str(spec))
+    _tracker(parsed, None, str(spec))
     check_inputs(parsed, str(spec))
     searched = ", ".join(parsed.space.searched()) or "nothing"
     click.echo(f"{spec}: ok: study '{parsed.study}', {parsed.num_samples} trials on {parsed.data.dataset}, "
@@ -67,12 +68,17 @@ def validate(spec: Path) -> None:
 @click.option("--results", "results_root", default="results", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Results root folder.")
 @click.option("--budget", help="Stop sampling once spent: epochs of search trials (500) or time (2h, 90m).")
+@click.option("--track", type=click.Choice(list(TRACKER_PACKAGES)),
+              help="Log the study to an experiment tracker when the search ends (overrides the spec's tracking).")
 def search(spec: Path, num_samples: int | None, name: str | None, address: str | None, storage: str | None,
-           resume: bool, dashboard: bool, results_root: Path, budget: str | None) -> None:
+           resume: bool, dashboard: bool, results_root: Path, budget: str | None, track: str | None) -> None:
     """Run a distillation search described by SPEC (a YAML file)."""
     from kdtune.search import SearchInterrupted, resume_command
     from kdtune.search import search as run_search
+    from kdtune.spec import load_spec
 
+    # The tracker and its package are checked before anything starts.
+    tracker = _tracker(load_spec(spec), track, str(spec))
     try:
         result = run_search(spec, num_samples=num_samples, name=name, address=address, storage=storage,
                             resume=resume, dashboard=dashboard, results_root=results_root, budget=budget,
@@ -85,9 +91,34 @@ def search(spec: Path, num_samples: int | None, name: str | None, address: str |
             _interrupted(SearchInterrupted(study_dir, resume_command(spec, study_dir, name)))
         click.echo("search interrupted before it started; nothing was written", err=True)
         sys.exit(130)
+    if tracker is not None:
+        _track_study(result.study_dir, *tracker)
     if result.interrupted:
         _interrupted(SearchInterrupted(result.study_dir, result.resume_command))
     _print_front(result.trials, result.study_dir)
+
+
+def _tracker(parsed: Any, track: str | None, source: str) -> tuple[str, str | None] | None:
+    """(tracker, uri) the search logs to, checked: ``--track``, else the spec's ``tracking``."""
+    from kdtune.results.tracking import check_tracker_available
+
+    if track is None and parsed.tracking is None:
+        return None
+    name = track or parsed.tracking.tracker
+    uri = parsed.tracking.uri if parsed.tracking is not None else None
+    try:
+        check_tracker_available(name)
+    except KdtuneError as exc:
+        raise KdtuneError(f"{source}: tracking.tracker: {exc}") from None
+    return name, uri
+
+
+def _track_study(study_dir: Path, tracker: str, uri: str | None) -> None:
+    from kdtune.results.tracking import log_study
+
+    outcome = log_study(study_dir, tracker=tracker, uri=uri, log=click.echo)
+    if tracker == "mlflow":
+        click.echo(f"open it with: mlflow ui --backend-store-uri {outcome.location}")
 
 
 def _interrupted(exc: SearchInterrupted) -> None:
@@ -274,11 +305,7 @@ def track(results: Path, tracker: str, uri: str | None) -> None:
 
     Trials already logged are skipped, so running it again after a resumed search logs only the new ones.
     """
-    from kdtune.results.tracking import log_study
-
-    outcome = log_study(results, tracker=tracker, uri=uri, log=click.echo)
-    if tracker == "mlflow":
-        click.echo(f"open it with: mlflow ui --backend-store-uri {outcome.location}")
+    _track_study(results, tracker, uri)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -305,6 +305,16 @@ class FaultSpec(_Strict):
         return value
 
 
+class TrackingSpec(_Strict):
+    """Where ``kdtune search`` logs the study when it ends (and after each resume):
+    ``tracker`` is a name in kdtune.results.tracking.TRACKER_PACKAGES (checked, with
+    its package, before the search starts); ``uri`` is MLflow's tracking URI
+    (default ``sqlite:///<study folder>/mlflow.db``)."""
+
+    tracker: str = "mlflow"
+    uri: str | None = None
+
+
 class SearchSpec(_Strict):
     """A validated search spec (see the module docstring and the README)."""
 
@@ -324,6 +334,7 @@ class SearchSpec(_Strict):
     #: "all" one per width of the space, false none.
     baselines: Union[bool, Literal["all"]] = True
     checkpoint_every: int = Field(0, ge=0)
+    tracking: TrackingSpec | None = None
     faults: FaultSpec | None = None
 
     @model_validator(mode="before")

@@ -26,7 +26,7 @@ from conftest import TINY_SPEC, write_spec
 from kdtune.cli import main
 from kdtune.study import read_trial_config, trial_folder
 from kdtune.export import export_student
-from kdtune.export_formats import DEFAULT_FORMAT, FORMATS
+from kdtune.results.export_formats import DEFAULT_FORMAT, FORMATS
 from kdtune.models import build_model
 from kdtune.search import load_spec_data
 from kdtune.spec import load_spec
@@ -164,27 +164,30 @@ def test_cli_export_defaults_to_pt2_and_notes_torchscript_deprecation(studies):
 
 
 @pytest.mark.ray
-def test_export_and_lookup_find_trials_in_short_named_folders(studies, tmp_path):
-    """A study whose trial folders carry kdtune's short names (search and baseline) exports like one with Ray's."""
-    study = Path(shutil.copytree(studies["mlp"], tmp_path / "short", ignore=shutil.ignore_patterns(".lock")))
+def test_trial_folders_are_short_and_ray_long_names_still_load(studies, tmp_path):
+    """The search names trial folders short (search and baseline); a study whose folders
+    carry Ray's long names (as studies written before did) exports the same way."""
+    study = Path(shutil.copytree(studies["mlp"], tmp_path / "long", ignore=shutil.ignore_patterns(".lock")))
     shutil.rmtree(study / "exports", ignore_errors=True)
     trials = pd.read_parquet(study / "trials.parquet")
     renamed = {}
     for phase in ("search", "baseline"):
         row = trials[(trials["phase"] == phase) & (trials["status"] == "completed")].iloc[0]
-        old = trial_folder(study, row["trial_id"])
-        assert old.name.startswith("distill_trainable_")  # Ray's long name, as the search wrote it
-        config = json.loads((old / "params.json").read_text())
-        new = old.with_name(trial_dirname(SimpleNamespace(config=config, trial_id=row["trial_id"])))
-        old.rename(new)
-        renamed[row["trial_id"]] = new
+        short = trial_folder(study, row["trial_id"])
+        config = json.loads((short / "params.json").read_text())
+        assert short.name == trial_dirname(SimpleNamespace(config=config, trial_id=row["trial_id"]))
+        assert short.name.endswith(f"-{row['trial_id']}") and len(short.name) < 40
+        if phase == "baseline":
+            assert short.name.startswith("baseline-w")
+        # Ray's own naming, as before kdtune named trial folders.
+        long = short.with_name(f"distill_trainable_{row['trial_id']}_0_alpha={config.get('alpha')},"
+                               f"amp=False_2026-11-30_08-19-53")
+        short.rename(long)
+        renamed[row["trial_id"]] = long
     for trial_id, folder in renamed.items():
         assert trial_folder(study, trial_id) == folder
-        assert folder.name.endswith(f"-{trial_id}") and len(folder.name) < 40
         path, _ = export_student(study, trial_id=trial_id, fmt="state_dict")
         assert path.is_file()
-    baseline_id = next(t for t in renamed if trials.set_index("trial_id").loc[t, "phase"] == "baseline")
-    assert renamed[baseline_id].name.startswith("baseline-w")
     # Each pattern matches exactly the one trial's folder, not a neighbour whose id shares a prefix.
     for trial_id, folder in renamed.items():
         matches = {p for pattern in folder_patterns(trial_id) for p in (study / folder.parent.name).glob(pattern)}

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from kdtune.cli import main
 from kdtune.errors import ResultsError
 from kdtune.report import write_report
-from kdtune.report_html import write_html_report
+from kdtune.results.report_html import write_html_report
 from test_report import params_of, synthetic_study, write_study_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

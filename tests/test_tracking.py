@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import assert_one_clean_error
 from kdtune.cli import main
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.tracking import check_tracker_available, default_mlflow_uri, log_study_to_mlflow
+from kdtune.results.tracking import check_tracker_available, default_mlflow_uri, log_study_to_mlflow
 
 mlflow = pytest.importorskip("mlflow", reason="the test extra installs mlflow: pip install -e '.[test]'")
 
@@ -152,7 +152,7 @@ def test_a_missing_tracker_package_is_one_clear_error():
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                     reason="wandb is not installed (optional extra kdtune[wandb], not part of the test extra)")
 def test_wandb_offline_logs_each_trial_once(study, tmp_path, monkeypatch):
-    from kdtune.tracking import log_study_to_wandb
+    from kdtune.results.tracking import log_study_to_wandb
 
     copy = copy_study(study, tmp_path)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -162,3 +162,34 @@ def test_wandb_offline_logs_each_trial_once(study, tmp_path, monkeypatch):
     assert len(list((copy / "wandb").glob("offline-run-*"))) == len(trials) + 1  # + the study run
     again = log_study_to_wandb(copy, mode="offline")
     assert again.logged == [] and sorted(again.skipped) == sorted(first.logged)
+
+
+@pytest.mark.ray
+def test_a_search_with_tracking_logs_the_study_when_it_ends(ray_session, tmp_path):
+    """``tracking:`` in the spec: the study is in MLflow when ``kdtune search`` returns."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from conftest import TINY_SPEC, write_spec
+    from kdtune.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    spec = {**TINY_SPEC, "study": "tracked", "num_samples": 2, "baselines": False,
+            "early_stopping": {"rule": "none"}, "tracking": {"tracker": "mlflow", "uri": uri}}
+    outcome = CliRunner().invoke(main, ["search", str(write_spec(tmp_path, spec)), "--results", str(tmp_path / "r")])
+    assert outcome.exit_code == 0, outcome.output
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tracked"])
+    assert len(runs) == 3  # the study's parent run and one nested run per trial
+
+
+def test_an_unknown_tracker_is_refused_before_anything_starts(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import TINY_SPEC, assert_one_clean_error, write_spec
+    from kdtune.cli import main
+
+    spec = {**TINY_SPEC, "tracking": {"tracker": "neptune"}}
+    outcome = CliRunner().invoke(main, ["search", str(write_spec(tmp_path, spec)), "--results", str(tmp_path / "r")])
+    assert_one_clean_error(outcome, "tracking.tracker", "neptune", "mlflow")
+    assert not (tmp_path / "r").exists()
