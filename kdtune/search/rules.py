@@ -157,7 +157,12 @@ class _RungScheduler(FIFOScheduler):
         if not views:
             return 0
         _, history = phase_tables("", PHASES[0], views)
-        return self.restore_history(history) if len(history) else 0
+        restored = self.restore_history(history) if len(history) else 0
+        if restored:
+            # The scheduler runs in the driver, whose output is the search's log.
+            print(f"early stopping: restored {restored} rung result(s) of the trials run before the restart",
+                  flush=True)
+        return restored
 
     def restore_history(self, history: "pd.DataFrame") -> int:  # pragma: no cover - every rule overrides it
         raise NotImplementedError
