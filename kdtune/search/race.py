@@ -133,6 +133,12 @@ class RaceSearcher(Searcher):
         self.races, self.param, self.seed = races, param, int(seed)
         self.pending: dict[str, tuple[int, Any, int]] = {}
 
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: a race's state is rebuilt from its records (:meth:`replay`)."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: see :meth:`save`."""
+
     def run_config(self, index: int, contender: Any, round_index: int) -> dict[str, Any]:
         """The trial config of one run: the size's best config, the contender, the round's seed."""
         entry = self.races[index]
