@@ -66,8 +66,8 @@ def standardize_backward(grad_u: Tensor, u: Tensor, std: Tensor) -> Tensor:
     ``∂L/∂s = (g − mean(g)) / (σ + ε) − u·⟨g, u⟩ / ((C − 1)·σ)``.
     """
     classes = u.shape[-1]
+    along_u = torch.linalg.vecdot(grad_u, u).unsqueeze(-1).div_(std.clamp_min(_TINY) * (classes - 1))
     centred = grad_u - grad_u.mean(dim=-1, keepdim=True)
-    along_u = (grad_u * u).sum(dim=-1, keepdim=True) / ((classes - 1) * std.clamp_min(_TINY))
     return centred.div_(std + STANDARDIZE_EPS).sub_(u * along_u)
 
 
@@ -77,8 +77,8 @@ class CachedLogitObjective:
     ``teacher_logits`` is ``(N, C)``, or ``(K, N, C)`` for K teachers whose probabilities
     are averaged at temperature T (as :func:`~kdtune.losses.soft_targets` does);
     ``labels`` ``(N,)``: row i belongs to training sample i. They stay on the CPU; the
-    tables are built there and moved to ``device``. A subclass gives the teacher's rows
-    (:meth:`_teacher_rows`) and the method's loss and gradient on a batch (:meth:`_method`).
+    tables are built there and moved to ``device``. Subclasses define the table's rows
+    (:meth:`rows`) and the step (:meth:`loss_and_grad`).
     """
 
     name: ClassVar[str] = ""
@@ -102,16 +102,23 @@ class CachedLogitObjective:
             self.teacher = standardize_logits(logits) if self.standardize else logits
         self.labels = labels.long()
         self.labels_on_device = self.labels.to(self.device)
-        self.tables: OrderedDict[float, Tensor] = OrderedDict()  # T → (N, C + width) rows, most recent last
-
-    # ------------------------------------------------------------ teacher side
+        self.tables: OrderedDict[float, Tensor] = OrderedDict()  # T → table, most recently used last
+        self._constants: dict[tuple, tuple[Tensor, ...]] = {}  # per (batch size, T, weight): small step constants
 
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-        """The table rows of these (already standardized, if asked) teacher logits and labels:
-        ``[onehot(labels) | method's rows]``."""
-        log_p = teacher_log_probs(teacher_logits, temperature).to(self.dtype)
-        onehot = F.one_hot(labels, self.num_classes).to(log_p.dtype)
-        return torch.cat((onehot, self._teacher_rows(log_p, onehot)), dim=1)
+        """The table rows ``(N, R, C)`` of these (already standardized, if asked) teacher logits and labels."""
+        raise NotImplementedError
+
+    def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
+                      teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The batch's objective (a scalar, no autograd graph) and its gradient with respect to ``student_logits``.
+
+        ``idx`` are the batch's training-split indices on the device. ``weight`` multiplies
+        the method's term (not the CE). ``teacher_logits`` (``(B, C)`` or ``(K, B, C)``,
+        on the device, e.g. with logit noise added) replace the cached teacher for this step.
+        Computed in float32 (float64 for a float64 teacher); the gradient has the logits' dtype.
+        """
+        raise NotImplementedError
 
     def table(self, temperature: float) -> Tensor:
         """The whole training split's rows at ``temperature``, on the device (built on first use)."""
@@ -128,97 +135,133 @@ class CachedLogitObjective:
             self.tables.move_to_end(key)
         return table
 
-    # ------------------------------------------------------------ a step
+    def _batch_rows(self, idx: Tensor, temperature: float, teacher_logits: Tensor | None) -> Tensor:
+        if teacher_logits is None:
+            return self.table(temperature).index_select(0, idx)
+        with torch.no_grad():
+            logits = teacher_logits.to(self.dtype)
+            return self.rows(standardize_logits(logits) if self.standardize else logits,
+                             self.labels_on_device.index_select(0, idx), float(temperature))
+
+    def _student(self, student_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(s, z, back)``: the logits in the compute dtype, ``z = u / T``, and (standardizing)
+        what :meth:`_to_logits` needs to take a gradient from z back to s.
+
+        Standardizing, ``z = d·κ`` with ``d = s − mean(s)``, ``κ = 1 / (T·(σ + ε))`` and
+        ``σ = ‖d‖ / √(C − 1)`` (torch's unbiased std), computed as such: fewer operations than
+        :func:`~kdtune.losses.standardize_logits` followed by a division, the same numbers up to rounding.
+        """
+        # Called under no_grad: no detach needed; no conversion when the dtype already matches.
+        s = student_logits if student_logits.dtype == self.dtype else student_logits.to(self.dtype)
+        if not self.standardize:
+            return s, s / temperature, None
+        classes = s.shape[-1]
+        d = torch.sub(s, s.sum(dim=-1, keepdim=True), alpha=1.0 / classes)
+        norm = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+        eps, sigma_scale = self._constant(("standardize", float(temperature)), lambda: tuple(
+            torch.tensor(x, dtype=self.dtype, device=self.device)
+            for x in (temperature * STANDARDIZE_EPS, temperature / (classes - 1) ** 0.5)))
+        kappa = torch.addcmul(eps, norm, sigma_scale).reciprocal_()
+        return s, d * kappa, (d, norm, kappa)
+
+    def _to_logits(self, grad_z: Tensor, temperature: float, back: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        """``∂/∂s`` from ``∂/∂z``, in place where it can.
+
+        Standardizing (see :meth:`_student`): ``∂/∂s = κ·g − d·⟨g, d⟩·κ²·T / (√(C − 1)·‖d‖)``. This is
+        :func:`standardize_backward` without its centring of g: every method's gradient with respect
+        to z sums to 0 over the classes (each loss is unchanged by adding a constant to a sample's z),
+        so the centring would only move float rounding.
+        """
+        if back is None:
+            return grad_z.div_(temperature)
+        d, norm, kappa = back
+        scale = temperature / (d.shape[-1] - 1) ** 0.5
+        along_d = torch.linalg.vecdot(grad_z, d).unsqueeze(-1).mul_(kappa).mul_(kappa).div_(
+            norm.clamp_min(_TINY).mul_(1.0 / scale))
+        return grad_z.mul_(kappa).sub_(d * along_d)
+
+    def _constant(self, key: tuple, build) -> tuple[Tensor, ...]:
+        # Tensors of a few python numbers, made once per (batch size, T, weight) rather than every step.
+        found = self._constants.get(key)
+        if found is None:
+            if len(self._constants) > 256:  # a schedule of many values: start over rather than grow
+                self._constants.clear()
+            found = self._constants[key] = build()
+        return found
+
+
+class _LinearInLogProbs(CachedLogitObjective):
+    """Objectives of the form ``Σ_k ⟨W_k, log_softmax(x_k) − log t_k⟩`` over K stacked inputs.
+
+    Row 0 is the cross-entropy (``x_0 = s``, ``W_0 = −(ce_weight / B)·onehot``, ``log t_0 = 0``);
+    rows 1.. are the method's (``x_k = z + offset_k``, ``W_k = weight·T²/B·w_k``). The table
+    holds, per sample, ``[w | log t | offset]`` for every row (``(N, 3, K, C)``), the unscaled
+    weights ``w`` being the loss's gradient with respect to the log-probabilities. A step is then
+    one stacked log-softmax, the log-softmax backward kernel applied to the weights (the gradient
+    with respect to every ``x_k``), one dot product for the loss, and the sum of the rows'
+    gradients (rows 1.. divided by T): the form of :func:`~kdtune.losses.fused_kd_loss_and_grad`.
+    """
+
+    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The method's ``(w, log t, offset)``, each ``(N, K − 1, C)``."""
+        raise NotImplementedError
+
+    def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        log_p = teacher_log_probs(teacher_logits, temperature).to(self.dtype)
+        onehot = F.one_hot(labels, self.num_classes).to(log_p.dtype)
+        weights, log_targets, offsets = self._teacher_rows(log_p, onehot)
+        zeros = torch.zeros_like(onehot).unsqueeze(1)
+        return torch.stack((torch.cat((-onehot.unsqueeze(1), weights), dim=1),
+                            torch.cat((zeros, log_targets), dim=1), torch.cat((zeros, offsets), dim=1)), dim=1)
 
     def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
                       teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The batch's objective (a scalar, no autograd graph) and its gradient with respect to ``student_logits``.
-
-        ``idx`` are the batch's training-split indices on the device. ``weight`` multiplies
-        the method's term (not the CE). ``teacher_logits`` (``(B, C)`` or ``(K, B, C)``,
-        on the device, e.g. with logit noise added) replace the cached teacher for this step.
-        """
-        if teacher_logits is None:
-            rows = self.table(temperature).index_select(0, idx)
-        else:
-            with torch.no_grad():
-                logits = teacher_logits.to(self.dtype)
-                rows = self.rows(standardize_logits(logits) if self.standardize else logits,
-                                 self.labels_on_device.index_select(0, idx), float(temperature))
-        classes, ce = self.num_classes, self.ce_weight
+        rows = self._batch_rows(idx, temperature, teacher_logits)
         with torch.no_grad():
-            s = student_logits.detach().to(self.dtype)
-            batch = s.shape[0]
-            onehot, teacher = rows[:, :classes], rows[:, classes:]
-            log_ce = None
-            if self.standardize:
-                std, mean = torch.std_mean(s, dim=-1, keepdim=True)
-                u = (s - mean).div_(std + STANDARDIZE_EPS)
-                log_q = torch.log_softmax(u / temperature, dim=-1)
-                if ce:
-                    log_ce = torch.log_softmax(s, dim=-1)
-            elif ce:  # one log-softmax kernel for both, as the fused KD loss does
-                log_ce, log_q = torch.log_softmax(torch.stack((s, s / temperature), dim=1), dim=-1).unbind(1)
-            else:
-                log_q = torch.log_softmax(s / temperature, dim=-1)
-            loss, grad = self._method(log_q, teacher, float(temperature), batch)
-            # grad is ∂M/∂z with z = u / T: ∂(weight·M)/∂u = weight·grad / T.
-            loss, grad = loss * weight, grad.mul_(weight / temperature)
-            if self.standardize:
-                grad = standardize_backward(grad, u, std)
-            if log_ce is not None:
-                loss = loss - (ce / batch) * torch.dot(onehot.reshape(-1), log_ce.reshape(-1))
-                grad.add_(log_ce.exp().sub_(onehot), alpha=ce / batch)
+            weights, log_targets, offsets = rows.unbind(1)
+            s, z, back = self._student(student_logits, temperature)
+            rows_k, batch = weights.shape[1], s.shape[0]
+            scale, per_input = self._constant((batch, float(temperature), float(weight)), lambda: (
+                torch.tensor([self.ce_weight / batch] + [weight * temperature**2 / batch] * (rows_k - 1),
+                             dtype=self.dtype, device=self.device).unsqueeze(1),
+                torch.tensor([1.0] + [1.0 / temperature] * (rows_k - 1), dtype=self.dtype,
+                             device=self.device).unsqueeze(1)))
+            log_probs = torch.log_softmax(torch.stack((s,) + (z,) * (rows_k - 1), dim=1).add_(offsets), dim=-1)
+            weights = weights * scale  # ∂loss/∂log-probabilities
+            grads = torch._log_softmax_backward_data(weights, log_probs, -1, log_probs.dtype)
+            loss = torch.dot(weights.view(-1), log_probs.sub_(log_targets).view(-1))
+            if back is None:
+                grad = (grads * per_input).sum(dim=1)
+            else:  # rows 1.. are functions of z = standardize(s) / T, row 0 of s
+                method = grads[:, 1] if rows_k == 2 else grads[:, 1:].sum(dim=1)
+                grad = self._to_logits(method.contiguous(), temperature, back).add_(grads[:, 0])
         return loss, grad.to(student_logits.dtype)
 
-    # ------------------------------------------------------------ per method
 
-    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> Tensor:
-        """The method's per-sample table columns from the teacher's log-probabilities at T."""
-        raise NotImplementedError
-
-    def _method(self, log_q: Tensor, teacher: Tensor, temperature: float, batch: int) -> tuple[Tensor, Tensor]:
-        """The method's loss M on the batch and ``∂M/∂z`` ``(B, C)`` (a new tensor), with
-        ``log_q = log_softmax(z)``, ``z = u / T``, and ``teacher`` the batch's method columns."""
-        raise NotImplementedError
-
-
-class CachedKD(CachedLogitObjective):
+class CachedKD(_LinearInLogProbs):
     """``ce_weight·CE(s) + weight·T²·KL(p ‖ softmax(u/T))`` (batchmean), p the teacher's soft targets.
 
     With ``ce_weight = α`` and ``weight = 1 − α`` (and no standardization) this is
     :func:`~kdtune.losses.distillation_loss`; the logit-standardization recipe is
-    ``ce_weight = 0.1``, ``weight = 9``, ``standardize = True``, T = 2. Table columns:
-    ``[p | log p]``. ``∂M/∂z = T²/B·(q − p)``.
+    ``ce_weight = 0.1``, ``weight = 9``, ``standardize = True``, T = 2. One method row:
+    ``w = −p``, ``log t = log p``, no offset.
     """
 
     name = "kd"
 
-    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> Tensor:
-        return torch.cat((log_p.exp(), log_p), dim=1)
-
-    def _method(self, log_q: Tensor, teacher: Tensor, temperature: float, batch: int) -> tuple[Tensor, Tensor]:
-        classes = log_q.shape[-1]
-        p, log_p = teacher[:, :classes], teacher[:, classes:]
-        scale = temperature**2 / batch
-        # Σ p·(log p − log q): p = 0 where it underflowed, with a finite log p, so such terms are 0.
-        loss = scale * torch.dot(p.reshape(-1), (log_p - log_q).reshape(-1))
-        return loss, log_q.exp().sub_(p).mul_(scale)
+    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return -log_p.exp().unsqueeze(1), log_p.unsqueeze(1), torch.zeros_like(log_p).unsqueeze(1)
 
 
-class CachedDKD(CachedLogitObjective):
+class CachedDKD(_LinearInLogProbs):
     """``ce_weight·CE(s) + weight·(α·T²·TCKD + β·T²·NCKD)`` (:func:`~kdtune.losses.dkd_loss` on u).
 
-    Per sample, with the teacher's target probability p_y, its non-target distribution p̂
-    (0 at the target) and ``log_rest = log(1 − q_y) = logsumexp_{c≠y} log q_c``::
-
-        α·TCKD + β·NCKD = K − ⟨A, log q⟩ + c·log_rest,    ∂/∂z = α·q − A + c·q̂
-
-    where ``A = α·p_y·onehot + β·p̂``, ``c = β − α·(1 − p_y)`` and
-    ``K = α·Σ b log b + β·Σ p̂ log p̂`` (b = (p_y, 1 − p_y)) depend only on the teacher and
-    the label: the table columns are ``[A | mask | c | K]``, ``mask`` being −inf at the
-    target and 0 elsewhere. q̂ is the student's non-target distribution. The mdistiller
-    recipe is ``ce_weight = 1``, α = 1, β = 8, T = 4, ``weight = min(epoch / 20, 1)``.
+    Per sample, by KD = TCKD + (1 − p_y)·NCKD, ``α·TCKD + β·NCKD = α·KL(p ‖ q) + c·KL(p̂ ‖ q̂)``
+    with ``c = β − α·(1 − p_y)``, p̂ and q̂ the non-target distributions: two method rows,
+    ``(w, log t, offset) = (−α·p, log p, 0)`` on z and ``(−c·p̂, log p̂, mask)`` on z plus a
+    mask that sends the target's logit to −finfo.max / 4, so that ``log_softmax(z + mask)``
+    is ``log q̂`` with the target dropped (its weight is 0), in log space throughout. The
+    mdistiller recipe is ``ce_weight = 1``, α = 1, β = 8, T = 4, ``weight = min(epoch / 20, 1)``.
     """
 
     name = "dkd"
@@ -229,42 +272,27 @@ class CachedDKD(CachedLogitObjective):
         self.alpha, self.beta = float(alpha), float(beta)
         super().__init__(teacher_logits, labels, **kwargs)
 
-    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> Tensor:
-        alpha, beta = self.alpha, self.beta
+    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         target = onehot.bool()
-        log_p_y, log_p_rest = target_split(log_p, target)
-        p_y, p_rest = log_p_y.exp(), log_p_rest.exp()
-        log_p_hat = log_p - log_p_rest.unsqueeze(1)  # finite: the target's entry is masked below
+        _, log_p_rest = target_split(log_p, target)
+        log_p_hat = (log_p - log_p_rest.unsqueeze(1)).masked_fill_(target, 0.0)
+        c = self.beta - self.alpha * log_p_rest.exp()
         p_hat = log_p_hat.exp().masked_fill_(target, 0.0)
-        a = onehot * (alpha * p_y).unsqueeze(1) + beta * p_hat
-        mask = torch.zeros_like(log_p).masked_fill_(target, float("-inf"))
-        c = beta - alpha * p_rest
-        k = alpha * (p_y * log_p_y + p_rest * log_p_rest) + beta * (p_hat * log_p_hat).sum(dim=1)
-        return torch.cat((a, mask, c.unsqueeze(1), k.unsqueeze(1)), dim=1)
-
-    def _method(self, log_q: Tensor, teacher: Tensor, temperature: float, batch: int) -> tuple[Tensor, Tensor]:
-        classes = log_q.shape[-1]
-        a, mask = teacher[:, :classes], teacher[:, classes:2 * classes]
-        c, k = teacher[:, 2 * classes], teacher[:, 2 * classes + 1]
-        scale = temperature**2 / batch
-        masked = log_q + mask
-        log_rest = torch.logsumexp(masked, dim=1)  # log(1 − q_y) without summing probabilities
-        loss = scale * (k.sum() - torch.dot(a.reshape(-1), log_q.reshape(-1)) + torch.dot(c, log_rest))
-        q_hat = masked.sub_(log_rest.unsqueeze(1)).exp_()
-        grad = log_q.exp().mul_(self.alpha).sub_(a).add_(q_hat.mul_(c.unsqueeze(1)))
-        return loss, grad.mul_(scale)
+        mask = torch.zeros_like(log_p).masked_fill_(target, -torch.finfo(log_p.dtype).max / 4)
+        return (torch.stack((-self.alpha * log_p.exp(), -c.unsqueeze(1) * p_hat), dim=1),
+                torch.stack((log_p, log_p_hat), dim=1), torch.stack((torch.zeros_like(log_p), mask), dim=1))
 
 
 class CachedDIST(CachedLogitObjective):
     """``ce_weight·CE(s) + weight·T²·(β·(1 − mean_n ρ_n) + γ·(1 − mean_c ρ_c))`` (:func:`~kdtune.losses.dist_loss` on u).
 
-    Table columns: ``[p | p − mean(p) | ‖p − mean(p)‖]`` (teacher probabilities, centred
-    over the classes, and the norm). The intra-class term centres each class over the
+    Table rows ``(N, 4, C)``: the label's one-hot, the teacher's probabilities p, p centred over
+    the classes (b̃) and its norm (repeated). The intra-class term centres each class over the
     batch, so its teacher side is computed per step from the batch's p. With
-    ``ρ = ⟨ã, b̃⟩ / (‖ã‖‖b̃‖ + ε)`` for centred ã (student) and b̃ (teacher),
-    ``∂ρ/∂a = b̃ / D − ⟨ã, b̃⟩·‖b̃‖·ã / (‖ã‖·D²)``, D the denominator; then through the softmax,
-    ``∂/∂z = q ⊙ (g − ⟨g, q⟩)``. DIST's CIFAR-100 recipe: ``ce_weight = 1``, T = 4, β = γ = 1
-    with ``weight = 2`` (equivalently β = γ = 2, ``weight = 1``).
+    ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for centred ã (student) and b̃ (teacher),
+    ``∂ρ/∂a = b̃ / D − ρ·‖b̃‖·ã / (‖ã‖·D)``; then through the softmax. The student's rows
+    sum to 1, so centring them over the classes is subtracting 1/C. DIST's CIFAR-100 recipe:
+    ``ce_weight = 1``, T = 4, β = γ = 1 with ``weight = 2`` (equivalently β = γ = 2, ``weight = 1``).
     """
 
     name = "dist"
@@ -275,36 +303,60 @@ class CachedDIST(CachedLogitObjective):
         self.beta, self.gamma = float(beta), float(gamma)
         super().__init__(teacher_logits, labels, **kwargs)
 
-    def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> Tensor:
-        p = log_p.exp()
+    def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        p = teacher_log_probs(teacher_logits, temperature).to(self.dtype).exp()
         centred = p - p.mean(dim=1, keepdim=True)
-        return torch.cat((p, centred, centred.norm(dim=1, keepdim=True)), dim=1)
+        norm = centred.norm(dim=1, keepdim=True).expand_as(p)
+        return torch.stack((F.one_hot(labels, self.num_classes).to(p.dtype), p, centred, norm), dim=1)
 
-    @staticmethod
-    def _pearson_grad(a: Tensor, b: Tensor, norm_b: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        """ρ along ``dim`` of centred ``a`` and ``b`` (``norm_b`` = ‖b‖ along ``dim``, kept), and ∂ρ/∂a."""
-        norm_a = a.norm(dim=dim, keepdim=True)
-        dot = (a * b).sum(dim=dim, keepdim=True)
-        denom = norm_a * norm_b + DIST_EPS
-        rho = dot / denom
-        grad = b / denom - a * (dot * norm_b / (norm_a.clamp_min(_TINY) * denom.square()))
-        return rho, grad
-
-    def _method(self, log_q: Tensor, teacher: Tensor, temperature: float, batch: int) -> tuple[Tensor, Tensor]:
-        classes = log_q.shape[-1]
-        p, b, norm_b = teacher[:, :classes], teacher[:, classes:2 * classes], teacher[:, 2 * classes:]
-        q = log_q.exp()
-        # Inter-class: each sample across the classes (teacher side from the table).
-        rho_inter, grad_inter = self._pearson_grad(q - q.mean(dim=1, keepdim=True), b, norm_b, dim=1)
-        # Intra-class: each class across the batch (teacher side from this batch's rows).
-        p_centred = p - p.mean(dim=0, keepdim=True)
-        rho_intra, grad_intra = self._pearson_grad(q - q.mean(dim=0, keepdim=True), p_centred,
-                                                   p_centred.norm(dim=0, keepdim=True), dim=0)
-        t2 = temperature**2
-        loss = t2 * (self.beta * (1 - rho_inter.mean()) + self.gamma * (1 - rho_intra.mean()))
-        grad_q = grad_inter.mul_(-t2 * self.beta / batch).sub_(grad_intra.mul_(t2 * self.gamma / classes))
-        grad = grad_q.sub_((grad_q * q).sum(dim=1, keepdim=True)).mul_(q)
-        return loss, grad
+    def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
+                      teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        rows = self._batch_rows(idx, temperature, teacher_logits)
+        with torch.no_grad():
+            onehot, p, b, norm_b = rows.unbind(1)
+            s, z, back = self._student(student_logits, temperature)
+            batch, classes = s.shape
+            # Python numbers as tensors once per (batch size, T, weight): a tensor operand is cheaper
+            # than a Python scalar in these small operations.
+            eps, centre, inter, intra, full = self._constant((batch, float(temperature), float(weight)), lambda: tuple(
+                torch.tensor(x, dtype=self.dtype, device=self.device) for x in (
+                    DIST_EPS, 1.0 / classes, weight * temperature * self.beta / batch,
+                    weight * temperature * self.gamma / classes,
+                    weight * temperature**2 * (self.beta + self.gamma))))
+            log_ce, log_q = torch.log_softmax(torch.stack((s, z), dim=1), dim=-1).unbind(1)
+            q = log_q.exp()
+            # ρ's weight in the loss is T²·β / B (inter) and T²·γ / C (intra); ``inter`` and ``intra``
+            # are those divided by T, so that r = ρ's weight / D gives ∂/∂q already divided by T.
+            # Inter-class: each sample across the classes (teacher side from the table).
+            a = q - centre
+            norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+            norm_b = norm_b[:, :1]
+            denom = torch.addcmul(eps, norm_a, norm_b)
+            dot = torch.linalg.vecdot(a, b).unsqueeze(1)
+            r = inter / denom
+            weighted = torch.linalg.vecdot(r, dot, dim=0)  # Σ_n r_n·⟨a_n, b_n⟩ = (T·β / B)·Σ_n ρ_n
+            grad_q = a.mul_((r * dot).mul_(norm_b).div_(norm_a.clamp_min_(_TINY).mul_(denom)))
+            grad_q.addcmul_(b, r, value=-1.0)
+            # Intra-class: each class across the batch (teacher side from this batch's rows).
+            a = torch.sub(q, q.sum(dim=0, keepdim=True), alpha=1.0 / batch)
+            b = torch.sub(p, p.sum(dim=0, keepdim=True), alpha=1.0 / batch)
+            norm_a = torch.linalg.vector_norm(a, dim=0, keepdim=True)
+            norm_b = torch.linalg.vector_norm(b, dim=0, keepdim=True)
+            denom = torch.addcmul(eps, norm_a, norm_b)
+            dot = torch.linalg.vecdot(a, b, dim=0).unsqueeze(0)
+            r = intra / denom
+            weighted = weighted + torch.linalg.vecdot(r, dot)
+            grad_q.addcmul_(a, (r * dot).mul_(norm_b).div_(norm_a.clamp_min_(_TINY).mul_(denom)))
+            grad_q.addcmul_(b, r, value=-1.0)
+            loss = torch.sub(full, weighted.sum(), alpha=temperature)
+            grad = torch._softmax_backward_data(grad_q, q, 1, q.dtype)
+            if back is not None:
+                grad = self._to_logits(grad.mul_(temperature), temperature, back)
+            if self.ce_weight:
+                ce = self.ce_weight / batch
+                loss = loss.sub_(torch.linalg.vecdot(onehot, log_ce).sum(), alpha=ce)
+                grad.add_(log_ce.exp().sub_(onehot), alpha=ce)
+        return loss, grad.to(student_logits.dtype)
 
 
 #: The cached objective of each method, by the name the LOSSES registry gives it.
