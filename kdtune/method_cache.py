@@ -202,6 +202,9 @@ class _LinearInLogProbs(CachedLogitObjective):
     gradients (rows 1.. divided by T): the form of :func:`~kdtune.losses.fused_kd_loss_and_grad`.
     """
 
+    #: Whether some row's inputs are offset (otherwise the offsets are all 0 and not added).
+    offsets: ClassVar[bool] = True
+
     def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The method's ``(w, log t, offset)``, each ``(N, K − 1, C)``."""
         raise NotImplementedError
@@ -226,7 +229,8 @@ class _LinearInLogProbs(CachedLogitObjective):
                              dtype=self.dtype, device=self.device).unsqueeze(1),
                 torch.tensor([1.0] + [1.0 / temperature] * (rows_k - 1), dtype=self.dtype,
                              device=self.device).unsqueeze(1)))
-            log_probs = torch.log_softmax(torch.stack((s,) + (z,) * (rows_k - 1), dim=1).add_(offsets), dim=-1)
+            inputs = torch.stack((s,) + (z,) * (rows_k - 1), dim=1)
+            log_probs = torch.log_softmax(inputs.add_(offsets) if self.offsets else inputs, dim=-1)
             weights = weights * scale  # ∂loss/∂log-probabilities
             grads = torch._log_softmax_backward_data(weights, log_probs, -1, log_probs.dtype)
             loss = torch.dot(weights.view(-1), log_probs.sub_(log_targets).view(-1))
@@ -248,6 +252,7 @@ class CachedKD(_LinearInLogProbs):
     """
 
     name = "kd"
+    offsets = False
 
     def _teacher_rows(self, log_p: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return -log_p.exp().unsqueeze(1), log_p.unsqueeze(1), torch.zeros_like(log_p).unsqueeze(1)

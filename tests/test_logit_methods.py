@@ -304,12 +304,14 @@ def test_several_cached_teachers_match_the_reference(method: str) -> None:
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
 
 
+def _cached_case(seed: int, start: int = 0, total: int = 30):
+    """Teacher logits and labels of ``total`` training samples, a batch of N of them from ``start``, and student logits."""
+    return _logits(seed, total, C), _labels(seed + 1, total), torch.arange(start, start + N), _logits(seed + 2)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_temperature_schedule_uses_the_table_of_the_current_temperature(method: str) -> None:
-    total = 30
-    teacher, labels = _logits(30, total, C), _labels(31, total)
-    idx = torch.arange(N)
-    student = _logits(32)
+    teacher, labels, idx, student = _cached_case(30)
     cache = _cache(method, teacher, labels, ce_weight=0.2, keep=2)
     schedule = [4.0, 3.0, 2.0, 3.0, 4.0, 1.0]  # revisits a kept T, an evicted T, then a new one
     for temperature in schedule:
@@ -328,11 +330,8 @@ def test_a_temperature_schedule_uses_the_table_of_the_current_temperature(method
 @pytest.mark.parametrize("standardize", [False, True])
 def test_per_step_teacher_logits_replace_the_cache(method: str, standardize: bool) -> None:
     # What the loop passes with logit noise: the batch's noisy teacher logits.
-    total = 30
-    teacher, labels = _logits(33, total, C), _labels(34, total)
-    idx = torch.arange(3, 3 + N)
-    noisy = teacher[idx] + 0.5 * _logits(35)
-    student = _logits(36)
+    teacher, labels, idx, student = _cached_case(33, start=3)
+    noisy = teacher[idx] + 0.5 * _logits(36)
     cache = _cache(method, teacher, labels, ce_weight=0.4, standardize=standardize)
     loss, grad = cache.loss_and_grad(student, idx, 2.0, 0.9, teacher_logits=noisy)
     expected = _reference(method, student.clone().requires_grad_(True), noisy, labels[idx], 2.0, 0.4, 0.9, standardize)
@@ -346,10 +345,7 @@ def test_per_step_teacher_logits_replace_the_cache(method: str, standardize: boo
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_float32_fused_step_is_close_to_float64(method: str) -> None:
-    total = 30
-    teacher, labels = _logits(37, total, C), _labels(38, total)
-    idx = torch.arange(N)
-    student = _logits(39)
+    teacher, labels, idx, student = _cached_case(37)
     exact, exact_grad = _cache(method, teacher, labels, ce_weight=1.0).loss_and_grad(student, idx, 4.0)
     cache32 = _cache(method, teacher.float(), labels, ce_weight=1.0)
     loss, grad = cache32.loss_and_grad(student.float(), idx, 4.0)
