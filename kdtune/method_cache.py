@@ -291,8 +291,8 @@ class CachedDKD(_LinearInLogProbs):
 class CachedDIST(CachedLogitObjective):
     """``ce_weight·CE(s) + weight·T²·(β·(1 − mean_n ρ_n) + γ·(1 − mean_c ρ_c))`` (:func:`~kdtune.losses.dist_loss` on u).
 
-    Table rows ``(N, 4, C)``: the label's one-hot, the teacher's probabilities p, p centred over
-    the classes (b̃) and its norm (repeated). The intra-class term centres each class over the
+    Table rows ``(N, 3, C)``: the label's one-hot, the teacher's probabilities p and p centred over
+    the classes (b̃). The intra-class term centres each class over the
     batch, so its teacher side is computed per step from the batch's p. With
     ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for centred ã (student) and b̃ (teacher),
     ``∂ρ/∂a = b̃ / D − ρ·‖b̃‖·ã / (‖ã‖·D)``; then through the softmax. The student's rows
@@ -310,50 +310,60 @@ class CachedDIST(CachedLogitObjective):
 
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         p = teacher_log_probs(teacher_logits, temperature).to(self.dtype).exp()
-        centred = p - p.mean(dim=1, keepdim=True)
-        norm = centred.norm(dim=1, keepdim=True).expand_as(p)
-        return torch.stack((F.one_hot(labels, self.num_classes).to(p.dtype), p, centred, norm), dim=1)
+        return torch.stack((F.one_hot(labels, self.num_classes).to(p.dtype), p, p - p.mean(dim=1, keepdim=True)), dim=1)
+
+    def _buffers(self, batch: int, classes: int, temperature: float, weight: float) -> tuple[Tensor, ...]:
+        """Per (batch size, T, weight): constants, and buffers whose first B entries hold the B samples'
+        inter-class statistics and last C entries the C classes' intra-class ones, so that the
+        arithmetic on them is done once for both terms; with their views shaped to broadcast
+        over a sample's row ``(B, 1)`` or a class's column ``(1, C)``."""
+        def build() -> tuple[Tensor, ...]:
+            options = {"dtype": self.dtype, "device": self.device}
+            # ρ's weight in the loss is T²·β / B (inter) and T²·γ / C (intra); these are divided by T
+            # so that r = weight / D gives the gradient with respect to q already divided by T.
+            per_rho = torch.tensor([weight * temperature * self.beta / batch] * batch
+                                   + [weight * temperature * self.gamma / classes] * classes, **options)
+            stats = torch.empty(5, batch + classes, **options)  # ⟨a, b⟩, ‖a‖, ‖b‖, r, coefficient of a
+            rows, columns = stats[:, :batch], stats[:, batch:]
+            constants = tuple(torch.tensor(x, **options) for x in (
+                DIST_EPS, 1.0 / classes, weight * temperature**2 * (self.beta + self.gamma)))
+            return (*constants, per_rho, *stats, *rows, *columns, rows[3].view(batch, 1), rows[4].view(batch, 1),
+                    columns[3].view(1, classes), columns[4].view(1, classes))
+        return self._constant((batch, float(temperature), float(weight)), build)
 
     def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
                       teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
         rows = self._batch_rows(idx, temperature, teacher_logits)
         with torch.no_grad():
-            onehot, p, b, norm_b = rows.unbind(1)
+            onehot, p, b_inter = rows.unbind(1)
             s, z, back = self._student(student_logits, temperature)
             batch, classes = s.shape
-            # Python numbers as tensors once per (batch size, T, weight): a tensor operand is cheaper
-            # than a Python scalar in these small operations.
-            eps, centre, inter, intra, full = self._constant((batch, float(temperature), float(weight)), lambda: tuple(
-                torch.tensor(x, dtype=self.dtype, device=self.device) for x in (
-                    DIST_EPS, 1.0 / classes, weight * temperature * self.beta / batch,
-                    weight * temperature * self.gamma / classes,
-                    weight * temperature**2 * (self.beta + self.gamma))))
+            (eps, centre, full, per_rho, dot, norm_a, norm_b, r, coef, dot_n, norm_a_n, norm_b_n, _, _,
+             dot_c, norm_a_c, norm_b_c, _, _, r_n, coef_n, r_c, coef_c) = self._buffers(
+                batch, classes, float(temperature), float(weight))
             log_ce, log_q = torch.log_softmax(torch.stack((s, z), dim=1), dim=-1).unbind(1)
             q = log_q.exp()
-            # ρ's weight in the loss is T²·β / B (inter) and T²·γ / C (intra); ``inter`` and ``intra``
-            # are those divided by T, so that r = ρ's weight / D gives ∂/∂q already divided by T.
-            # Inter-class: each sample across the classes (teacher side from the table).
-            a = q - centre
-            norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-            norm_b = norm_b[:, :1]
-            denom = torch.addcmul(eps, norm_a, norm_b)
-            dot = torch.linalg.vecdot(a, b).unsqueeze(1)
-            r = inter / denom
-            weighted = torch.linalg.vecdot(r, dot, dim=0)  # Σ_n r_n·⟨a_n, b_n⟩ = (T·β / B)·Σ_n ρ_n
-            grad_q = a.mul_((r * dot).mul_(norm_b).div_(norm_a.clamp_min_(_TINY).mul_(denom)))
-            grad_q.addcmul_(b, r, value=-1.0)
+            # Inter-class: each sample across the classes (teacher side from the table; a sample's
+            # probabilities sum to 1, so centring them is subtracting 1/C).
+            a_inter = q - centre
+            torch.linalg.vecdot(a_inter, b_inter, out=dot_n)
+            torch.linalg.vector_norm(a_inter, dim=1, out=norm_a_n)
+            torch.linalg.vector_norm(b_inter, dim=1, out=norm_b_n)
             # Intra-class: each class across the batch (teacher side from this batch's rows).
-            a = torch.sub(q, q.sum(dim=0, keepdim=True), alpha=1.0 / batch)
-            b = torch.sub(p, p.sum(dim=0, keepdim=True), alpha=1.0 / batch)
-            norm_a = torch.linalg.vector_norm(a, dim=0, keepdim=True)
-            norm_b = torch.linalg.vector_norm(b, dim=0, keepdim=True)
+            a_intra = torch.sub(q, q.sum(dim=0, keepdim=True), alpha=1.0 / batch)
+            b_intra = torch.sub(p, p.sum(dim=0, keepdim=True), alpha=1.0 / batch)
+            torch.linalg.vecdot(a_intra, b_intra, dim=0, out=dot_c)
+            torch.linalg.vector_norm(a_intra, dim=0, out=norm_a_c)
+            torch.linalg.vector_norm(b_intra, dim=0, out=norm_b_c)
+            # Both at once: D = ‖a‖‖b‖ + ε, ρ = ⟨a, b⟩ / D, r = ρ's weight / D, and
+            # ∂(weight·ρ)/∂a = r·b − (r·⟨a, b⟩·‖b‖ / (‖a‖·D))·a.
             denom = torch.addcmul(eps, norm_a, norm_b)
-            dot = torch.linalg.vecdot(a, b, dim=0).unsqueeze(0)
-            r = intra / denom
-            weighted = weighted + torch.linalg.vecdot(r, dot)
-            grad_q.addcmul_(a, (r * dot).mul_(norm_b).div_(norm_a.clamp_min_(_TINY).mul_(denom)))
-            grad_q.addcmul_(b, r, value=-1.0)
-            loss = torch.sub(full, weighted.sum(), alpha=temperature)
+            torch.div(per_rho, denom, out=r)
+            weighted = torch.linalg.vecdot(r, dot)  # Σ weight·ρ / T over samples and classes
+            torch.mul(r, dot, out=coef).mul_(norm_b).div_(norm_a.clamp_min_(_TINY).mul_(denom))
+            grad_q = a_inter.mul_(coef_n).addcmul_(b_inter, r_n, value=-1.0)
+            grad_q.addcmul_(a_intra, coef_c).addcmul_(b_intra, r_c, value=-1.0)
+            loss = torch.sub(full, weighted, alpha=temperature)
             grad = torch._softmax_backward_data(grad_q, q, 1, q.dtype)
             if back is not None:
                 grad = self._to_logits(grad.mul_(temperature), temperature, back)
