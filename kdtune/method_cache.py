@@ -58,19 +58,6 @@ from kdtune.losses import (
 _TINY = 1e-30
 
 
-def standardize_backward(grad_u: Tensor, u: Tensor, std: Tensor) -> Tensor:
-    """Gradient with respect to ``s`` of a loss whose gradient with respect to
-    ``u = standardize_logits(s)`` is ``grad_u``, given ``u`` and the ``(B, 1)`` unbiased std of ``s``.
-
-    With ``d = s − mean(s)`` and σ the unbiased std over C classes, ``u = d / (σ + ε)`` and
-    ``∂L/∂s = (g − mean(g)) / (σ + ε) − u·⟨g, u⟩ / ((C − 1)·σ)``.
-    """
-    classes = u.shape[-1]
-    along_u = torch.linalg.vecdot(grad_u, u).unsqueeze(-1).div_(std.clamp_min(_TINY) * (classes - 1))
-    centred = grad_u - grad_u.mean(dim=-1, keepdim=True)
-    return centred.div_(std + STANDARDIZE_EPS).sub_(u * along_u)
-
-
 class CachedLogitObjective:
     """One run's ``ce_weight·CE + weight·M`` on cached teacher logits (see the module docstring).
 
@@ -164,16 +151,14 @@ class CachedLogitObjective:
         kappa = torch.addcmul(eps, norm, sigma_scale).reciprocal_()
         return s, d * kappa, (d, norm, kappa)
 
-    def _to_logits(self, grad_z: Tensor, temperature: float, back: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
-        """``∂/∂s`` from ``∂/∂z``, in place where it can.
+    def _to_logits(self, grad_z: Tensor, temperature: float, back: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """``∂/∂s`` from ``∂/∂z`` when standardizing (``back`` from :meth:`_student`), in place where it can.
 
-        Standardizing (see :meth:`_student`): ``∂/∂s = κ·g − d·⟨g, d⟩·κ²·T / (√(C − 1)·‖d‖)``. This is
-        :func:`standardize_backward` without its centring of g: every method's gradient with respect
-        to z sums to 0 over the classes (each loss is unchanged by adding a constant to a sample's z),
-        so the centring would only move float rounding.
+        Standardizing (see :meth:`_student`): ``∂/∂s = κ·(g − mean(g)) − d·⟨g, d⟩·κ²·T / (√(C − 1)·‖d‖)``,
+        computed without the ``mean(g)``: every method's gradient with respect to z sums to 0 over
+        the classes (each loss is unchanged by adding a constant to a sample's z), so it would
+        only move float rounding.
         """
-        if back is None:
-            return grad_z.div_(temperature)
         d, norm, kappa = back
         scale = temperature / (d.shape[-1] - 1) ** 0.5
         along_d = torch.linalg.vecdot(grad_z, d).unsqueeze(-1).mul_(kappa).mul_(kappa).div_(

@@ -352,3 +352,15 @@ def test_float32_fused_step_is_close_to_float64(method: str) -> None:
     assert cache32.table(4.0).dtype == torch.float32 and grad.dtype == torch.float32
     assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
     torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(2.0, 0.0), (0.0, 3.0), (1.0, 8.0)])
+def test_cached_dkd_matches_dkd_loss_whatever_the_sign_of_its_non_target_weight(alpha: float, beta: float) -> None:
+    # The fused form weights NCKD by c = β − α(1 − p_y), negative when β < α(1 − p_y).
+    teacher, labels, idx, student = _cached_case(40)
+    student.requires_grad_(True)
+    loss, grad = CachedDKD(teacher, labels, alpha=alpha, beta=beta, ce_weight=0.0).loss_and_grad(student, idx, 3.0)
+    expected = dkd_loss(student, teacher[idx], labels[idx], 3.0, alpha, beta)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
