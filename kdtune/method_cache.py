@@ -122,15 +122,20 @@ class CachedLogitObjective:
             self.tables.move_to_end(key)
         return table
 
-    def _batch_rows(self, idx: Tensor, temperature: float, teacher_logits: Tensor | None) -> Tensor:
+    def _inputs(self, student_logits: Tensor, idx: Tensor, temperature: float,
+                teacher_logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """A step's batch rows of the table (or of ``teacher_logits``) and :meth:`_student`'s ``(s, z, back)``;
+        call under ``torch.no_grad()``."""
         if teacher_logits is None:
-            return self.table(temperature).index_select(0, idx)
-        with torch.no_grad():
+            rows = self.table(temperature).index_select(0, idx)
+        else:
             logits = teacher_logits.to(self.dtype)
-            return self.rows(standardize_logits(logits) if self.standardize else logits,
+            rows = self.rows(standardize_logits(logits) if self.standardize else logits,
                              self.labels_on_device.index_select(0, idx), float(temperature))
+        return (rows, *self._student(student_logits, temperature))
 
-    def _student(self, student_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _student(self, student_logits: Tensor, temperature: float
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
         """``(s, z, back)``: the logits in the compute dtype, ``z = u / T``, and (standardizing)
         what :meth:`_to_logits` needs to take a gradient from z back to s.
 
@@ -204,10 +209,9 @@ class _LinearInLogProbs(CachedLogitObjective):
 
     def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
                       teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        rows = self._batch_rows(idx, temperature, teacher_logits)
         with torch.no_grad():
+            rows, s, z, back = self._inputs(student_logits, idx, temperature, teacher_logits)
             weights, log_targets, offsets = rows.unbind(1)
-            s, z, back = self._student(student_logits, temperature)
             rows_k, batch = weights.shape[1], s.shape[0]
             scale, per_input = self._constant((batch, float(temperature), float(weight)), lambda: (
                 torch.tensor([self.ce_weight / batch] + [weight * temperature**2 / batch] * (rows_k - 1),
@@ -318,10 +322,9 @@ class CachedDIST(CachedLogitObjective):
 
     def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
                       teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        rows = self._batch_rows(idx, temperature, teacher_logits)
         with torch.no_grad():
+            rows, s, z, back = self._inputs(student_logits, idx, temperature, teacher_logits)
             onehot, p, b_inter = rows.unbind(1)
-            s, z, back = self._student(student_logits, temperature)
             batch, classes = s.shape
             (eps, centre, full, per_rho, dot, norm_a, norm_b, r, coef, dot_n, norm_a_n, norm_b_n, _, _,
              dot_c, norm_a_c, norm_b_c, _, _, r_n, coef_n, r_c, coef_c) = self._buffers(
