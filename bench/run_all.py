@@ -27,7 +27,9 @@ import common  # noqa: E402
 common.make_kdtune_importable()
 
 #: Benchmark modules in the order they run (cheapest first, the headline before the slow one).
-BENCHMARKS = ("race_offline", "distill_step", "search_efficiency", "overhead", "bookkeeping")
+BENCHMARKS = ("race_offline", "distill_step", "method_step", "search_efficiency", "overhead", "bookkeeping")
+#: Benchmarks that run without Ray.
+WITHOUT_RAY = ("race_offline", "distill_step", "method_step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/run_all.py" + (" --quick" if args.quick else "") + "".join(f" --only {b}" for b in (args.only or []))
     started = time.perf_counter()
     common.shared_teachers(args.teacher_cache)
-    if any(b not in ("distill_step", "race_offline") for b in selected):  # these two need no Ray
+    if any(b not in WITHOUT_RAY for b in selected):
         common.start_ray()
     summary, failed = [], []
     for name in selected:

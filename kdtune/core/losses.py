@@ -34,6 +34,7 @@ the same steps as with :func:`distillation_loss`, for a fraction of the per-step
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -269,3 +270,150 @@ def distillation_loss(
             raise ConfigError("beta", f"beta={beta} > 0 needs a feature loss")
         loss = loss + beta * feature_loss
     return loss
+
+
+# ---------------------------------------------------------------- logit-level methods (issue 18)
+#
+# Reference implementations with autograd. The training loop's fast path on cached
+# teacher logits is kdtune.core.method_cache, checked against these functions.
+
+#: Logit standardization's guard, added to the standard deviation (logit-standardization-KD's ``1e-7``).
+STANDARDIZE_EPS = 1e-7
+#: DIST's guard, added to the product of the two norms of its Pearson correlation (DIST_KD's ``eps=1e-8``).
+DIST_EPS = 1e-8
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float32 for float32 and narrower inputs (bfloat16, float16), float64 for float64."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _check_nonnegative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0.0:
+            raise ConfigError(name, f"must be >= 0, got {value}")
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Per-sample z-score of the logits over the last (class) dimension:
+    ``(z − mean(z)) / (std(z) + 1e-7)``, with torch's unbiased (C − 1) standard deviation.
+
+    This is the "logit standardization" of Sun et al., *Logit Standardization in
+    Knowledge Distillation* (CVPR 2024), exactly as their code (``normalize`` in
+    sunshangquan/logit-standardization-KD) computes it; the paper's "base temperature"
+    is the T applied after it. Works on ``(N, C)`` and ``(K, N, C)`` alike (each row on
+    its own) and keeps the input's dtype.
+    """
+    std, mean = torch.std_mean(logits, dim=-1, keepdim=True)
+    return (logits - mean) / (std + STANDARDIZE_EPS)
+
+
+def teacher_log_probs(teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``log softmax(teacher_logits / T)`` ``(N, C)``, computed in log space.
+
+    Several teachers (``(K, N, C)``) are combined as :func:`soft_targets` combines them,
+    by averaging their probabilities, here as ``logsumexp_k log p_k − log K`` so that
+    nothing underflows to ``log 0``. float32 (float64 for float64 input).
+    """
+    _check_hyperparameters(temperature, 0.0)
+    logits = teacher_logits.to(_compute_dtype(teacher_logits))
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    if log_p.dim() == 3:
+        log_p = torch.logsumexp(log_p, dim=0) - math.log(log_p.shape[0])
+    return log_p
+
+
+def target_split(log_probs: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log p_y, log(1 − p_y))`` per sample from log-probabilities ``(N, C)`` and a
+    boolean ``(N, C)`` mask of each sample's target class.
+
+    ``log(1 − p_y)`` is the log-sum-exp of the non-target log-probabilities, not the log
+    of their summed probabilities: the latter is ``log 0 = −inf`` once the non-target
+    mass underflows (soon in bfloat16 or float16, at a logit gap of about 100·T in float32),
+    the former stays finite.
+    """
+    log_target = log_probs.masked_fill(~target_mask, 0.0).sum(dim=-1)
+    log_rest = torch.logsumexp(log_probs.masked_fill(target_mask, float("-inf")), dim=-1)
+    return log_target, log_rest
+
+
+def dkd_terms(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """DKD's two per-sample KL terms at temperature T, ``(TCKD, NCKD)``, each ``(N,)``, without T².
+
+    With ``p = softmax(teacher / T)``, ``q = softmax(student / T)`` and y the label:
+
+    - TCKD = KL(b_p ‖ b_q), b_p = (p_y, 1 − p_y): the binary target / non-target split;
+    - NCKD = KL(p̂ ‖ q̂), p̂_c = p_c / (1 − p_y) for c ≠ y: the distribution among the non-target classes;
+
+    so that KL(p ‖ q) = TCKD + (1 − p_y)·NCKD per sample (Zhao et al., *Decoupled Knowledge
+    Distillation*, CVPR 2022, §3.1). Computed in log space (:func:`target_split`); terms
+    whose teacher probability underflows to 0 contribute 0, as ``F.kl_div`` counts them.
+    Several teachers (``(K, N, C)``): p is their mean probability (:func:`teacher_log_probs`).
+    """
+    _check_hyperparameters(temperature, 0.0)
+    log_q = F.log_softmax(student_logits.to(_compute_dtype(student_logits)) / temperature, dim=-1)
+    log_p = teacher_log_probs(teacher_logits, temperature).to(log_q.dtype)
+    target = F.one_hot(labels.long(), log_q.shape[-1]).bool()
+    log_q_y, log_q_rest = target_split(log_q, target)
+    log_p_y, log_p_rest = target_split(log_p, target)
+    tckd = (log_p_y.exp() * (log_p_y - log_q_y)) + (log_p_rest.exp() * (log_p_rest - log_q_rest))
+    log_p_hat = log_p - log_p_rest.unsqueeze(-1)  # finite everywhere; its target entry is unused
+    p_hat = log_p_hat.exp().masked_fill(target, 0.0)
+    nckd = (p_hat * (log_p_hat - (log_q - log_q_rest.unsqueeze(-1)))).sum(dim=-1)
+    return tckd, nckd
+
+
+def dkd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, alpha: float, beta: float
+) -> Tensor:
+    """Decoupled KD's distillation term, ``α·T²·mean_n TCKD_n + β·T²·mean_n NCKD_n``.
+
+    ``alpha`` multiplies the target-class term TCKD, ``beta`` the non-target term NCKD
+    (:func:`dkd_terms`); both are batch means scaled by T². This is what mdistiller's
+    ``dkd_loss`` returns: no cross-entropy, no warm-up (mdistiller multiplies this term by
+    ``min(epoch / warmup, 1)`` and adds ``CE_WEIGHT·CE``; its CIFAR-100 defaults are
+    CE 1, α 1, β 8, T 4, warm-up 20 epochs). Unlike mdistiller, the binary probabilities
+    come from log-sum-exp (:func:`target_split`), not the log of summed probabilities,
+    and the target class is masked exactly rather than by subtracting 1000 from its logit.
+    Computed in float32 (float64 for float64 input); ``(K, N, C)`` teachers are averaged
+    in probability space.
+    """
+    _check_nonnegative(dkd_alpha=alpha, dkd_beta=beta)
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
+    return temperature**2 * (alpha * tckd.mean() + beta * nckd.mean())
+
+
+def pearson_rows(a: Tensor, b: Tensor, eps: float = DIST_EPS) -> Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (last dimension),
+    as DIST computes it: the cosine of the centred rows with ``eps`` added to the product
+    of their norms."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def dist_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float, gamma: float
+) -> Tensor:
+    """DIST, ``T²·(β·(1 − mean_n ρ(y_s[n,:], y_t[n,:])) + γ·(1 − mean_c ρ(y_s[:,c], y_t[:,c])))``.
+
+    ``y = softmax(logits / T)`` and ρ is the Pearson correlation (:func:`pearson_rows`).
+    ``beta`` weights the *inter-class* relation (each sample's correlation across the
+    classes), ``gamma`` the *intra-class* relation (each class's correlation across the
+    samples of the batch), following Huang et al., *Knowledge Distillation from A Stronger
+    Teacher* (NeurIPS 2022, §4: L = β·τ²·L_inter + γ·τ²·L_intra) and their code (``DIST`` in
+    hunto/image_classification_sota ``lib/models/losses/dist_kd.py``, which DIST_KD links:
+    defaults β = γ = 1; CIFAR-100 ``configs/strategies/distill/dist_cifar.yaml``: τ = 4,
+    ``kd_loss_weight`` 2, CE weight 1). The intra term depends on the batch, so this is
+    a loss of the whole batch, not a mean of per-sample losses. Several teachers
+    (``(K, N, C)``): y_t is their mean probability. float32 (float64 for float64 input).
+    """
+    _check_hyperparameters(temperature, 0.0)
+    _check_nonnegative(dist_beta=beta, dist_gamma=gamma)
+    y_s = F.softmax(student_logits.to(_compute_dtype(student_logits)) / temperature, dim=-1)
+    y_t = teacher_log_probs(teacher_logits, temperature).to(y_s.dtype).exp()
+    inter = 1 - pearson_rows(y_s, y_t).mean()
+    intra = 1 - pearson_rows(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
