@@ -193,13 +193,20 @@ class SpaceSpec(RootModel[dict[str, Any]]):
         if not isinstance(raw, dict):
             raise ValueError(f"must be a mapping of hyperparameter names to values, got {type(raw).__name__}")
         table = hyperparameter_table()
+        if "method" in raw:  # the field's name for the objective
+            if "soft_loss" in raw:
+                raise ValueError("method: give the objective once, as method or as soft_loss, not both")
+            raw = {("soft_loss" if key == "method" else key): value for key, value in raw.items()}
         unknown = [str(key) for key in raw if key not in table]
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown key; allowed keys: {', '.join(table)}")
         values = {}
         for name, declared in table.items():
+            value = raw.get(name, declared.spec_default)
             try:
-                values[name] = _checked(declared, parse_value(raw.get(name, declared.spec_default)))
+                # A switch is a plain true/false (parse_value refuses booleans elsewhere).
+                fixed_switch = declared.kind == "bool" and isinstance(value, bool)
+                values[name] = _checked(declared, value if fixed_switch else parse_value(value))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         return values

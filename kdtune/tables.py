@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from kdtune.atomic import atomic_path
-from kdtune.core.objectives import hyperparameter_table
+from kdtune.core.objectives import hyperparameter_table, owner_of
 from kdtune.errors import ResultsError
 from kdtune.study import (
     HISTORY_TABLE,
@@ -39,6 +39,13 @@ HISTORY_COLUMNS = [
     "study", "trial_id", "phase", "epoch", "val_acc", "val_loss", "train_loss", "params", "bytes",
     "epoch_time_s", "samples_per_s", "width", "temperature", "status", "node_id", "seed",
 ]
+
+
+def applicable(name: str, config: dict[str, Any]) -> bool:
+    """Whether hyperparameter ``name`` acts in a trial of ``config``: a core one always, one
+    declared by an objective only when the trial uses that objective (``soft_loss``)."""
+    owner = owner_of(name)
+    return owner is None or config.get("soft_loss") == owner
 
 
 def config_columns() -> list[str]:
@@ -105,9 +112,9 @@ def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], r
         "trial_id": trial_id,
         "phase": phase,
         "status": status,
-        # A hyperparameter the trial's config does not hold (one of a loss it does
-        # not use) is missing, not given a made-up value.
-        **{c: config.get(c) for c in config_columns()},
+        # A hyperparameter the trial's config does not hold, or one of an objective the
+        # trial does not use, is missing, not given a made-up value.
+        **{c: config.get(c) if applicable(c, config) else None for c in config_columns()},
         "params": last.get("params"),
         "bytes": last.get("bytes"),
         "val_acc": last.get("val_acc"),

@@ -124,7 +124,9 @@ BAD_SPECS = [
     # An empty or truncated file is an accident, not a request for the defaults.
     ("empty-file", lambda tmp: "", ["spec is empty", "study: my_study"]),
     ("only-comments", lambda tmp: "# study: digits\n# space: ...\n", ["spec is empty", "defaults on purpose"]),
-    ("unknown-space-key", changed("space.tempreature", 4.0), ["space.tempreature", "unknown key", "temperature"]),
+    ("method-given-twice", changed("space", {"method": "dkd", "soft_loss": "kl", "temperature": {"uniform": [1, 4]}}),
+     ["space.method", "once"]),
+    ("unknown-method", changed("space.method", "crd"), ["space.soft_loss", "crd", "dkd", "dist"]),
 ]
 
 

@@ -17,7 +17,8 @@ from kdtune.core.objectives import LOSSES, Hyperparameter, hyperparameter_table,
 from kdtune.core.losses import distillation_loss
 
 
-def toy_l1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+def toy_l1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+           params: Mapping[str, Any]) -> torch.Tensor:
     """toy_weight · mean |softmax(s/T) − softmax(t/T)|, summed over classes."""
     t = params["temperature"]
     gap = torch.softmax(student_logits.float() / t, -1) - torch.softmax(teacher_logits.float() / t, -1)

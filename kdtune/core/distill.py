@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.core.data import DatasetSplits, TensorSplit, subset_indices
-from kdtune.core.objectives import LOSSES, hyperparameter_table
+from kdtune.core.method_cache import CACHED_OBJECTIVES
+from kdtune.core.objectives import LOSSES, hyperparameter_table, loss_weights
 from kdtune.errors import ConfigError
 from kdtune.core.losses import (
     distillation_loss,
@@ -117,8 +118,9 @@ class RunConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether the loss has a teacher term: a soft term (alpha < 1) or a feature term (beta > 0)."""
-        return self.alpha < 1 or self.beta > 0
+        """Whether the loss has a teacher term: an objective with a weight > 0 (alpha < 1, or
+        ``kd_weight`` > 0) or a feature term (beta > 0)."""
+        return loss_weights(self.hyperparameters)[1] > 0 or self.beta > 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field and what is allowed."""
@@ -238,7 +240,7 @@ class _CachedKD:
         return table
 
     def loss_and_grad(self, student_logits: Tensor, batch_idx: np.ndarray, idx_t: Tensor,
-                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator, epoch: int = 1) -> tuple[Tensor, Tensor]:
         """The batch's loss (no autograd graph) and its gradient with respect to ``student_logits``.
 
         ``batch_idx`` are the batch's training-split indices, ``idx_t`` the same on the device.
@@ -258,6 +260,36 @@ class _CachedKD:
             weights = torch.stack((hard.index_select(0, idx_t), probs * soft_scale), dim=1)  # as kd_loss_weights
             log_targets = kd_log_targets(probs)
         return fused_kd_loss_and_grad(student_logits, weights, log_targets, self.temperature)
+
+
+class _CachedMethod:
+    """Any objective with a fused form in :mod:`kdtune.core.method_cache` (kd, dkd, dist, with
+    explicit loss weights and logit standardization) on cached teacher logits: the whole
+    ``ce_weight·CE + kd_weight·objective`` of a batch and its gradient at the logits, with
+    the teacher noise drawn as :class:`_CachedKD` draws it. (Plain KD with the alpha split
+    keeps :class:`_CachedKD`, which is bit for bit :func:`~kdtune.core.losses.distillation_loss`.)"""
+
+    def __init__(self, teacher: TeacherTargets, labels: Tensor, config: RunConfig, device: torch.device) -> None:
+        objective = LOSSES.get(config.soft_loss)
+        self.ce_weight, self.kd_weight = loss_weights(config.hyperparameters)
+        self.temperature, self.noise, self.device = float(config.temperature), float(config.noise), device
+        self.warmup = int(config.hyperparameters.get(objective.options.get("warmup", ""), 0) or 0)
+        self.logits = teacher._as_tensors()[0]
+        arguments = {arg: config.hyperparameters[name] for arg, name in objective.options.get("cached_args", {}).items()}
+        self.cached = CACHED_OBJECTIVES[objective.options["cached"]](
+            self.logits, labels, ce_weight=self.ce_weight, standardize=bool(config.standardize), device=device,
+            **arguments)
+
+    def loss_and_grad(self, student_logits: Tensor, batch_idx: np.ndarray, idx_t: Tensor,
+                      generator: torch.Generator, epoch: int = 1) -> tuple[Tensor, Tensor]:
+        """The batch's loss (no autograd graph) and its gradient with respect to ``student_logits``."""
+        noisy = None
+        if self.noise > 0:
+            logits = self.logits.index_select(self.logits.dim() - 2, torch.from_numpy(batch_idx))
+            noisy = perturb_teacher_logits(logits.to(self.device), self.noise, generator)
+        warm = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        return self.cached.loss_and_grad(student_logits, idx_t, self.temperature, weight=self.kd_weight * warm,
+                                         teacher_logits=noisy)
 
 
 @dataclass
@@ -394,12 +426,19 @@ def run(
         start_epoch = int(resume_state["epoch"]) + 1
         history = list(resume_state.get("history", []))
 
-    # KL distillation on cached logits takes the fused loss (the same gradients bit for bit,
-    # fewer ops per step); online teachers, logit_mse and hard labels take distillation_loss.
-    cached_kd: _CachedKD | None = None
-    if (teacher is not None and config.alpha < 1 and LOSSES.get(config.soft_loss).options.get("fused")
+    # Objectives on cached logits take a fused loss (fewer ops per step, no autograd graph for
+    # the objective): plain KD with the alpha split the one bit for bit distillation_loss's,
+    # KD with explicit weights or standardization, DKD and DIST method_cache's. Online
+    # teachers, logit_mse, plugins' losses and hard labels take distillation_loss.
+    cached_kd: _CachedKD | _CachedMethod | None = None
+    objective = LOSSES.get(config.soft_loss)
+    explicit = config.ce_weight is not None or config.kd_weight is not None or bool(config.standardize)
+    if (teacher is not None and loss_weights(config.hyperparameters)[1] > 0
             and teacher.online_model is None and teacher.logits is not None):
-        cached_kd = _CachedKD(teacher, data.train.y, config, device)
+        if objective.options.get("fused") and not explicit:
+            cached_kd = _CachedKD(teacher, data.train.y, config, device)
+        elif objective.options.get("cached"):
+            cached_kd = _CachedMethod(teacher, data.train.y, config, device)
 
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs + 1):
@@ -428,11 +467,11 @@ def run(
                     loss = distillation_loss(
                         s_logits, t_logits, yb, config.temperature, config.alpha,
                         soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
-                        params=config.hyperparameters,
+                        params={**config.hyperparameters, "epoch": epoch},
                     )
             logits_grad = None
             if cached_kd is not None:  # in float32 whatever the autocast, as distillation_loss computes it
-                loss, logits_grad = cached_kd.loss_and_grad(s_logits, batch_idx, idx_t, noise_gen)
+                loss, logits_grad = cached_kd.loss_and_grad(s_logits, batch_idx, idx_t, noise_gen, epoch)
                 if feature_term is not None:
                     loss = loss + config.beta * feature_term
             value = loss.item()

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdtune.core.objectives import LOSSES, check_values, register_objective
+from kdtune.core.objectives import LOSSES, Hyperparameter, check_values, loss_weights, register_objective
 from kdtune.errors import ConfigError
 
 
@@ -83,28 +83,37 @@ def logit_mse_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return diff.pow(2).sum(dim=-1).mean() / (2 * student.shape[-1])
 
 
-@register_objective("kl", description="T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batchmean", fused=True)
-def _kl_objective(student_logits: Tensor, teacher_logits: Tensor, params: Mapping[str, Any]) -> Tensor:
+def _kl_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                  params: Mapping[str, Any]) -> Tensor:
     return kl_soft_loss(student_logits, teacher_logits, params["temperature"])
 
 
+# Vanilla KD under both names: "kl" (kdtune's first name for it) and "kd" (the field's).
+register_objective("kl", description="T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batchmean (vanilla KD)",
+                   fused=True, cached="kd")(_kl_objective)
+register_objective("kd", description="vanilla KD, the same objective as kl", fused=True, cached="kd")(_kl_objective)
+
+
 @register_objective("logit_mse", description="squared distance of zero-meaned logits (the large-T limit of T²·KL)")
-def _logit_mse_objective(student_logits: Tensor, teacher_logits: Tensor, params: Mapping[str, Any]) -> Tensor:
+def _logit_mse_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                         params: Mapping[str, Any]) -> Tensor:
     return logit_mse_loss(student_logits, teacher_logits)
 
 
 def soft_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: str = "kl",
-    params: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None, labels: Tensor | None = None,
 ) -> Tensor:
     """The soft (teacher-matching) term of the objective ``kind`` registered in
-    :data:`~kdtune.core.objectives.LOSSES` ("kl", "logit_mse", or a plugin's);
-    ``params`` holds the objective's own hyperparameters."""
+    :data:`~kdtune.core.objectives.LOSSES` ("kl"/"kd", "logit_mse", "dkd", "dist", or a
+    plugin's); ``params`` holds the objective's own hyperparameters, ``labels`` the
+    batch's labels (DKD splits on the target class)."""
     try:
         objective = LOSSES.get(kind)
     except ConfigError as exc:
         raise ConfigError("soft_loss", str(exc).split(": ", 1)[-1]) from None
-    return objective.soft_term(student_logits, teacher_logits, {**(params or {}), "temperature": temperature})
+    return objective.soft_term(student_logits, teacher_logits, labels,
+                               {**(params or {}), "temperature": temperature})
 
 
 def feature_matching_loss(adapted_student_features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -255,16 +264,25 @@ def distillation_loss(
 
     ``α·CE(student, labels) + (1 − α)·soft + β·feature_loss`` where ``soft`` is
     ``T²·KL`` (``soft_loss_kind="kl"``), ``logit_mse`` or another registered objective,
-    whose own hyperparameters are in ``params``. ``teacher_logits`` may be
+    whose own hyperparameters are in ``params``. When ``params`` sets ``ce_weight``
+    and/or ``kd_weight`` they replace α and 1 − α (see
+    :func:`~kdtune.core.objectives.loss_weights`); ``standardize`` z-scores the student's
+    and teacher's logits before the objective (never before the cross-entropy). ``teacher_logits`` may be
     ``None`` only when ``α == 1`` (plain hard-label training). ``feature_loss`` is a
     precomputed :func:`feature_matching_loss`; it is required when ``β > 0``.
     """
     _check_hyperparameters(temperature, alpha, beta)
-    loss = alpha * F.cross_entropy(student_logits.float(), labels) if alpha > 0 else student_logits.new_zeros(())
-    if alpha < 1:
+    settings = dict(params or {})
+    ce_weight, kd_weight = loss_weights({**settings, "alpha": alpha})
+    loss = ce_weight * F.cross_entropy(student_logits.float(), labels) if ce_weight > 0 \
+        else student_logits.new_zeros(())
+    if kd_weight > 0:
         if teacher_logits is None:
-            raise ConfigError("alpha", f"alpha={alpha} < 1 needs teacher logits")
-        loss = loss + (1 - alpha) * soft_loss(student_logits, teacher_logits, temperature, soft_loss_kind, params)
+            raise ConfigError("alpha", f"alpha={alpha} (objective weight {kd_weight:g}) needs teacher logits")
+        student, teacher = student_logits, teacher_logits
+        if settings.get("standardize"):
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        loss = loss + kd_weight * soft_loss(student, teacher, temperature, soft_loss_kind, settings, labels)
     if beta > 0:
         if feature_loss is None:
             raise ConfigError("beta", f"beta={beta} > 0 needs a feature loss")
@@ -417,3 +435,43 @@ def dist_loss(
     inter = 1 - pearson_rows(y_s, y_t).mean()
     intra = 1 - pearson_rows(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean()
     return temperature**2 * (beta * inter + gamma * intra)
+
+
+# ---------------------------------------------------------------- the methods as registered objectives
+
+
+def _warmup(params: Mapping[str, Any], key: str) -> float:
+    """A linear warm-up factor ``min(epoch / warmup, 1)`` (epochs from 1; no warm-up when 0), as mdistiller's DKD."""
+    warmup, epoch = int(params.get(key) or 0), params.get("epoch")
+    return min(float(epoch) / warmup, 1.0) if warmup > 0 and epoch is not None else 1.0
+
+
+@register_objective(
+    "dkd",
+    hyperparameters=(
+        Hyperparameter("dkd_alpha", "float", 1.0, minimum=0.0, description="DKD's weight of TCKD"),
+        Hyperparameter("dkd_beta", "float", 8.0, minimum=0.0, description="DKD's weight of NCKD"),
+        Hyperparameter("dkd_warmup", "int", 0, minimum=0,
+                       description="epochs over which DKD's term ramps up linearly (0: none)"),
+    ),
+    description="decoupled KD: dkd_alpha·T²·TCKD + dkd_beta·T²·NCKD (Zhao et al. 2022)",
+    cached="dkd", cached_args={"alpha": "dkd_alpha", "beta": "dkd_beta"}, warmup="dkd_warmup",
+)
+def _dkd_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                   params: Mapping[str, Any]) -> Tensor:
+    return _warmup(params, "dkd_warmup") * dkd_loss(student_logits, teacher_logits, labels, params["temperature"],
+                                                    params["dkd_alpha"], params["dkd_beta"])
+
+
+@register_objective(
+    "dist",
+    hyperparameters=(
+        Hyperparameter("dist_beta", "float", 1.0, minimum=0.0, description="DIST's inter-class weight"),
+        Hyperparameter("dist_gamma", "float", 1.0, minimum=0.0, description="DIST's intra-class weight"),
+    ),
+    description="DIST: T²·(dist_beta·inter-class + dist_gamma·intra-class Pearson distance) (Huang et al. 2022)",
+    cached="dist", cached_args={"beta": "dist_beta", "gamma": "dist_gamma"},
+)
+def _dist_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                    params: Mapping[str, Any]) -> Tensor:
+    return dist_loss(student_logits, teacher_logits, params["temperature"], params["dist_beta"], params["dist_gamma"])

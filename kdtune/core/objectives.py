@@ -11,14 +11,18 @@ A distillation objective (the soft, teacher-matching term of the loss) is one
 :class:`Objective` in the :data:`LOSSES` registry, with the hyperparameters of
 its own. The loss a run minimises is always::
 
-    alpha·CE(student, labels) + (1 − alpha)·objective(student, teacher) + beta·feature_loss
+    ce_weight·CE(student, labels) + kd_weight·objective(student, teacher) + beta·feature_loss
+
+with ``ce_weight = alpha`` and ``kd_weight = 1 − alpha`` unless they are set: the
+split is kdtune's convention, the explicit weights express published recipes
+(logit standardization: CE 0.1 + KD 9; DKD: CE 1 + 1·TCKD + 8·NCKD).
 
 Adding an objective is one decorated function, in the package or in a user's file::
 
     from kdtune.core.objectives import Hyperparameter, register_objective
 
     @register_objective("cosine", hyperparameters=(Hyperparameter("cos_margin", "float", 0.0, minimum=0.0),))
-    def cosine(student_logits, teacher_logits, params):
+    def cosine(student_logits, teacher_logits, labels, params):
         ...  # a scalar tensor; params holds the run's hyperparameters by name
 
 Its name becomes an allowed value of ``soft_loss``, and ``cos_margin`` a
@@ -48,7 +52,7 @@ UNCHANGED = "unchanged"
 #: ``Hyperparameter.baseline`` of the student-size hyperparameter: one baseline per size.
 PER_SIZE = "per size"
 
-KINDS = ("float", "int", "choice")
+KINDS = ("float", "int", "choice", "bool")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class Hyperparameter:
     baseline: Any = UNCHANGED
     needs_features: bool = False
     description: str = ""
+    #: None is allowed too: "not set", e.g. ``ce_weight`` left to follow ``alpha``.
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -91,6 +97,10 @@ class Hyperparameter:
 
     def allows(self, value: Any) -> bool:
         """Whether ``value`` is one this hyperparameter may take."""
+        if value is None:
+            return self.optional
+        if self.kind == "bool":
+            return isinstance(value, bool)
         if self.kind == "choice":
             return isinstance(value, str) and value in self.choices()  # type: ignore[misc]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -103,27 +113,31 @@ class Hyperparameter:
 
     def allowed(self) -> str:
         """The allowed values in words, e.g. "numbers in [0, 1]" or "one of: kl, logit_mse"."""
+        unset = " (or null: not set)" if self.optional else ""
+        if self.kind == "bool":
+            return "true or false" + unset
         if self.kind == "choice":
-            return "one of: " + ", ".join(self.choices())  # type: ignore[misc]
+            return "one of: " + ", ".join(self.choices()) + unset  # type: ignore[misc]
         things = "integers" if self.kind == "int" else "numbers"
         if self.minimum is not None and self.maximum is not None:
-            return f"{things} in [{self.minimum:g}, {self.maximum:g}]"
+            return f"{things} in [{self.minimum:g}, {self.maximum:g}]" + unset
         if self.minimum is not None:
-            return f"{things} {'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+            return f"{things} {'>' if self.exclusive_minimum else '>='} {self.minimum:g}" + unset
         if self.maximum is not None:
-            return f"{things} <= {self.maximum:g}"
-        return things
+            return f"{things} <= {self.maximum:g}" + unset
+        return things + unset
 
     def check(self, value: Any) -> Any:
         """``value`` if allowed, else a :class:`ConfigError` naming this key and what is allowed."""
         if not self.allows(value):
             raise ConfigError(self.name, f"{value!r} is not allowed; allowed: {self.allowed()}")
-        return int(value) if self.kind == "int" else value
+        return int(value) if self.kind == "int" and value is not None else value
 
 
-#: A soft term: (student_logits, teacher_logits, params) → scalar tensor, where
-#: ``params`` maps the run's hyperparameters by name.
-SoftTerm = Callable[[Any, Any, Mapping[str, Any]], Any]
+#: A soft term: (student_logits, teacher_logits, labels, params) → scalar tensor, where
+#: ``params`` maps the run's hyperparameters by name (and ``epoch``, from 1, for
+#: terms with a warm-up).
+SoftTerm = Callable[[Any, Any, Any, Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -185,7 +199,15 @@ CORE_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("batch_size", "int", 64, minimum=1, search_default=32, baseline=TUNED, description="batch size"),
     Hyperparameter("epochs", "int", 20, minimum=1, search_default=27, baseline=TUNED,
                    description="the epoch budget of a trial that is never stopped early"),
-    Hyperparameter("soft_loss", "choice", "kl", choices=_loss_names, description="the distillation objective"),
+    Hyperparameter("soft_loss", "choice", "kl", choices=_loss_names,
+                   description="the distillation objective (the method: kl or kd, logit_mse, dkd, dist, ...)"),
+    Hyperparameter("ce_weight", "float", None, minimum=0.0, optional=True, baseline=1.0,
+                   description="weight of the hard-label cross-entropy; null: alpha"),
+    Hyperparameter("kd_weight", "float", None, minimum=0.0, optional=True, baseline=0.0,
+                   description="weight of the distillation objective; null: 1 - alpha"),
+    Hyperparameter("standardize", "bool", False,
+                   description="z-score each sample's student and teacher logits before the objective "
+                               "(logit standardization)"),
 )
 
 #: The hyperparameter that measures a student's size (one baseline per value).
@@ -213,6 +235,22 @@ def check_values(**values: Any) -> None:
     """Check named hyperparameter values against their declarations (the first bad one raises)."""
     for name, value in values.items():
         hyperparameter(name).check(value)
+
+
+def owner_of(name: str) -> str | None:
+    """The objective that declares hyperparameter ``name`` (None for the core ones)."""
+    for loss in LOSSES.registration_order():
+        if any(hp.name == name for hp in LOSSES.get(loss).hyperparameters):
+            return loss
+    return None
+
+
+def loss_weights(params: Mapping[str, Any]) -> tuple[float, float]:
+    """(weight of the cross-entropy, weight of the objective) of a run's hyperparameters:
+    ``ce_weight`` and ``kd_weight`` when set, else ``alpha`` and ``1 − alpha``."""
+    alpha = float(params.get("alpha", 1.0))
+    ce, kd = params.get("ce_weight"), params.get("kd_weight")
+    return (alpha if ce is None else float(ce)), (1.0 - alpha if kd is None else float(kd))
 
 
 def baseline_values() -> dict[str, Any]:

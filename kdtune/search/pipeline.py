@@ -80,18 +80,30 @@ class SearchResult:
 
 def _searcher(spec: SearchSpec, study_dir: Path, study: str, budget: Budget | None = None):
     from kdtune.core.distill import OBJECTIVE_MODES
-    from kdtune.search.sampler import KdOptunaSearch, build_sampler, journal_storage, to_optuna_distribution
+    from kdtune.core.objectives import owner_of
+    from kdtune.search.sampler import (
+        ConditionalSpace,
+        KdOptunaSearch,
+        build_sampler,
+        journal_storage,
+        to_optuna_distribution,
+    )
 
     objectives = list(spec.sampler.objectives)
     multi = len(objectives) > 1
-    space = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
-    if not space:
+    distributions = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
+    if not distributions:
         raise KdtuneError("space: nothing to search (every hyperparameter is fixed); make at least one a distribution")
+    owners = {name: owner_of(name) for name in distributions}
+    # A method's own hyperparameters are drawn only when the method is: define-by-run.
+    conditional = any(owner is not None for owner in owners.values())
+    space = (ConditionalSpace(distributions, owners, fixed_selector=spec.space.soft_loss if
+                              "soft_loss" not in distributions else None) if conditional else distributions)
     return KdOptunaSearch(
         space=space,
         metric=objectives if multi else objectives[0],
         mode=[OBJECTIVE_MODES[o] for o in objectives] if multi else OBJECTIVE_MODES[objectives[0]],
-        sampler=build_sampler(spec.sampler, spec.seed, multi),
+        sampler=build_sampler(spec.sampler, spec.seed, multi, conditional),
         study_name=study,
         storage=journal_storage(study_dir / JOURNAL_FILE),
         size_values=list(spec.space.width.choice) if isinstance(spec.space.width, Choice) else None,

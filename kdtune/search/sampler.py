@@ -52,42 +52,82 @@ def to_optuna_distribution(value: Any) -> BaseDistribution:
 
 
 #: Optuna samplers by the name a spec gives (``sampler.name``):
-#: (sampler settings, seed, multi-objective?) → sampler.
-SAMPLERS: Registry[Callable[[SamplerSpec, int, bool], optuna.samplers.BaseSampler]] = Registry("sampler")
+#: (sampler settings, seed, multi-objective?, conditional space?) → sampler.
+#: With a conditional space (:class:`ConditionalSpace`): TPE models the parameters of
+#: each method jointly with the method (``group=True``); random sampling is unaffected;
+#: NSGA-II and GP sample the parameters a trial lacks independently (Optuna falls back
+#: to its independent sampler for parameters outside the trial's relative space).
+SAMPLERS: Registry[Callable[[SamplerSpec, int, bool, bool], optuna.samplers.BaseSampler]] = Registry("sampler")
 
 
 @SAMPLERS.register("tpe")
-def _tpe(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def _tpe(spec: SamplerSpec, seed: int, multi_objective: bool, conditional: bool) -> optuna.samplers.BaseSampler:
     # Multi-objective TPE must be multivariate to model the front; constant_liar keeps
-    # parallel trials from all asking for the same point.
+    # parallel trials from all asking for the same point; group=True makes a method's own
+    # parameters depend on the method drawn (otherwise they are sampled independently of it).
+    extra = {"group": True} if conditional else {}
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials,
-                                      multivariate=spec.multivariate or multi_objective,
-                                      constant_liar=spec.constant_liar)
+                                      multivariate=spec.multivariate or multi_objective or conditional,
+                                      constant_liar=spec.constant_liar, **extra)
 
 
 @SAMPLERS.register("random")
-def _random(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def _random(spec: SamplerSpec, seed: int, multi_objective: bool, conditional: bool) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
 @SAMPLERS.register("nsga2")
-def _nsga2(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def _nsga2(spec: SamplerSpec, seed: int, multi_objective: bool, conditional: bool) -> optuna.samplers.BaseSampler:
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
 @SAMPLERS.register("gp")
-def _gp(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def _gp(spec: SamplerSpec, seed: int, multi_objective: bool, conditional: bool) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.n_startup_trials)
 
 
-def build_sampler(spec: SamplerSpec, seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def build_sampler(spec: SamplerSpec, seed: int, multi_objective: bool,
+                  conditional: bool = False) -> optuna.samplers.BaseSampler:
     """The Optuna sampler a spec names (see :data:`SAMPLERS`).
 
     The default, multi-objective TPE over (val accuracy, params), models the whole
     front, so it keeps sampling small students instead of collapsing onto the
     widest one.
     """
-    return SAMPLERS.get(spec.name)(spec, seed, multi_objective)
+    return SAMPLERS.get(spec.name)(spec, seed, multi_objective, conditional)
+
+
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """Draw ``name`` from ``distribution`` through the trial's public API."""
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log,
+                                   step=distribution.step)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)
+    return trial.suggest_categorical(name, distribution.choices)
+
+
+class ConditionalSpace:
+    """A define-by-run space: the searched hyperparameters in the table's order, where one
+    declared by an objective (``dkd_beta`` by ``dkd``) is drawn only in trials whose
+    ``selector`` (``soft_loss``, the method) is that objective. A module-level class, not a
+    closure, because Ray pickles the searcher, and with it this space, with the experiment."""
+
+    def __init__(self, distributions: dict[str, BaseDistribution], owners: dict[str, str | None],
+                 selector: str = "soft_loss", fixed_selector: Any = None) -> None:
+        self.distributions, self.owners = dict(distributions), dict(owners)
+        self.selector, self.fixed_selector = selector, fixed_selector
+
+    def applies(self, name: str, params: dict[str, Any]) -> bool:
+        """Whether ``name`` is drawn in a trial whose parameters so far are ``params``."""
+        owner = self.owners.get(name)
+        return owner is None or params.get(self.selector, self.fixed_selector) == owner
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        for name, distribution in self.distributions.items():
+            if self.applies(name, trial.params):
+                _suggest(trial, name, distribution)
 
 
 def journal_storage(path: str | Path) -> JournalStorage:

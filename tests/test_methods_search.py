@@ -1,0 +1,117 @@
+"""The distillation method is searched too: DKD and DIST as registered objectives with
+their own hyperparameters, drawn only when their method is (a conditional space)."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from ray import cloudpickle
+
+from conftest import TINY_SPEC, write_spec
+from kdtune.cli import main
+from kdtune.core.distill import RunConfig, run
+from kdtune.core.losses import distillation_loss, dkd_loss, standardize_logits
+from kdtune.search.sampler import ConditionalSpace, KdOptunaSearch
+from kdtune.search.sampler import to_optuna_distribution as dist_of
+from kdtune.spec import parse_spec
+
+
+def test_published_recipes_are_expressible_as_published():
+    """DKD: CE 1 + 1·TCKD + 8·NCKD; logit standardization: CE 0.1 + 9·KD on z-scored logits."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    dkd = distillation_loss(s, t, y, 4.0, 0.5, soft_loss_kind="dkd",
+                            params={"ce_weight": 1.0, "kd_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0})
+    assert torch.allclose(dkd, ce + dkd_loss(s, t, y, 4.0, 1.0, 8.0))
+    ls = distillation_loss(s, t, y, 2.0, 0.5, soft_loss_kind="kd",
+                           params={"ce_weight": 0.1, "kd_weight": 9.0, "standardize": True})
+    zs, zt = standardize_logits(s), standardize_logits(t)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(zs / 2, -1), torch.softmax(zt / 2, -1), reduction="batchmean")
+    assert torch.allclose(ls, 0.1 * ce + 9.0 * 4.0 * kl, rtol=1e-5)
+
+
+def test_dkd_warm_up_ramps_its_term_over_the_first_epochs():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    params = {"ce_weight": 0.0, "kd_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 2.0, "dkd_warmup": 4}
+    full = dkd_loss(s, t, y, 3.0, 1.0, 2.0)
+    for epoch, factor in ((1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
+        value = distillation_loss(s, t, y, 3.0, 0.5, soft_loss_kind="dkd", params={**params, "epoch": epoch})
+        assert torch.allclose(value, factor * full)
+
+
+@pytest.mark.parametrize("method, extra", [("dkd", {"dkd_beta": 4.0, "dkd_warmup": 2}),
+                                           ("dist", {"dist_beta": 2.0, "dist_gamma": 2.0}),
+                                           ("kd", {"standardize": True, "ce_weight": 0.1, "kd_weight": 9.0})])
+def test_the_fused_path_trains_like_the_reference_loss(digits, one_torch_thread, method, extra):
+    """A run on cached logits (fused) and the same run through distillation_loss (autograd,
+    the online path) end with the same metrics up to float rounding."""
+    from kdtune.core.distill import TeacherTargets
+
+    teacher_logits = torch.randn(len(digits.train), 10, generator=torch.Generator().manual_seed(3)) * 3
+    common = dict(width=8, temperature=3.0, alpha=0.5, lr=1e-2, batch_size=32, epochs=3, train_subset=150,
+                  soft_loss=method, **extra)
+
+    class Fixed(torch.nn.Module):  # an "online" teacher that returns the cached logits by sample
+        feature_dim = 1
+
+        def forward_features(self, x):
+            rows = [lookup[tuple(r.flatten().tolist())] for r in x]
+            return teacher_logits[rows], None
+
+    lookup = {tuple(x.flatten().tolist()): i for i, x in enumerate(digits.train.x)}
+    fused = run(RunConfig(**common), digits, TeacherTargets(logits=teacher_logits.numpy()))
+    reference = run(RunConfig(**common), digits, TeacherTargets(online_model=Fixed()))
+    assert fused.metrics["train_loss"] == pytest.approx(reference.metrics["train_loss"], rel=1e-3)
+    assert fused.metrics["val_acc"] == pytest.approx(reference.metrics["val_acc"], abs=0.02)
+
+
+def test_a_method_s_parameters_are_drawn_only_when_the_method_is():
+    spec = parse_spec({"space": {"method": {"choice": ["kd", "dkd", "dist"]}, "dkd_beta": {"loguniform": [1, 10]},
+                                 "dist_gamma": {"uniform": [0.5, 2]}}})
+    distributions = {n: dist_of(v) for n, v in spec.space.searched().items()}
+    space = ConditionalSpace(distributions, {"dkd_beta": "dkd", "dist_gamma": "dist"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        method = trial.params["soft_loss"]
+        assert ("dkd_beta" in trial.params) == (method == "dkd")
+        assert ("dist_gamma" in trial.params) == (method == "dist")
+        study.tell(trial, 0.5)
+    assert {t.params["soft_loss"] for t in study.trials} == {"kd", "dkd", "dist"}
+    # Ray pickles the searcher, and its define-by-run space, with the experiment (for --resume).
+    searcher = KdOptunaSearch(space=space, metric="val_acc", mode="max",
+                              sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True))
+    restored = cloudpickle.loads(cloudpickle.dumps(searcher))
+    assert "soft_loss" in restored.suggest("t1")
+
+
+@pytest.mark.ray
+def test_a_search_over_methods_end_to_end(ray_session, tmp_path):
+    spec = {**TINY_SPEC, "study": "methods", "num_samples": 9, "baselines": False,
+            "early_stopping": {"rule": "none"}, "sampler": {"name": "random"},
+            "space": {**TINY_SPEC["space"], "width": 8, "epochs": 2,
+                      "method": {"choice": ["kd", "dkd", "dist"]}, "dkd_beta": {"uniform": [1.0, 8.0]},
+                      "dist_gamma": {"uniform": [0.5, 2.0]}}}
+    outcome = CliRunner().invoke(main, ["search", str(write_spec(tmp_path, spec)), "--results", str(tmp_path / "r")])
+    assert outcome.exit_code == 0, outcome.output
+    trials = pd.read_parquet(tmp_path / "r" / "methods" / "trials.parquet")
+    assert set(trials["soft_loss"]) == {"kd", "dkd", "dist"}
+    assert (trials["status"] == "completed").all()
+    for row in trials.itertuples():
+        # A method's own hyperparameters are NaN for the others, not a made-up value.
+        assert math.isnan(row.dkd_beta) == (row.soft_loss != "dkd")
+        assert math.isnan(row.dist_gamma) == (row.soft_loss != "dist")
+    study = optuna.load_study(study_name="methods", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "r" / "methods" / "optuna.journal"))))
+    for trial in study.trials:
+        assert ("dkd_beta" in trial.params) == (trial.params["soft_loss"] == "dkd")
