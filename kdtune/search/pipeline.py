@@ -10,6 +10,7 @@ folder (its layout: :mod:`kdtune.study`).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from kdtune.search.early_stopping import build_rule
 from kdtune.search.plan import (
     Placement,
     base_config,
+    build_targets,
+    check_views_fit,
+    node_object_stores,
     baseline_configs,
     check_inputs,
     check_study,
@@ -221,6 +225,12 @@ def search(
         for note in placement.warnings:
             log(f"warning: {note}")
         try:
+            views_line = check_views_fit(spec, data, node_object_stores(ray.nodes()))
+        except ConfigError as exc:
+            raise KdtuneError(f"{source}: {exc}") from None
+        if views_line:
+            log(views_line)
+        try:
             # Again under the lock: another search may have created the study since.
             check_study(spec, study_dir, resume)
             if not resume:
@@ -229,6 +239,7 @@ def search(
                 log("removed the Optuna journal lock left by a killed search")
             prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
                                         with_features=spec.uses_features(), log=log)
+            prepared = dataclasses.replace(prepared, targets=build_targets(spec, prepared, data, log))
         except KeyboardInterrupt:
             if (study_dir / META_FILE).exists():
                 update_meta(study_dir, {"state": "interrupted"})
@@ -240,6 +251,7 @@ def search(
             "teacher": prepared.info[0], "teachers": prepared.info, "teacher_key": prepared.key,
             "rungs": rungs, "num_samples": spec.num_samples, "experiment_root": experiment_root,
             "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
+            "teacher_targets": spec.targets_mode(), "augment": spec.data.augmentation(),
         })
         interrupted, trials, history = _run_trials(spec, study, study_dir, experiment_root, data, prepared,
                                                    placement, rule.scheduler, rungs, resume, log)
