@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 from pydantic_core import PydanticUndefined
@@ -28,12 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, V
 
 from kdtune.core.augment import resolve_augment
 from kdtune.core.data import DatasetSplits, load_dataset
-from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS, TARGET_MODES, VIEW_PICKS
-from kdtune.core.schedules import parse_schedule
-from kdtune.errors import ConfigError
+from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS, TARGET_MODES, VIEW_PICKS, TeacherTargets
 from kdtune.core.objectives import hyperparameter_table
-from kdtune.core.teacher import TeacherConfig
-from kdtune.errors import KdtuneError
+from kdtune.core.schedules import parse_schedule
+from kdtune.core.teacher import PreparedTeachers, TeacherConfig, online_targets, prepare_views
+from kdtune.errors import ConfigError, KdtuneError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -600,3 +599,17 @@ def load_spec_data(spec: SearchSpec) -> DatasetSplits:
         spec.data.dataset, root, seed=spec.data.split_seed, val_fraction=spec.data.val_fraction,
         test_fraction=spec.data.test_fraction, download=spec.data.download, image_size=spec.data.image_size,
     )
+
+
+def spec_teacher_targets(spec: SearchSpec, prepared: PreparedTeachers, data: DatasetSplits,
+                         log: Callable[[str], None] = print) -> TeacherTargets:
+    """The teacher targets the spec's trials learn from (its ``teacher_targets`` mode),
+    from the prepared teachers: their cached logits, their cached augmented views
+    (built on first use), or the networks themselves for online targets."""
+    mode = spec.targets_mode()
+    if mode == "views":
+        return prepare_views(prepared, teacher_configs(spec), data, spec.data.augmentation() or {},
+                             spec.teacher_targets.k, spec.teacher_targets.seed, log=log)
+    if mode == "online":
+        return online_targets(prepared, teacher_configs(spec), data)
+    return prepared.targets

@@ -244,3 +244,10 @@ def test_views_and_online_searches_complete_with_their_mode_in_the_tables(ray_se
     if mode == "views":
         assert any(line.startswith("teacher views: 2 views x") for line in logs)
         assert list((result.study_dir / "teacher").glob("views-*/views.npy"))
+        # The final evaluation re-trains the front on the same kind of targets (cache hit, no rebuild).
+        from kdtune.results.evaluate import final_evaluation
+
+        logs.clear()
+        table = final_evaluation(result.study_dir, seeds=1, log=logs.append)
+        assert len(table) >= 1 and table["test_acc_mean"].notna().all()
+        assert any("teacher views cache hit" in line for line in logs)

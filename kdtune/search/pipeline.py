@@ -30,7 +30,6 @@ from kdtune.search.early_stopping import build_rule
 from kdtune.search.plan import (
     Placement,
     base_config,
-    build_targets,
     check_views_fit,
     node_object_stores,
     baseline_configs,
@@ -42,7 +41,7 @@ from kdtune.search.plan import (
     preflight,
     resumed_num_samples,
 )
-from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, teacher_configs
+from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, spec_teacher_targets, teacher_configs
 from kdtune.study import (
     EXPERIMENT_FOLDERS,
     FAULTS_DIR,
@@ -239,7 +238,7 @@ def search(
                 log("removed the Optuna journal lock left by a killed search")
             prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
                                         with_features=spec.uses_features(), log=log)
-            prepared = dataclasses.replace(prepared, targets=build_targets(spec, prepared, data, log))
+            prepared = dataclasses.replace(prepared, targets=spec_teacher_targets(spec, prepared, data, log))
         except KeyboardInterrupt:
             if (study_dir / META_FILE).exists():
                 update_meta(study_dir, {"state": "interrupted"})

@@ -28,15 +28,7 @@ from kdtune.core.objectives import (
     hyperparameter_table,
     tuned_in_baseline,
 )
-from kdtune.core.distill import TeacherTargets
-from kdtune.core.teacher import (
-    PreparedTeachers,
-    describe_bytes,
-    load_checkpoint,
-    online_targets,
-    prepare_views,
-    views_bytes,
-)
+from kdtune.core.teacher import describe_bytes, load_checkpoint, views_bytes
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.search.cluster import known_cluster_resources
 from kdtune.search.early_stopping import EARLY_STOPPING
@@ -337,14 +329,3 @@ def check_views_fit(spec: SearchSpec, data: DatasetSplits, object_stores: list[f
             + "teacher_targets: {mode: online} (no cache: the teacher runs on every batch); or a larger object "
               "store (ray start --object-store-memory)"))
     return line
-
-
-def build_targets(spec: SearchSpec, prepared: PreparedTeachers, data: DatasetSplits, log: Any = print) -> TeacherTargets:
-    """The teacher targets the spec's trials use (its ``teacher_targets`` mode), from the prepared teachers."""
-    mode = spec.targets_mode()
-    if mode == "views":
-        return prepare_views(prepared, teacher_configs(spec), data, spec.data.augmentation() or {},
-                             spec.teacher_targets.k, spec.teacher_targets.seed, log=log)
-    if mode == "online":
-        return online_targets(prepared, teacher_configs(spec), data)
-    return prepared.targets
