@@ -20,17 +20,19 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union, get_args
+from typing import Any, Callable, Literal, Union, get_args
 
 import yaml
 from pydantic_core import PydanticUndefined
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, ValidationInfo, field_validator, model_validator
 
+from kdtune.core.augment import resolve_augment
 from kdtune.core.data import DatasetSplits, load_dataset
-from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS
+from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS, TARGET_MODES, VIEW_PICKS, TeacherTargets
 from kdtune.core.objectives import hyperparameter_table
-from kdtune.core.teacher import TeacherConfig
-from kdtune.errors import KdtuneError
+from kdtune.core.schedules import parse_schedule
+from kdtune.core.teacher import PreparedTeachers, TeacherConfig, online_targets, prepare_views
+from kdtune.errors import ConfigError, KdtuneError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -136,9 +138,49 @@ class DataSpec(_Strict):
     image_size: int | None = Field(None, ge=4, le=1024)
     train_subset: int | None = Field(None, ge=1)
     split_seed: int = 0
+    #: A policy (none, standard) or explicit settings {policy, crop, padding, flip}
+    #: (see kdtune.core.augment); standard flips only where a mirror keeps the class.
+    augment: Any = None
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, value: Any, info: ValidationInfo) -> Any:
+        _core_check(resolve_augment, value, info.data.get("dataset", ""), "augment")
+        return value
+
+    def augmentation(self) -> dict[str, Any] | None:
+        """The resolved augmentation settings of the training images (None: none)."""
+        return resolve_augment(self.augment, self.dataset)
 
 
-class TeacherSpec(_Strict):
+def _core_check(check: Any, *args: Any) -> Any:
+    """A core check's ConfigError as the ValueError pydantic reports at the field."""
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        message = str(exc)
+        field = args[-1]
+        for prefix in (f"{field}: ", f"{field}."):
+            message = message.removeprefix(prefix)
+        raise ValueError(message) from None
+
+
+class _OptimizerSettings(_Strict):
+    """The optimizer settings the field's protocols set (student and teacher alike)."""
+
+    momentum: float = Field(0.9, ge=0, le=1)
+    nesterov: bool = True
+    #: constant (default), cosine ({kind: cosine, warmup: 5}) or multistep
+    #: ({kind: multistep, milestones: [150, 180, 210], gamma: 0.1}); see kdtune.core.schedules.
+    lr_schedule: Any = None
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _known_schedule(cls, value: Any) -> Any:
+        return _core_check(parse_schedule, value, "lr_schedule")
+
+
+class TeacherSpec(_OptimizerSettings):
     family: str = "mlp"
     width: float = Field(1024, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -149,6 +191,14 @@ class TeacherSpec(_Strict):
     optimizer: str = "adam"
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    #: The teacher's own augmentation (a policy or settings as data.augment); null: data.augment's.
+    augment: Any = None
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, value: Any) -> Any:
+        _core_check(resolve_augment, value, "", "augment")
+        return value
 
     @field_validator("optimizer")
     @classmethod
@@ -160,12 +210,13 @@ class TeacherSpec(_Strict):
         name (``options`` is the config's ``model_options``; a checkpoint path made absolute)."""
         values = self.model_dump()
         values["model_options"] = dict(values.pop("options"))
+        values["augment"] = None  # resolved with the dataset by teacher_configs
         if values["checkpoint"]:
             values["checkpoint"] = str(Path(values["checkpoint"]).expanduser().resolve())
         return TeacherConfig(**values)
 
 
-class StudentSpec(_Strict):
+class StudentSpec(_OptimizerSettings):
     family: str = "mlp"
     options: dict[str, Any] = Field(default_factory=dict)
     optimizer: str = "adam"
@@ -243,6 +294,39 @@ def _checked(declared: Any, value: Any) -> Any:
         if not declared.allows(candidate):
             raise ValueError(f"value {candidate!r} is not allowed; allowed: {declared.allowed()}")
     return value
+
+
+class TargetsSpec(_Strict):
+    """Where the students' teacher targets come from (see kdtune.core.distill.TARGET_MODES).
+
+    ``views``: the teacher's logits for ``k`` seeded augmented views of every training
+    image, cached once (float16) and replayed by every trial; ``online``: the teacher
+    runs on every batch on the trial's device; ``logits``: cached logits of the
+    un-augmented images (only without augmentation). Default: views with
+    augmentation, logits without. ``pick``: a trial replays view (epoch − 1) mod k
+    (cycle) or a seeded view per sample and epoch (random); ``seed`` draws the views.
+    """
+
+    mode: str | None = None
+    k: int = Field(4, ge=1)
+    pick: str = "cycle"
+    seed: int = Field(0, ge=0)
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str | None) -> str | None:
+        return value if value is None else _one_of(value, TARGET_MODES)
+
+    @field_validator("pick")
+    @classmethod
+    def _known_pick(cls, value: str) -> str:
+        return _one_of(value, VIEW_PICKS)
+
+
+def teacher_has_only_logits(teacher: Any) -> bool:
+    """Whether a teacher is given only as precomputed logits (a ``logits`` file), with
+    no network that could see augmented images."""
+    return getattr(teacher, "logits", None) is not None
 
 
 class SamplerSpec(_Strict):
@@ -343,6 +427,31 @@ class SearchSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0)
     tracking: TrackingSpec | None = None
     faults: FaultSpec | None = None
+    teacher_targets: TargetsSpec = Field(default_factory=TargetsSpec)
+
+    def targets_mode(self) -> str:
+        """The teacher-target mode trials use: the spec's, or views with augmentation, logits without."""
+        mode = self.teacher_targets.mode
+        return mode if mode is not None else ("views" if self.data.augmentation() else "logits")
+
+    @model_validator(mode="after")
+    def _targets_serve_the_augmentation(self) -> "SearchSpec":
+        augment, mode = self.data.augmentation(), self.targets_mode()
+        if augment and any(teacher_has_only_logits(t) for t in self.teachers()):
+            raise ValueError("teacher: a teacher given only as precomputed logits cannot serve augmented images; "
+                             "either set data.augment: none, or give the teacher as a network (family/width, or a "
+                             "checkpoint) so that teacher_targets views or online can run it")
+        if augment and mode == "logits":
+            raise ValueError("teacher_targets.mode: logits are cached for the un-augmented images and would be wrong "
+                             "for augmented ones; allowed with data.augment: views (cached augmented views, "
+                             "the default) or online (the teacher on every batch)")
+        if not augment and mode == "views":
+            raise ValueError("teacher_targets.mode: views replay augmented images, and data.augment is none; "
+                             "set data.augment (e.g. standard) or use mode logits")
+        if mode == "views" and self.uses_features():
+            raise ValueError("teacher_targets.mode: views cache logits only, and space.beta > 0 needs the "
+                             "teacher's features of every view; use mode online, or beta: 0.0")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -495,8 +604,15 @@ def load_spec(path: str | Path) -> SearchSpec:
 
 
 def teacher_configs(spec: SearchSpec) -> list[TeacherConfig]:
-    """The spec's teachers as the core's :class:`~kdtune.core.teacher.TeacherConfig` objects."""
-    return [teacher.to_config() for teacher in spec.teachers()]
+    """The spec's teachers as the core's :class:`~kdtune.core.teacher.TeacherConfig` objects
+    (each trained with its own augmentation, or the data's when it names none)."""
+    configs = []
+    for teacher in spec.teachers():
+        config = teacher.to_config()
+        raw = teacher.augment if teacher.augment is not None else spec.data.augment
+        config.augment = resolve_augment(raw, spec.data.dataset, "teacher.augment")
+        configs.append(config)
+    return configs
 
 
 def load_spec_data(spec: SearchSpec) -> DatasetSplits:
@@ -506,3 +622,17 @@ def load_spec_data(spec: SearchSpec) -> DatasetSplits:
         spec.data.dataset, root, seed=spec.data.split_seed, val_fraction=spec.data.val_fraction,
         test_fraction=spec.data.test_fraction, download=spec.data.download, image_size=spec.data.image_size,
     )
+
+
+def spec_teacher_targets(spec: SearchSpec, prepared: PreparedTeachers, data: DatasetSplits,
+                         log: Callable[[str], None] = print) -> TeacherTargets:
+    """The teacher targets the spec's trials learn from (its ``teacher_targets`` mode),
+    from the prepared teachers: their cached logits, their cached augmented views
+    (built on first use), or the networks themselves for online targets."""
+    mode = spec.targets_mode()
+    if mode == "views":
+        return prepare_views(prepared, teacher_configs(spec), data, spec.data.augmentation() or {},
+                             spec.teacher_targets.k, spec.teacher_targets.seed, log=log)
+    if mode == "online":
+        return online_targets(prepared, teacher_configs(spec), data)
+    return prepared.targets

@@ -20,7 +20,7 @@ import pandas as pd
 
 from kdtune.atomic import atomic_path
 from kdtune.core.objectives import hyperparameter_table, owner_of
-from kdtune.errors import ResultsError
+from kdtune.errors import KdtuneError, ResultsError
 from kdtune.study import (
     HISTORY_TABLE,
     PHASES,
@@ -28,16 +28,17 @@ from kdtune.study import (
     load_records,
     read_meta,
     trial_config,
+    trial_run_config,
     trial_status,
 )
 
 #: Columns of ``trials.parquet`` before and after the hyperparameters.
 _TRIAL_HEAD = ["study", "trial_id", "phase", "status"]
-_TRIAL_TAIL = ["params", "bytes", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id",
+_TRIAL_TAIL = ["teacher_targets", "params", "bytes", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id",
                "error", "baseline_val_acc", "kd_gain"]
 HISTORY_COLUMNS = [
     "study", "trial_id", "phase", "epoch", "val_acc", "val_loss", "train_loss", "params", "bytes",
-    "epoch_time_s", "samples_per_s", "width", "temperature", "status", "node_id", "seed",
+    "epoch_time_s", "samples_per_s", "lr", "width", "temperature", "status", "node_id", "seed",
 ]
 
 
@@ -100,6 +101,16 @@ def epoch_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def targets_used(config: dict[str, Any]) -> str:
+    """Where a trial's teacher targets came from (the ``teacher_targets`` column):
+    logits, views or online, or "none" for a run without a teacher (a baseline)."""
+    try:
+        run = trial_run_config(config)
+    except KdtuneError:  # a study of another version: its settings may differ
+        return str(config.get("teacher_targets") or "logits")
+    return run.teacher_targets if run.needs_teacher else "none"
+
+
 def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], ray_status: str,
                 results: list[dict[str, Any]], error: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     config = trial_config(config)
@@ -115,6 +126,7 @@ def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], r
         # A hyperparameter the trial's config does not hold, or one of an objective the
         # trial does not use, is missing, not given a made-up value.
         **{c: config.get(c) if applicable(c, config) else None for c in config_columns()},
+        "teacher_targets": targets_used(config),
         "params": last.get("params"),
         "bytes": last.get("bytes"),
         "val_acc": last.get("val_acc"),
@@ -129,7 +141,7 @@ def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], r
         "study": study, "trial_id": trial_id, "phase": phase,
         "epoch": int(record["epoch"]),
         **{k: record.get(k) for k in ("val_acc", "val_loss", "train_loss", "params", "bytes",
-                                       "epoch_time_s", "samples_per_s", "status", "node_id", "seed")},
+                                       "epoch_time_s", "samples_per_s", "lr", "status", "node_id", "seed")},
         "width": config.get("width"), "temperature": config.get("temperature"),
     } for record in ordered]
     return row, history

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdtune.core.augment import apply_views, draw_view_params, padding_for, resolve_augment, view_indices
 from kdtune.core.data import DatasetSplits, TensorSplit, subset_indices
 from kdtune.core.method_cache import CACHED_OBJECTIVES
 from kdtune.core.objectives import LOSSES, hyperparameter_table, loss_weights
+from kdtune.core.schedules import Schedule, parse_schedule
 from kdtune.errors import ConfigError
 from kdtune.core.losses import (
     distillation_loss,
@@ -43,6 +45,12 @@ CheckpointFn = Callable[[int, dict[str, Any]], None]
 
 #: The optimizers a run can use.
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Where a run's teacher targets come from: cached logits of the un-augmented
+#: images, cached logits of K replayed augmented views, or the teacher run on
+#: every batch (see :class:`TeacherTargets`).
+TARGET_MODES = ("logits", "views", "online")
+#: How a run picks the cached view a sample replays (see :func:`kdtune.core.augment.view_indices`).
+VIEW_PICKS = ("cycle", "random")
 #: What a run reports that a search can optimise, and in which direction.
 OBJECTIVE_MODES = {"val_acc": "max", "params": "min", "bytes": "min"}
 
@@ -52,6 +60,11 @@ RUN_SETTINGS: dict[str, Any] = {
     "model_options": {},
     "optimizer": "adam",
     "momentum": 0.9,
+    "nesterov": True,
+    "lr_schedule": None,
+    "augment": None,
+    "teacher_targets": "logits",
+    "view_pick": "cycle",
     "seed": 0,
     "train_subset": None,
     "data_seed": 0,
@@ -133,10 +146,17 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"allowed: {', '.join(OPTIMIZERS)}"),
             ("family", self.family in MODELS, f"allowed: {', '.join(MODELS.names())}"),
             ("train_subset", self.train_subset is None or int(self.train_subset) >= 1, "must be >= 1 or null"),
+            ("teacher_targets", self.teacher_targets in TARGET_MODES, f"allowed: {', '.join(TARGET_MODES)}"),
+            ("view_pick", self.view_pick in VIEW_PICKS, f"allowed: {', '.join(VIEW_PICKS)}"),
+            ("nesterov", not (self.nesterov and self.optimizer == "sgd" and self.momentum <= 0),
+             "Nesterov momentum needs momentum > 0; set nesterov: false or a momentum"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(name, f"{allowed}, got {getattr(self, name)!r}")
+        parse_schedule(self.lr_schedule)
+        if self.augment is not None and resolve_augment(dict(self.augment), "", "augment") != dict(self.augment):
+            raise ConfigError("augment", f"expected resolved settings {{crop, padding, flip}}, got {self.augment!r}")
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with ``changes`` applied (same keys as the constructor)."""
@@ -151,6 +171,9 @@ class RunConfig:
         """The config as a plain dict (JSON-serialisable): settings, then hyperparameters."""
         settings = {name: getattr(self, name) for name in RUN_SETTINGS}
         settings["model_options"] = dict(settings["model_options"] or {})
+        for name in ("lr_schedule", "augment"):
+            if settings[name] is not None:
+                settings[name] = dict(settings[name])
         return {**settings, **self.hyperparameters}
 
 
@@ -162,13 +185,28 @@ class TeacherTargets:
     belonging to training image i. ``features`` (``(N, ...)``, first teacher only) is
     needed when ``beta > 0``. Arrays may be read-only (shared through Ray's object
     store); they are only ever indexed. ``online_model`` instead runs a teacher
-    network on every batch (slower; used to measure what caching saves).
+    network on every batch, on the batch the student sees (augmented or not).
+
+    Cached views (``views`` = K > 0): ``logits`` holds the teacher's float16 logits
+    of K augmented views of every training image, flattened so that row
+    ``k·N + i`` is view k of image i (``(K·N, C)``, or ``(T, K·N, C)`` for T
+    teachers), ``view_params`` ``(K, N, 3)`` the crop offsets and flips of those
+    views and ``augment`` the settings they were drawn with: a run replays them
+    and never runs the teacher (see :mod:`kdtune.core.augment`).
     """
 
     logits: np.ndarray | None = None
     features: np.ndarray | None = None
     online_model: nn.Module | None = None
     key: str = ""
+    views: int = 0
+    view_params: np.ndarray | None = None
+    augment: dict[str, Any] | None = None
+
+    @property
+    def mode(self) -> str:
+        """Which of :data:`TARGET_MODES` these targets serve."""
+        return "online" if self.online_model is not None else "views" if self.views else "logits"
 
     @property
     def feature_dim(self) -> int | None:
@@ -188,6 +226,8 @@ class TeacherTargets:
         logits_all, features_all = self._as_tensors()
         index = torch.from_numpy(indices)
         logits = logits_all.index_select(logits_all.dim() - 2, index).to(device)
+        if logits.dtype != torch.float32:  # float16 views: the losses compute in float32
+            logits = logits.float()
         features = features_all.index_select(0, index).to(device) if features_all is not None else None
         return logits, features
 
@@ -221,6 +261,8 @@ class _CachedKD:
         self.temperature, self.alpha, self.noise = float(config.temperature), float(config.alpha), float(config.noise)
         self.device, self.labels = device, labels
         self.logits = teacher._as_tensors()[0]
+        if self.logits.dtype != torch.float32:  # float16 views: noise and targets in float32
+            self.logits = self.logits.float()
         with torch.no_grad():
             self.probs = soft_targets(self.logits, self.temperature)
         self.log_targets = kd_log_targets(self.probs).to(device) if self.noise == 0 else None
@@ -357,9 +399,26 @@ def predict_logits(
     return logits
 
 
+def _check_targets(config: RunConfig, teacher: TeacherTargets | None) -> int:
+    """The number of cached views the run replays (0: none), after checking that the
+    teacher targets can serve the run's augmentation."""
+    if teacher is None:
+        return 0
+    if teacher.views:
+        if (dict(teacher.augment) if teacher.augment else None) != (dict(config.augment) if config.augment else None):
+            raise ConfigError("augment", f"the cached views were drawn with {teacher.augment!r}, the run augments "
+                                         f"with {config.augment!r}; rebuild the views for this augmentation")
+        return int(teacher.views)
+    if config.augment and teacher.mode == "logits":
+        raise ConfigError("teacher_targets", "cached logits belong to the un-augmented images; with augmentation "
+                                             "use teacher_targets views (replayed cached views) or online")
+    return 0
+
+
 def _make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               nesterov=bool(config.nesterov))
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -392,6 +451,7 @@ def run(
         raise ConfigError("teacher", f"alpha={config.alpha}, beta={config.beta} need a teacher; none was given")
     if config.beta > 0 and teacher is not None and teacher.features is None and teacher.online_model is None:
         raise ConfigError("beta", "beta > 0 needs teacher features; build the teacher cache with features")
+    views = _check_targets(config, teacher if needs_teacher else None)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     device = select_device(config.device)
@@ -412,8 +472,17 @@ def run(
 
     indices = subset_indices(len(data.train), config.train_subset, config.data_seed, labels=data.train.y).numpy()
     train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    # Separate random streams: initialisation (the global seed above), data order,
+    # teacher noise, and augmentation (seeded per epoch by the run seed, so it
+    # keeps no state; see kdtune.core.augment). Turning augmentation on leaves the
+    # other streams' draws as they were.
     shuffle = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator().manual_seed(config.seed + 1)
+    augment = dict(config.augment) if config.augment else None
+    n_train = len(data.train)
+    padding = padding_for(augment, min(data.input_shape[1:])) if augment else 0
+    view_params = torch.from_numpy(np.asarray(teacher.view_params)).long() if views else None
+    schedule = Schedule(config.lr, config.epochs, config.lr_schedule)
     start_epoch, history = 1, []
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
@@ -435,21 +504,40 @@ def run(
     explicit = config.ce_weight is not None or config.kd_weight is not None or bool(config.standardize)
     if (teacher is not None and loss_weights(config.hyperparameters)[1] > 0
             and teacher.online_model is None and teacher.logits is not None):
+        # Cached views are K·N rows: view k of image i is row k·N + i.
+        labels = data.train.y.repeat(views) if views else data.train.y
         if objective.options.get("fused") and not explicit:
-            cached_kd = _CachedKD(teacher, data.train.y, config, device)
+            cached_kd = _CachedKD(teacher, labels, config, device)
         elif objective.options.get("cached"):
-            cached_kd = _CachedMethod(teacher, data.train.y, config, device)
+            cached_kd = _CachedMethod(teacher, labels, config, device)
 
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         student.train()
+        lr = schedule.value(epoch)
+        if config.lr_schedule:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         order = indices[torch.randperm(len(indices), generator=shuffle).numpy()]
+        epoch_params, teacher_rows = None, None
+        if augment and views:
+            picks = view_indices(views, n_train, epoch, config.view_pick, config.seed)
+            epoch_params = view_params[picks, torch.arange(n_train)].to(device)
+            teacher_rows = (picks * n_train + torch.arange(n_train)).numpy()
+        elif augment:
+            epoch_params = draw_view_params(augment, n_train, min(data.input_shape[1:]), config.seed, epoch).to(device)
         total_loss, seen, diverged = 0.0, 0, False
         for start in range(0, len(order), config.batch_size):
             batch_idx = order[start : start + config.batch_size]
             idx_t = torch.from_numpy(batch_idx).to(device)
             xb, yb = train_x[idx_t], train_y[idx_t]
+            if epoch_params is not None:
+                xb = apply_views(xb, epoch_params.index_select(0, idx_t), padding)
+            t_idx, t_idx_t = batch_idx, idx_t  # the teacher's rows: the images, or their replayed views
+            if teacher_rows is not None:
+                t_idx = teacher_rows[batch_idx]
+                t_idx_t = torch.from_numpy(t_idx).to(device)
             with autocast_context(device, config.amp):
                 if config.beta > 0:
                     s_logits, s_features = student.forward_features(xb)
@@ -457,7 +545,7 @@ def run(
                     s_logits, s_features = student(xb), None
                 t_logits = t_features = None
                 if teacher is not None and needs_teacher and (cached_kd is None or config.beta > 0):
-                    t_logits, t_features = teacher.batch(batch_idx, xb, device)
+                    t_logits, t_features = teacher.batch(t_idx, xb, device)
                     if cached_kd is None:
                         t_logits = perturb_teacher_logits(t_logits, config.noise, noise_gen)
                 feature_term = None
@@ -471,7 +559,7 @@ def run(
                     )
             logits_grad = None
             if cached_kd is not None:  # in float32 whatever the autocast, as distillation_loss computes it
-                loss, logits_grad = cached_kd.loss_and_grad(s_logits, batch_idx, idx_t, noise_gen, epoch)
+                loss, logits_grad = cached_kd.loss_and_grad(s_logits, t_idx, t_idx_t, noise_gen, epoch)
                 if feature_term is not None:
                     loss = loss + config.beta * feature_term
             value = loss.item()
@@ -505,6 +593,7 @@ def run(
             "bytes": size_bytes,
             "epoch_time_s": elapsed,
             "samples_per_s": seen / elapsed if elapsed > 0 else 0.0,
+            "lr": lr,
             "status": status,
         }
         history.append(metrics)

@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from kdtune.core.augment import VIEWS_STREAM, apply_views, augmentation_key, as_numpy_params, draw_view_params, padding_for
 from kdtune.core.data import DatasetSplits
 from kdtune.core.distill import RunConfig, TeacherTargets, evaluate, predict_logits, run, select_device
 from kdtune.errors import ConfigError
@@ -47,6 +49,16 @@ class TeacherConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+    momentum: float = 0.9
+    nesterov: bool = True
+    lr_schedule: dict[str, Any] | None = None
+    augment: dict[str, Any] | None = None
+
+
+#: Fields added to :class:`TeacherConfig` after the first cache format, with the
+#: value that means "as before": left out of the cache key at that value, so that
+#: teachers cached before they existed are still found.
+_LATER_FIELDS = {"momentum": 0.9, "nesterov": True, "lr_schedule": None, "augment": None}
 
 
 @dataclass
@@ -74,6 +86,9 @@ def teacher_cache_key(teachers: list[TeacherConfig], data_fingerprint: str, with
     described = []
     for teacher in teachers:
         entry = dataclasses.asdict(teacher)
+        for name, unchanged in _LATER_FIELDS.items():
+            if entry[name] == unchanged:
+                del entry[name]
         if teacher.checkpoint:
             # Hashing comes before load_checkpoint, so a missing file must be reported here.
             if not Path(teacher.checkpoint).is_file():
@@ -137,7 +152,8 @@ def build_teacher(config: TeacherConfig, data: DatasetSplits, device: torch.devi
         family=config.family, width=config.width, model_options=dict(config.model_options),
         alpha=1.0, beta=0.0, lr=config.lr, batch_size=config.batch_size, epochs=config.epochs,
         optimizer=config.optimizer, weight_decay=config.weight_decay, seed=config.seed,
-        device=str(device),
+        momentum=config.momentum, nesterov=config.nesterov, lr_schedule=config.lr_schedule,
+        augment=config.augment, device=str(device),
     )
     last_log = [0.0]
 
@@ -240,3 +256,137 @@ def load_cached_teacher(entry: str | Path, index: int, data: DatasetSplits, conf
     model = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
     load_checkpoint(model, Path(entry) / f"teacher_{index}.pt", field_name="teacher cache")
     return model.eval()
+
+
+# --------------------------------------------------------------------------- augmented targets
+
+VIEWS_FORMAT = 1
+VIEWS_FILE, VIEW_PARAMS_FILE = "views.npy", "view_params.npy"
+
+
+class TeacherEnsemble(nn.Module):
+    """Several teachers run as one online teacher: stacked logits ``(T, B, C)``
+    (averaged in probability space by the loss) and the first teacher's features."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.feature_dim = getattr(members[0], "feature_dim", None)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = [member.forward_features(x) for member in self.members]
+        return torch.stack([logits for logits, _ in outputs]), outputs[0][1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)[0]
+
+
+def teacher_networks(prepared: PreparedTeachers, teachers: list[TeacherConfig], data: DatasetSplits) -> list[Network]:
+    """The prepared teachers' networks, loaded (weights only) from their cache entry, in eval mode."""
+    return [load_cached_teacher(prepared.cache_dir, index, data, config) for index, config in enumerate(teachers)]
+
+
+def online_targets(prepared: PreparedTeachers, teachers: list[TeacherConfig], data: DatasetSplits) -> TeacherTargets:
+    """Targets that run the teacher(s) on every batch, on the trial's device (mode ``online``)."""
+    models = teacher_networks(prepared, teachers, data)
+    model: nn.Module = models[0] if len(models) == 1 else TeacherEnsemble(models).eval()
+    return TeacherTargets(online_model=model, key=prepared.key)
+
+
+def views_bytes(num_teachers: int, views: int, num_images: int, num_classes: int) -> int:
+    """Bytes of the cached views: float16 logits of every view of every training image."""
+    return int(num_teachers) * int(views) * int(num_images) * int(num_classes) * 2
+
+
+def views_cache_key(teacher_key: str, augment: dict[str, Any] | None, views: int, seed: int) -> str:
+    """Hash of what determines the cached views: the teachers (their cache key), the
+    augmentation settings, the number of views and the views' seed."""
+    payload = json.dumps({"format": VIEWS_FORMAT, "teachers": teacher_key, "augment": augmentation_key(augment),
+                          "views": int(views), "seed": int(seed)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _flat_views(views: np.ndarray) -> np.ndarray:
+    """(K, N, C) → (K·N, C) and (T, K, N, C) → (T, K·N, C), without a copy."""
+    return views.reshape(views.shape[0] * views.shape[1], -1) if views.ndim == 3 else \
+        views.reshape(views.shape[0], views.shape[1] * views.shape[2], -1)
+
+
+def _read_views(entry: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        for name, digest in meta["files"].items():
+            if sha256_file(entry / name) != digest:
+                return None
+        views = np.load(entry / VIEWS_FILE, allow_pickle=False)
+        params = np.load(entry / VIEW_PARAMS_FILE, allow_pickle=False)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    return views, params, meta
+
+
+def prepare_views(
+    prepared: PreparedTeachers,
+    teachers: list[TeacherConfig],
+    data: DatasetSplits,
+    augment: dict[str, Any],
+    views: int,
+    seed: int = 0,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> TeacherTargets:
+    """Targets of mode ``views``: the teachers' float16 logits for ``views`` seeded
+    augmented views of every training image, computed once and cached next to the
+    teachers (``<cache>/views-<key>/``, hash-checked like the logits, rebuilt when
+    damaged). View k of every image is drawn with ``seed`` (stream "views", index k),
+    so the same key always means the same views.
+    """
+    if views < 1:
+        raise ConfigError("teacher_targets.k", f"must be >= 1, got {views}")
+    key = views_cache_key(prepared.key, augment, views, seed)
+    entry = prepared.cache_dir.parent / f"views-{key}"
+    if entry.exists():
+        cached = _read_views(entry)
+        if cached is not None:
+            array, params, _meta = cached
+            log(f"teacher views cache hit: {entry}")
+            return TeacherTargets(logits=_flat_views(array), views=views, view_params=params, augment=dict(augment),
+                                  key=key)
+        log(f"teacher views cache at {entry} is incomplete or corrupted (hash mismatch): rebuilding it")
+        shutil.rmtree(entry, ignore_errors=True)
+    torch_device = select_device(device)
+    models = [model.to(torch_device) for model in teacher_networks(prepared, teachers, data)]
+    n, side = len(data.train), min(data.input_shape[1:])
+    padding = padding_for(augment, side)
+    log(f"teacher views: {views} augmented views of {n:,} images ({describe_bytes(views_bytes(len(models), views, n, data.num_classes))})")
+    params = torch.stack([draw_view_params(augment, n, side, seed, k, VIEWS_STREAM) for k in range(views)])
+    array = np.empty((len(models), views, n, data.num_classes), dtype=np.float16)
+    with torch.no_grad():
+        for k in range(views):
+            for start in range(0, n, 512):
+                xb = apply_views(data.train.x[start:start + 512].to(torch_device), params[k, start:start + 512], padding)
+                for t, model in enumerate(models):
+                    array[t, k, start:start + 512] = model(xb).float().cpu().numpy()
+    array = array[0] if len(models) == 1 else array
+    staging = Path(tempfile.mkdtemp(prefix=f".views-{key}-", dir=entry.parent))
+    try:
+        np.save(staging / VIEWS_FILE, array)
+        np.save(staging / VIEW_PARAMS_FILE, as_numpy_params(params))
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        meta = {"key": key, "files": files, "teachers": prepared.key, "augment": augment, "views": views,
+                "seed": seed, "format": VIEWS_FORMAT}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TeacherTargets(logits=_flat_views(array), views=views, view_params=as_numpy_params(params),
+                          augment=dict(augment), key=key)
+
+
+def describe_bytes(count: float) -> str:
+    """A byte count in words: "1.3 GB", "12.0 MB"."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"

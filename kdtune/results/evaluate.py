@@ -193,7 +193,7 @@ def final_evaluation(
     from kdtune.core.teacher import prepare_teachers
     from kdtune.errors import ConfigError
     from kdtune.results.analysis import load_results
-    from kdtune.spec import load_spec, load_spec_data, teacher_configs
+    from kdtune.spec import load_spec, load_spec_data, spec_teacher_targets, teacher_configs
 
     if int(seeds) < 1:
         raise ConfigError("seeds", f"must be >= 1 fresh seeds per configuration, got {seeds}")
@@ -225,7 +225,9 @@ def final_evaluation(
     # thread per trial) process-wide; give the caller its own setting back afterwards.
     caller_threads = torch.get_num_threads()
     try:
-        records, students = _train_and_test(planned, data, prepared.targets, torch_device, log)
+        # The targets the search used: cached logits, replayed augmented views, or the online teacher.
+        targets = spec_teacher_targets(spec, prepared, data, log)
+        records, students = _train_and_test(planned, data, targets, torch_device, log)
         table = _summarise(front, configs, seed_list, records, students, tuple(data.input_shape), torch_device, log)
     finally:
         torch.set_num_threads(caller_threads)

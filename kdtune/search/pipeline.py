@@ -10,6 +10,7 @@ folder (its layout: :mod:`kdtune.study`).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
 import warnings
@@ -31,6 +32,8 @@ from kdtune.search.plan import (
     Budget,
     Placement,
     base_config,
+    check_views_fit,
+    node_object_stores,
     baseline_configs,
     check_inputs,
     check_study,
@@ -41,7 +44,7 @@ from kdtune.search.plan import (
     preflight,
     resumed_num_samples,
 )
-from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, teacher_configs
+from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, spec_teacher_targets, teacher_configs
 from kdtune.study import (
     EXPERIMENT_FOLDERS,
     FAULTS_DIR,
@@ -244,6 +247,12 @@ def search(
         for note in placement.warnings:
             log(f"warning: {note}")
         try:
+            views_line = check_views_fit(spec, data, node_object_stores(ray.nodes()))
+        except ConfigError as exc:
+            raise KdtuneError(f"{source}: {exc}") from None
+        if views_line:
+            log(views_line)
+        try:
             # Again under the lock: another search may have created the study since.
             check_study(spec, study_dir, resume)
             if not resume:
@@ -252,6 +261,7 @@ def search(
                 log("removed the Optuna journal lock left by a killed search")
             prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
                                         with_features=spec.uses_features(), log=log)
+            prepared = dataclasses.replace(prepared, targets=spec_teacher_targets(spec, prepared, data, log))
         except KeyboardInterrupt:
             if (study_dir / META_FILE).exists():
                 update_meta(study_dir, {"state": "interrupted"})
@@ -264,6 +274,7 @@ def search(
             "rungs": rungs, "num_samples": spec.num_samples, "experiment_root": experiment_root,
             "early_stopping": spec.early_stopping.rule, "objectives": list(spec.sampler.objectives),
             **({"budget": {"epochs": budget.epochs, "seconds": budget.seconds}} if budget else {}),
+            "teacher_targets": spec.targets_mode(), "augment": spec.data.augmentation(),
         })
         interrupted, trials, history = _run_trials(spec, study, study_dir, experiment_root, data, prepared,
                                                    placement, rule.scheduler, rungs, resume, log, budget)

@@ -28,7 +28,7 @@ from kdtune.core.objectives import (
     hyperparameter_table,
     tuned_in_baseline,
 )
-from kdtune.core.teacher import load_checkpoint
+from kdtune.core.teacher import describe_bytes, load_checkpoint, views_bytes
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.search.cluster import known_cluster_resources
 from kdtune.search.early_stopping import EARLY_STOPPING
@@ -159,6 +159,12 @@ def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
         "family": spec.student.family,
         "model_options": dict(spec.student.options),
         "optimizer": spec.student.optimizer,
+        "momentum": spec.student.momentum,
+        "nesterov": spec.student.nesterov,
+        "lr_schedule": spec.student.lr_schedule,
+        "augment": spec.data.augmentation(),
+        "teacher_targets": spec.targets_mode(),
+        "view_pick": spec.teacher_targets.pick,
         "amp": spec.student.amp,
         "device": placement.device,
         "threads": placement.threads,
@@ -324,3 +330,45 @@ def create_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path) ->
     write_text_atomic(study_dir / SPEC_FILE, text)
     update_meta(study_dir, {"study": study_dir.name, "kdtune_version": __version__, "state": "starting",
                             "num_samples": spec.num_samples})
+
+
+# --------------------------------------------------------------------------- teacher targets
+
+#: The share of a node's object store the cached views may fill (Ray needs the rest
+#: for the data arrays, results and checkpoints in flight).
+VIEWS_STORE_SHARE = 0.8
+
+
+def node_object_stores(nodes: list[dict[str, Any]]) -> list[float]:
+    """The object-store bytes of each alive node that runs trials (has CPUs), from ``ray.nodes()``."""
+    return [float(node.get("Resources", {}).get("object_store_memory", 0.0)) for node in nodes
+            if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) > 0]
+
+
+def check_views_fit(spec: SearchSpec, data: DatasetSplits, object_stores: list[float]) -> str:
+    """One line saying how much memory the cached views need (empty without views);
+    a :class:`ConfigError` when they would not fit the smallest node's object store,
+    saying what would (a smaller k, online targets, or a larger store).
+
+    Every node holds one copy of the views (and of the data arrays) in its object store.
+    """
+    if spec.targets_mode() != "views":
+        return ""
+    k, n, classes, teachers = spec.teacher_targets.k, len(data.train), data.num_classes, len(spec.teachers())
+    need = views_bytes(teachers, k, n, classes)
+    data_bytes = sum(t.element_size() * t.nelement() for t in (data.train.x, data.train.y, data.val.x, data.val.y))
+    line = (f"teacher views: {k} views x {n:,} images x {classes} classes x {teachers} teacher(s) x 2 bytes = "
+            f"{describe_bytes(need)} in each node's object store (plus {describe_bytes(data_bytes)} of data)")
+    if not object_stores:
+        return line
+    usable = VIEWS_STORE_SHARE * min(object_stores) - data_bytes
+    if need > usable:
+        per_view = views_bytes(teachers, 1, n, classes)
+        fits = max(0, int(usable // per_view))
+        raise ConfigError("teacher_targets.k", (
+            f"{line}, but the smallest node's object store holds {describe_bytes(min(object_stores))} "
+            f"({VIEWS_STORE_SHARE:.0%} usable). What would fit: "
+            + (f"k <= {fits}; " if fits else "")
+            + "teacher_targets: {mode: online} (no cache: the teacher runs on every batch); or a larger object "
+              "store (ray start --object-store-memory)"))
+    return line
