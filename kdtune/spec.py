@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, V
 from kdtune.core.data import DatasetSplits, load_dataset
 from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS
 from kdtune.core.objectives import hyperparameter_table
+from kdtune.core.plugins import Plugin, load_plugins
 from kdtune.core.teacher import TeacherConfig
 from kdtune.errors import KdtuneError
 
@@ -143,6 +144,10 @@ class TeacherSpec(_Strict):
     width: float = Field(1024, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
+    #: A TorchScript or torch.export file (no family needed); see kdtune.core.teacher_files.
+    file: str | None = None
+    #: A .npz of precomputed logits keyed by sample index; see kdtune.core.teacher_files.
+    logits: str | None = None
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
@@ -155,13 +160,21 @@ class TeacherSpec(_Strict):
     def _known_optimizer(cls, value: str) -> str:
         return _one_of(value, OPTIMIZERS)
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        given = [name for name in ("checkpoint", "file", "logits") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of checkpoint, file and logits, got {' and '.join(given)}")
+        return self
+
     def to_config(self) -> TeacherConfig:
         """The core's :class:`~kdtune.core.teacher.TeacherConfig` of this teacher, field by
-        name (``options`` is the config's ``model_options``; a checkpoint path made absolute)."""
+        name (``options`` is the config's ``model_options``; file paths made absolute)."""
         values = self.model_dump()
         values["model_options"] = dict(values.pop("options"))
-        if values["checkpoint"]:
-            values["checkpoint"] = str(Path(values["checkpoint"]).expanduser().resolve())
+        for name in ("checkpoint", "file", "logits"):
+            if values[name]:
+                values[name] = str(Path(values[name]).expanduser().resolve())
         return TeacherConfig(**values)
 
 
@@ -319,6 +332,9 @@ class SearchSpec(_Strict):
     """A validated search spec (see the module docstring and the README)."""
 
     study: str = "digits"
+    #: The user's modules that register models, datasets, losses or rules
+    #: (:mod:`kdtune.core.plugins`): file paths (absolute once validated) or module names.
+    plugins: list[str] = Field(default_factory=list)
     seed: int = 0
     num_samples: int = Field(40, ge=1)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -415,18 +431,22 @@ def _allowed_keys(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
-def parse_spec(raw: Any, source: str = "<spec>") -> SearchSpec:
+def parse_spec(raw: Any, source: str = "<spec>", base_dir: str | Path = ".") -> SearchSpec:
     """Validate an already-parsed spec (a dict); errors name ``source`` and the key.
 
     An empty spec (an empty or truncated file) is an error: it is almost always an
     accident. The defaults are asked for on purpose with a spec that sets any one
-    key, e.g. ``study: my_study``.
+    key, e.g. ``study: my_study``. The spec's ``plugins`` (paths relative to
+    ``base_dir``) are imported first, so that the names they register validate;
+    the validated spec names them by absolute path.
     """
     if raw is None or raw == {}:
         raise KdtuneError(f"{source}: the spec is empty; write at least one key (e.g. `study: my_study`) "
                           f"to run the defaults on purpose, or start from search_spaces/digits.yaml")
     if not isinstance(raw, dict):
         raise KdtuneError(f"{source}: the spec must be a YAML mapping of keys to values, got {type(raw).__name__}")
+    if raw.get("plugins"):
+        raw = {**raw, "plugins": [plugin.reference for plugin in _load_spec_plugins(raw["plugins"], source, base_dir)]}
     try:
         return SearchSpec.model_validate(raw)
     except ValidationError as exc:
@@ -467,6 +487,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _load_spec_plugins(entries: Any, source: str, base_dir: str | Path) -> list[Plugin]:
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise KdtuneError(f"{source}: plugins: must be a list of Python files (relative to the spec) or module "
+                          f"names, got {entries!r}")
+    try:
+        return load_plugins(entries, base_dir)
+    except KdtuneError as exc:
+        raise KdtuneError(f"{source}: {exc}") from None
+
+
 def load_spec(path: str | Path) -> SearchSpec:
     """Read and validate a spec file; raise :class:`KdtuneError` with one clear message."""
     path = Path(path)
@@ -481,7 +511,7 @@ def load_spec(path: str | Path) -> SearchSpec:
         raise KdtuneError(f"{path}: not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise KdtuneError(f"{path}: not a text file (UTF-8 YAML expected)") from None
-    return parse_spec(raw, str(path))
+    return parse_spec(raw, str(path), base_dir=path.parent)
 
 
 # --------------------------------------------------------------------------- spec → core
@@ -490,6 +520,11 @@ def load_spec(path: str | Path) -> SearchSpec:
 def teacher_configs(spec: SearchSpec) -> list[TeacherConfig]:
     """The spec's teachers as the core's :class:`~kdtune.core.teacher.TeacherConfig` objects."""
     return [teacher.to_config() for teacher in spec.teachers()]
+
+
+def spec_plugins(spec: SearchSpec) -> list[Plugin]:
+    """The spec's plugins (imported when the spec was validated; importing again is free)."""
+    return load_plugins(spec.plugins, ".")
 
 
 def load_spec_data(spec: SearchSpec) -> DatasetSplits:
