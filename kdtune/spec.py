@@ -160,13 +160,6 @@ class TeacherSpec(_Strict):
     def _known_optimizer(cls, value: str) -> str:
         return _one_of(value, OPTIMIZERS)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "TeacherSpec":
-        given = [name for name in ("checkpoint", "file", "logits") if getattr(self, name)]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of checkpoint, file and logits, got {' and '.join(given)}")
-        return self
-
     def to_config(self) -> TeacherConfig:
         """The core's :class:`~kdtune.core.teacher.TeacherConfig` of this teacher, field by
         name (``options`` is the config's ``model_options``; file paths made absolute)."""
@@ -384,6 +377,11 @@ class SearchSpec(_Strict):
     def _teachers_not_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("needs at least one teacher")
+        for teacher in value if isinstance(value, list) else [value]:
+            given = [name for name in ("checkpoint", "file", "logits") if getattr(teacher, name)]
+            if len(given) > 1:
+                raise ValueError(f"give at most one of checkpoint, file and logits per teacher, got "
+                                 f"{' and '.join(given)}")
         return value
 
     def teachers(self) -> list[TeacherSpec]:
