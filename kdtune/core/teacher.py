@@ -222,9 +222,9 @@ def prepare_teachers(
         all_logits, features, info = [], None, []
         for index, config in enumerate(teachers):
             if teacher_source(config) in ("file", "logits"):
-                logits, entry = external_teacher_outputs(config, data, torch_device, log)
+                logits, described = external_teacher_outputs(config, data, torch_device, log)
                 all_logits.append(logits)
-                info.append({"index": index, **entry})
+                info.append({"index": index, **described})
                 continue
             log(f"teacher {index + 1}/{len(teachers)}: {'loading ' + config.checkpoint if config.checkpoint else 'training'} {config.family}(width={config.width})")
             model = build_teacher(config, data, torch_device, log)

@@ -162,6 +162,24 @@ def _allowed_graph_target(target: Any) -> bool:
     return getattr(target, "__module__", None) in ("_operator", "operator", "math") or target is operator.getitem
 
 
+class ExportedTeacher(nn.Module):
+    """The module of an exported program. Its mode (eval: BatchNorm's running
+    statistics, no dropout) is the one it was exported in, and torch refuses
+    ``eval()``/``train()`` on it, so this wrapper keeps them from reaching it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.exported = module
+        self.training = False
+
+    def train(self, mode: bool = True) -> "ExportedTeacher":
+        self.training = mode  # the exported graph's mode is fixed
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exported(x)
+
+
 def _load_export(content: bytes, name: str, field: str) -> nn.Module:
     scan_export_archive(content, name, field)
     try:
@@ -176,7 +194,7 @@ def _load_export(content: bytes, name: str, field: str) -> nn.Module:
            if node.op == "call_function" and not _allowed_graph_target(node.target)]
     if bad:
         raise ConfigError(field, f"{name}: refused to run: its graph calls {bad[0]}, which is not a torch operator")
-    return program.module()
+    return ExportedTeacher(program.module())
 
 
 def _load_torchscript(content: bytes, name: str, field: str) -> nn.Module:
@@ -201,7 +219,7 @@ def load_teacher_file(path: str | Path, field: str = "teacher.file") -> nn.Modul
     kind = teacher_file_kind(path, field)
     content = path.read_bytes()
     model = _load_export(content, str(path), field) if kind == "export" else _load_torchscript(content, str(path), field)
-    return model.eval() if hasattr(model, "eval") else model
+    return model.eval()
 
 
 def check_teacher_output(model: nn.Module, data: DatasetSplits, name: str, field: str = "teacher.file") -> None:
