@@ -323,3 +323,33 @@ def test_a_module_registering_a_loss_imported_again_registers_it_once(tmp_path):
 
 def _other_soft_term(student_logits, teacher_logits, params):
     return student_logits.sum()
+
+
+# --------------------------------------------------------------------------- the documented example
+
+
+def documented_files(markdown: str) -> dict[str, str]:
+    """The code blocks of a markdown text that start with a ``# file: NAME`` line, by NAME."""
+    import re
+
+    files = {}
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.M | re.S):
+        first, _, rest = block.partition("\n")
+        if first.startswith("# file: "):
+            files[first[len("# file: "):].strip()] = rest
+    return files
+
+
+def test_the_documented_example_makes_its_teacher_and_validates(tmp_path):
+    files = documented_files((REPO / "docs" / "own_data.md").read_text())
+    assert set(files) == {"signals.py", "make_data_and_teacher.py", "signals.yaml"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    made = subprocess.run([sys.executable, "make_data_and_teacher.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    checked = subprocess.run([sys.executable, "-m", "kdtune.cli", "validate", "signals.yaml"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "signals.yaml: ok: study 'signals'" in checked.stdout

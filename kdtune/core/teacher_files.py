@@ -235,7 +235,7 @@ def check_teacher_output(model: nn.Module, data: DatasetSplits, name: str, field
             raise ConfigError(field, f"{name}: running it on a batch of {size} samples of shape "
                                      f"{tuple(data.input_shape)} failed ({type(exc).__name__}: {first}); it must take "
                                      f"(batch, *sample shape) inputs with a dynamic batch size (torch.export: "
-                                     f"dynamic_shapes={{'x': {{0: torch.export.Dim('batch')}}}})") from None
+                                     f"dynamic_shapes=({{0: torch.export.Dim('batch')}},))") from None
         expected = (len(x), data.num_classes)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
