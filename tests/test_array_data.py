@@ -106,14 +106,46 @@ def test_arrays_without_a_root_file_are_one_clean_error(tmp_path):
     assert_one_clean_error(outcome, "data.root", "none.npz", "does not exist")
 
 
+SEQUENCE_PLUGIN = """
+from torch import nn
+
+from kdtune.core.models import MODELS, Network
+
+
+class SeqConv(Network):
+    feature_kind = "vector"
+
+    def __init__(self, num_classes, channels):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(1, channels, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                                  nn.Flatten())
+        self.head = nn.Linear(channels, num_classes)
+        self.feature_dim = channels
+
+    def forward_features(self, x):
+        features = self.body(x.unsqueeze(1))
+        return self.head(features), features
+
+
+@MODELS.register("seqconv_test")
+def seqconv(input_shape, num_classes, width):
+    return SeqConv(num_classes, max(1, round(width)))
+"""
+
+
 @pytest.mark.ray
-@pytest.mark.parametrize(("kind", "shape"), [("vectors", (12,)), ("sequences", (40,))])
-def test_a_search_runs_on_an_array_dataset(kind, shape, ray_session, tmp_path):
+@pytest.mark.parametrize(("kind", "shape", "student"), [("vectors", (12,), "mlp"), ("sequences", (40,), "seqconv_test")])
+def test_a_search_runs_on_an_array_dataset(kind, shape, student, ray_session, tmp_path):
+    """Vectors with kdtune's mlp; sequences with a 1-D conv student from a plugin, which
+    the workers of this already started Ray import from its path (no runtime env)."""
     x, y = blobs(240, shape)
     root = write_arrays(tmp_path / f"{kind}.npz", x_train=x, y_train=y)
+    (tmp_path / "seqconv_plugin.py").write_text(SEQUENCE_PLUGIN)
     spec = {**TINY_SPEC, "study": kind, "num_samples": 2, "baselines": False,
+            "plugins": ["seqconv_plugin.py"] if student != "mlp" else [],
             "data": {"dataset": "arrays", "root": str(root)},
             "teacher": {"family": "mlp", "width": 32, "epochs": 3, "lr": 0.01},
+            "student": {"family": student},
             "space": {**TINY_SPEC["space"], "width": 8, "epochs": 2},
             "early_stopping": {"rule": "none"}}
     outcome = CliRunner().invoke(main, ["search", str(write_spec(tmp_path, spec)), "--results",
