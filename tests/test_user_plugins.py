@@ -353,3 +353,25 @@ def test_the_documented_example_makes_its_teacher_and_validates(tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert "signals.yaml: ok: study 'signals'" in checked.stdout
+
+
+def test_a_package_folder_plugin_is_imported_by_its_name_and_shipped_whole(tmp_path):
+    from kdtune.core.plugins import Plugin, import_plugins, load_plugins, plugin_runtime_env
+
+    package = tmp_path / "code" / "kd_pkg_test"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from kd_pkg_test.helpers import VALUE\n")
+    (package / "helpers.py").write_text("VALUE = 42\n")
+    try:
+        (plugin,) = load_plugins(["code/kd_pkg_test/"], tmp_path)
+        assert plugin.module == "kd_pkg_test" and sys.modules["kd_pkg_test"].VALUE == 42
+        assert plugin_runtime_env([plugin]) == {"py_modules": [str(package)]}
+        assert load_plugins([plugin.reference], "/") == [Plugin(plugin.reference, "kd_pkg_test", str(package))]
+    finally:
+        for name in ("kd_pkg_test", "kd_pkg_test.helpers"):
+            sys.modules.pop(name, None)
+    # A worker that can neither import it by name nor read the driver's path says why.
+    from kdtune.errors import KdtuneError
+
+    with pytest.raises(KdtuneError, match="cannot be imported on this Ray node.*runtime_env"):
+        import_plugins([Plugin("gone.py", "kd_gone_test", str(tmp_path / "gone.py"))])
