@@ -30,6 +30,7 @@ from kdtune.core.augment import resolve_augment
 from kdtune.core.data import DatasetSplits, load_dataset
 from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS, TARGET_MODES, VIEW_PICKS, TeacherTargets
 from kdtune.core.objectives import hyperparameter_table
+from kdtune.core.plugins import Plugin, load_plugins
 from kdtune.core.schedules import parse_schedule
 from kdtune.core.teacher import PreparedTeachers, TeacherConfig, online_targets, prepare_views
 from kdtune.errors import ConfigError, KdtuneError
@@ -185,6 +186,10 @@ class TeacherSpec(_OptimizerSettings):
     width: float = Field(1024, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
+    #: A TorchScript or torch.export file (no family needed); see kdtune.core.teacher_files.
+    file: str | None = None
+    #: A .npz of precomputed logits keyed by sample index; see kdtune.core.teacher_files.
+    logits: str | None = None
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
@@ -207,12 +212,13 @@ class TeacherSpec(_OptimizerSettings):
 
     def to_config(self) -> TeacherConfig:
         """The core's :class:`~kdtune.core.teacher.TeacherConfig` of this teacher, field by
-        name (``options`` is the config's ``model_options``; a checkpoint path made absolute)."""
+        name (``options`` is the config's ``model_options``; file paths made absolute)."""
         values = self.model_dump()
         values["model_options"] = dict(values.pop("options"))
         values["augment"] = None  # resolved with the dataset by teacher_configs
-        if values["checkpoint"]:
-            values["checkpoint"] = str(Path(values["checkpoint"]).expanduser().resolve())
+        for name in ("checkpoint", "file", "logits"):
+            if values[name]:
+                values[name] = str(Path(values[name]).expanduser().resolve())
         return TeacherConfig(**values)
 
 
@@ -410,6 +416,9 @@ class SearchSpec(_Strict):
     """A validated search spec (see the module docstring and the README)."""
 
     study: str = "digits"
+    #: The user's modules that register models, datasets, losses or rules
+    #: (:mod:`kdtune.core.plugins`): file paths (absolute once validated) or module names.
+    plugins: list[str] = Field(default_factory=list)
     seed: int = 0
     num_samples: int = Field(40, ge=1)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -484,6 +493,11 @@ class SearchSpec(_Strict):
     def _teachers_not_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("needs at least one teacher")
+        for teacher in value if isinstance(value, list) else [value]:
+            given = [name for name in ("checkpoint", "file", "logits") if getattr(teacher, name)]
+            if len(given) > 1:
+                raise ValueError(f"give at most one of checkpoint, file and logits per teacher, got "
+                                 f"{' and '.join(given)}")
         return value
 
     def teachers(self) -> list[TeacherSpec]:
@@ -531,18 +545,22 @@ def _allowed_keys(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
-def parse_spec(raw: Any, source: str = "<spec>") -> SearchSpec:
+def parse_spec(raw: Any, source: str = "<spec>", base_dir: str | Path = ".") -> SearchSpec:
     """Validate an already-parsed spec (a dict); errors name ``source`` and the key.
 
     An empty spec (an empty or truncated file) is an error: it is almost always an
     accident. The defaults are asked for on purpose with a spec that sets any one
-    key, e.g. ``study: my_study``.
+    key, e.g. ``study: my_study``. The spec's ``plugins`` (paths relative to
+    ``base_dir``) are imported first, so that the names they register validate;
+    the validated spec names them by absolute path.
     """
     if raw is None or raw == {}:
         raise KdtuneError(f"{source}: the spec is empty; write at least one key (e.g. `study: my_study`) "
                           f"to run the defaults on purpose, or start from search_spaces/digits.yaml")
     if not isinstance(raw, dict):
         raise KdtuneError(f"{source}: the spec must be a YAML mapping of keys to values, got {type(raw).__name__}")
+    if raw.get("plugins"):
+        raw = {**raw, "plugins": [plugin.reference for plugin in _load_spec_plugins(raw["plugins"], source, base_dir)]}
     try:
         return SearchSpec.model_validate(raw)
     except ValidationError as exc:
@@ -583,6 +601,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _load_spec_plugins(entries: Any, source: str, base_dir: str | Path) -> list[Plugin]:
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise KdtuneError(f"{source}: plugins: must be a list of Python files (relative to the spec) or module "
+                          f"names, got {entries!r}")
+    try:
+        return load_plugins(entries, base_dir)
+    except KdtuneError as exc:
+        raise KdtuneError(f"{source}: {exc}") from None
+
+
 def load_spec(path: str | Path) -> SearchSpec:
     """Read and validate a spec file; raise :class:`KdtuneError` with one clear message."""
     path = Path(path)
@@ -597,7 +625,7 @@ def load_spec(path: str | Path) -> SearchSpec:
         raise KdtuneError(f"{path}: not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise KdtuneError(f"{path}: not a text file (UTF-8 YAML expected)") from None
-    return parse_spec(raw, str(path))
+    return parse_spec(raw, str(path), base_dir=path.parent)
 
 
 # --------------------------------------------------------------------------- spec → core
@@ -613,6 +641,11 @@ def teacher_configs(spec: SearchSpec) -> list[TeacherConfig]:
         config.augment = resolve_augment(raw, spec.data.dataset, "teacher.augment")
         configs.append(config)
     return configs
+
+
+def spec_plugins(spec: SearchSpec) -> list[Plugin]:
+    """The spec's plugins (imported when the spec was validated; importing again is free)."""
+    return load_plugins(spec.plugins, ".")
 
 
 def load_spec_data(spec: SearchSpec) -> DatasetSplits:

@@ -19,6 +19,8 @@ Built-in datasets (``DATASETS.names()``):
 - ``imagefolder``: ``root/<class>/<image>`` (split like digits) or
   ``root/train/<class>/...`` plus ``root/test/<class>/...`` (official test
   split), converted to RGB and resized to ``image_size`` square (default 32).
+- ``arrays``: your own arrays in a ``.npz`` file (:mod:`kdtune.core.arrays`):
+  images, vectors or sequences.
 
 Adding a dataset is one decorated function that returns :func:`make_splits`::
 
@@ -47,7 +49,7 @@ DatasetLoader = Callable[..., "DatasetSplits"]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 DATASETS_NEEDING_ROOT: frozenset[str] = frozenset(
-    {"mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"}
+    {"mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "arrays"}
 )
 
 DEFAULT_IMAGE_SIZE = 32
@@ -56,21 +58,32 @@ _DOWNLOAD_HINT = "set download: true to fetch it (needs internet)"
 
 @dataclass(frozen=True, eq=False)
 class TensorSplit:
-    """One split: normalized images ``x`` (N, C, H, W) float32 and class labels ``y`` (N,) int64.
+    """One split: normalized inputs ``x`` float32 and class labels ``y`` (N,) int64.
+
+    ``x`` is (N, C, H, W) for images, (N, D) for vectors or sequences, or any
+    (N, ...) a model family accepts. ``index`` (optional, (N,) int64) is each
+    sample's index in the dataset as the user has it (its training pool or its
+    test set), which a precomputed-logits teacher is keyed by; it is not part of
+    the data's fingerprint (the split seed and parameters are).
 
     Compare splits by their tensors (``torch.equal``); ``==`` is identity.
     """
 
     x: torch.Tensor
     y: torch.Tensor
+    index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.x.dtype != torch.float32 or self.x.dim() != 4:
-            raise ValueError(f"x must be float32 (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.x.dtype != torch.float32 or self.x.dim() < 2:
+            raise ValueError(f"x must be float32 (N, ...) such as (N, C, H, W) or (N, D), got {self.x.dtype} "
+                             f"{tuple(self.x.shape)}")
         if self.y.dtype != torch.int64 or tuple(self.y.shape) != (self.x.shape[0],):
             raise ValueError(
                 f"y must be int64 ({self.x.shape[0]},) to match x, got {self.y.dtype} {tuple(self.y.shape)}"
             )
+        if self.index is not None and (self.index.dtype != torch.int64 or tuple(self.index.shape) != tuple(self.y.shape)):
+            raise ValueError(f"index must be int64 ({self.x.shape[0]},) to match x, got {self.index.dtype} "
+                             f"{tuple(self.index.shape)}")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -90,7 +103,8 @@ class DatasetSplits:
     val: TensorSplit
     test: TensorSplit
     num_classes: int
-    input_shape: tuple[int, int, int]
+    #: One sample's shape: (C, H, W) for images, (D,) for vectors, ...
+    input_shape: tuple[int, ...]
     fingerprint: str
 
 
@@ -201,9 +215,14 @@ def check_dataset_root(name: str, root: str | None, download: bool = False) -> N
     Raises ``ConfigError("data.root", ...)`` saying which files are expected
     when the dataset needs a root and it is unset or lacks them. With
     ``download`` the files may be missing (they will be fetched), but a root is
-    still needed to put them in. Datasets that need no root accept any.
+    still needed to put them in. Datasets that need no root accept any. A loader
+    with a ``check_root(root, download)`` attribute (``arrays``, a plugin's) checks
+    its own root.
     """
-    DATASETS.get(name)
+    own_check = getattr(DATASETS.get(name), "check_root", None)
+    if own_check is not None:
+        own_check(root, download)
+        return
     if name not in DATASETS_NEEDING_ROOT:
         return
     if name == "imagefolder":
@@ -360,6 +379,7 @@ def _splits_from_uint8(
     else:
         train_idx, val_idx, _none = _seeded_split(name, pool_y, seed, val_fraction, None)
         test_x, test_y = test
+        test_idx = np.arange(len(test_y))
     train_t, val_t, test_t = _standardize(pool_x[train_idx], [pool_x[val_idx], test_x], per_channel)
 
     def labels(y: np.ndarray) -> torch.Tensor:
@@ -367,9 +387,9 @@ def _splits_from_uint8(
 
     return make_splits(
         name,
-        TensorSplit(train_t, labels(pool_y[train_idx])),
-        TensorSplit(val_t, labels(pool_y[val_idx])),
-        TensorSplit(test_t, labels(test_y)),
+        TensorSplit(train_t, labels(pool_y[train_idx]), labels(train_idx)),
+        TensorSplit(val_t, labels(pool_y[val_idx]), labels(val_idx)),
+        TensorSplit(test_t, labels(test_y), labels(test_idx)),
         num_classes=num_classes,
         seed=seed,
         val_fraction=val_fraction,
@@ -418,7 +438,7 @@ def _load_digits(
     assert test_idx is not None
 
     def split(idx: np.ndarray) -> TensorSplit:
-        return TensorSplit(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
+        return TensorSplit(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]), torch.from_numpy(idx.astype(np.int64)))
 
     return make_splits(
         "digits",

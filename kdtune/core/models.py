@@ -5,11 +5,15 @@ Every family is a factory ``fn(input_shape, num_classes, width, **options)`` in
 smoothly so that a search can trade accuracy for size:
 
 - ``mlp``: hidden units per layer (``int(round(width))``); option ``depth`` (hidden layers, default 2).
+  Takes inputs of any shape (it flattens them): images, vectors, sequences.
 - ``cnn``: channels of the first conv (``int(round(width))``), 3 convs.
 - ``resnet``: multiplier of CIFAR ResNet's 16/32/64 stage channels; option ``depth`` (6n+2, default 20).
 - ``mobilenet_v2``: torchvision's ``width_mult``; option ``dropout`` (default 0.2).
 
-Inputs are always image tensors ``(B, C, H, W)``. A network exposes its
+``input_shape`` is one sample's shape: ``(C, H, W)`` for images, ``(D,)`` for
+vectors or sequences. ``cnn``, ``resnet`` and ``mobilenet_v2`` take images only
+(:func:`require_image_shape`); a family of your own for other shapes is one
+registration in a plugin. A network exposes its
 penultimate features through :meth:`Network.forward_features` so that a feature
 distillation term can match them, after :func:`build_feature_adapter`, to a
 teacher's.
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 from kdtune.errors import ConfigError
 from kdtune.registry import Registry
 
-InputShape = tuple[int, int, int]
+InputShape = tuple[int, ...]
 ModelFactory = Callable[..., "Network"]
 
 MODELS: Registry[ModelFactory] = Registry("model")
@@ -61,12 +65,13 @@ class Network(nn.Module):
 
 def build_model(
     family: str,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     width: float,
     **options: object,
 ) -> Network:
-    """Build a model of ``family`` for ``(C, H, W)`` images and ``num_classes`` classes.
+    """Build a model of ``family`` for samples of ``input_shape`` (``(C, H, W)`` images,
+    ``(D,)`` vectors, ...) and ``num_classes`` classes.
 
     ``options`` are the family's own keyword options (e.g. ``depth`` for ``mlp`` and
     ``resnet``). Raises :class:`ConfigError` for an unknown family, a width that is
@@ -77,6 +82,12 @@ def build_model(
     shape = _check_input_shape(input_shape)
     if not _is_integer(num_classes) or num_classes < 1:
         raise ConfigError("num_classes", f"must be an integer >= 1, got {num_classes!r}")
+    check_family_options(family, options)
+    return factory(shape, int(num_classes), float(width), **options)
+
+
+def check_family_options(family: str, options: dict[str, object]) -> None:
+    """A :class:`ConfigError` for an unknown family or an option its factory does not take."""
     allowed = family_options(family)
     for name in options:
         if name not in allowed:
@@ -84,7 +95,6 @@ def build_model(
             raise ConfigError(
                 name, f"unknown option for model {family!r}; allowed options: {listed}"
             )
-    return factory(shape, int(num_classes), float(width), **options)
 
 
 def family_options(family: str) -> list[str]:
@@ -155,13 +165,25 @@ def _check_width(width: float) -> None:
         raise ConfigError("width", f"must be a finite number > 0, got {width!r}")
 
 
-def _check_input_shape(input_shape: tuple[int, int, int]) -> InputShape:
+def _check_input_shape(input_shape: tuple[int, ...]) -> InputShape:
     dims = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else ()
-    if len(dims) != 3 or any(not _is_integer(d) or d < 1 for d in dims):
+    if len(dims) < 1 or any(not _is_integer(d) or d < 1 for d in dims):
         raise ConfigError(
-            "input_shape", f"must be (channels, height, width) of positive integers, got {input_shape!r}"
+            "input_shape", f"must be one sample's shape, positive integers such as (channels, height, width) "
+                           f"or (features,), got {input_shape!r}"
         )
-    return (int(dims[0]), int(dims[1]), int(dims[2]))
+    return tuple(int(d) for d in dims)
+
+
+def require_image_shape(family: str, input_shape: InputShape) -> tuple[int, int, int]:
+    """``input_shape`` as ``(C, H, W)``, or a :class:`ConfigError` saying that ``family``
+    takes images only and what to use instead."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            "family", f"model {family!r} takes images (channels, height, width); this data's samples have shape "
+                      f"{tuple(input_shape)}; use mlp (any shape) or a family of your own in a plugin"
+        )
+    return input_shape[0], input_shape[1], input_shape[2]
 
 
 def _check_depth_option(depth: object, allowed: str) -> int:
@@ -205,8 +227,7 @@ def mlp(input_shape: InputShape, num_classes: int, width: float, depth: int = 2)
     depth = _check_depth_option(depth, "an integer >= 1")
     if depth < 1:
         raise ConfigError("depth", f"must be >= 1 hidden layers; allowed: an integer >= 1, got {depth}")
-    channels, height, width_px = input_shape
-    return MLP(channels * height * width_px, num_classes, _units(width), depth)
+    return MLP(math.prod(input_shape), num_classes, _units(width), depth)
 
 
 # ---------------------------------------------------------------- cnn
@@ -248,7 +269,7 @@ def cnn(input_shape: InputShape, num_classes: int, width: float) -> Network:
     The 2x2 max-pool is used only when both sides are >= 8 pixels, so that tiny
     inputs keep a spatial map; 8x8 digits give 4x4 features, 32x32 give 16x16.
     """
-    channels, height, width_px = input_shape
+    channels, height, width_px = require_image_shape("cnn", input_shape)
     return SmallCNN(channels, num_classes, _units(width), pool=min(height, width_px) >= 8)
 
 
@@ -324,7 +345,7 @@ def resnet(input_shape: InputShape, num_classes: int, width: float, depth: int =
     if depth < 8 or (depth - 2) % 6:
         raise ConfigError("depth", f"resnet depth must be {RESNET_DEPTHS}, got {depth}")
     stage_channels = (_units(16 * width), _units(32 * width), _units(64 * width))
-    return CifarResNet(input_shape[0], num_classes, stage_channels, (depth - 2) // 6)
+    return CifarResNet(require_image_shape("resnet", input_shape)[0], num_classes, stage_channels, (depth - 2) // 6)
 
 
 # ---------------------------------------------------------------- mobilenet_v2
@@ -375,4 +396,4 @@ def mobilenet_v2(
     """
     if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
         raise ConfigError("dropout", f"must be a number in [0, 1), got {dropout!r}")
-    return MobileNetV2Network(input_shape[0], num_classes, width, float(dropout))
+    return MobileNetV2Network(require_image_shape("mobilenet_v2", input_shape)[0], num_classes, width, float(dropout))

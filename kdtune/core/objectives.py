@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdtune.errors import ConfigError
-from kdtune.registry import Registry
+from kdtune.registry import Registry, definition_origin
 
 #: ``Hyperparameter.baseline``: the baseline copies the value of its width's best
 #: completed trial (or the middle of the searched range when it has none), so it is
@@ -152,7 +152,10 @@ class Objective:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-LOSSES: Registry[Objective] = Registry("loss")
+#: An objective is identified by its soft term's definition, so a module that
+#: registers a loss and is imported again (a plugin in a reused Ray actor) registers
+#: the same loss, not a second one.
+LOSSES: Registry[Objective] = Registry("loss", origin=lambda objective: definition_origin(objective.soft_term))
 
 
 def register_objective(name: str, hyperparameters: Sequence[Hyperparameter] = (), description: str = "",
@@ -161,15 +164,22 @@ def register_objective(name: str, hyperparameters: Sequence[Hyperparameter] = ()
 
     A hyperparameter's name must not be taken by another objective or by the core
     table (an objective's weights get their own names, e.g. ``dkd_beta``, never ``beta``).
+    A name already registered is an error unless ``fn`` is the same function or the
+    same definition imported again (:meth:`~kdtune.registry.Registry.is_reregistration`),
+    which then replaces the objective with its hyperparameters.
     """
 
     def decorator(fn: SoftTerm) -> SoftTerm:
+        objective = Objective(name, fn, tuple(hyperparameters), description or (fn.__doc__ or "").strip(),
+                              dict(options))
         taken = set(hyperparameter_table())
+        if LOSSES.is_reregistration(name, objective):
+            # Its own earlier declarations are replaced, not clashed with.
+            taken -= {hp.name for hp in LOSSES.get(name).hyperparameters}
         clash = [hp.name for hp in hyperparameters if hp.name in taken]
         if clash:
             raise ValueError(f"loss {name!r}: hyperparameter name(s) {clash} already declared; choose new names")
-        LOSSES.register(name)(Objective(name, fn, tuple(hyperparameters), description or (fn.__doc__ or "").strip(),
-                                        dict(options)))
+        LOSSES.register(name)(objective)
         return fn
 
     return decorator

@@ -31,13 +31,22 @@ from kdtune.core.data import DatasetSplits
 from kdtune.core.distill import RunConfig, TeacherTargets, evaluate, predict_logits, run, select_device
 from kdtune.errors import ConfigError
 from kdtune.core.models import Network, build_model, count_parameters, model_size_bytes
+from kdtune.core.teacher_files import (
+    check_teacher_features,
+    check_teacher_output,
+    load_teacher_file,
+    load_teacher_logits,
+    teacher_source,
+)
 
 CACHE_FORMAT = 1
 
 
 @dataclass
 class TeacherConfig:
-    """How to obtain one teacher: train ``family``/``width`` from scratch, or load ``checkpoint``."""
+    """How to obtain one teacher: train ``family``/``width`` from scratch, load
+    ``checkpoint`` into it, load a network ``file`` (TorchScript or torch.export, no
+    family needed) or read precomputed ``logits`` (:mod:`kdtune.core.teacher_files`)."""
 
     family: str = "mlp"
     width: float = 1024
@@ -53,12 +62,15 @@ class TeacherConfig:
     nesterov: bool = True
     lr_schedule: dict[str, Any] | None = None
     augment: dict[str, Any] | None = None
+    file: str | None = None
+    logits: str | None = None
 
 
 #: Fields added to :class:`TeacherConfig` after the first cache format, with the
 #: value that means "as before": left out of the cache key at that value, so that
 #: teachers cached before they existed are still found.
-_LATER_FIELDS = {"momentum": 0.9, "nesterov": True, "lr_schedule": None, "augment": None}
+_LATER_FIELDS = {"momentum": 0.9, "nesterov": True, "lr_schedule": None, "augment": None, "file": None,
+                 "logits": None}
 
 
 @dataclass
@@ -89,11 +101,14 @@ def teacher_cache_key(teachers: list[TeacherConfig], data_fingerprint: str, with
         for name, unchanged in _LATER_FIELDS.items():
             if entry[name] == unchanged:
                 del entry[name]
-        if teacher.checkpoint:
-            # Hashing comes before load_checkpoint, so a missing file must be reported here.
-            if not Path(teacher.checkpoint).is_file():
-                raise ConfigError("teacher.checkpoint", f"{teacher.checkpoint} does not exist or is not a file")
-            entry["checkpoint"] = sha256_file(Path(teacher.checkpoint))
+        for name in ("checkpoint", "file", "logits"):
+            path = getattr(teacher, name)
+            if not path:
+                continue
+            # Hashing comes before loading, so a missing file must be reported here.
+            if not Path(path).is_file():
+                raise ConfigError(f"teacher.{name}", f"{path} does not exist or is not a file")
+            entry[name] = sha256_file(Path(path))
         described.append(entry)
     payload = json.dumps(
         {"format": CACHE_FORMAT, "teachers": described, "data": data_fingerprint, "features": with_features},
@@ -201,6 +216,7 @@ def prepare_teachers(
     """
     if not teachers:
         raise ConfigError("teacher", "at least one teacher is needed")
+    check_teacher_features(teachers, with_features)
     key = teacher_cache_key(teachers, data.fingerprint, with_features)
     cache_root = Path(cache_root)
     entry = cache_root / key
@@ -219,6 +235,11 @@ def prepare_teachers(
     try:
         all_logits, features, info = [], None, []
         for index, config in enumerate(teachers):
+            if teacher_source(config) in ("file", "logits"):
+                logits, described = external_teacher_outputs(config, data, torch_device, log)
+                all_logits.append(logits)
+                info.append({"index": index, **described})
+                continue
             log(f"teacher {index + 1}/{len(teachers)}: {'loading ' + config.checkpoint if config.checkpoint else 'training'} {config.family}(width={config.width})")
             model = build_teacher(config, data, torch_device, log)
             val_acc, val_loss = evaluate(model, data.val, torch_device)
@@ -249,6 +270,31 @@ def prepare_teachers(
         raise
     targets = TeacherTargets(logits=logits_array, features=features, key=key)
     return PreparedTeachers(targets, key, info, entry, cache_hit=False)
+
+
+def external_teacher_outputs(config: TeacherConfig, data: DatasetSplits, device: torch.device,
+                             log: Callable[[str], None]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Training-split logits and the info entry of a teacher kdtune does not build:
+    a network file (evaluated here) or precomputed logits (aligned with the split)."""
+    if config.logits:
+        log(f"teacher: reading precomputed logits {config.logits}")
+        loaded = load_teacher_logits(config.logits, data)
+        return loaded.train_logits, {
+            "family": "logits", "width": None, "params": None, "bytes": None, "val_acc": loaded.val_acc,
+            "val_loss": loaded.val_loss, "checkpoint": None, "logits": config.logits, "feature_dim": 0,
+        }
+    assert config.file is not None
+    log(f"teacher: loading {config.file}")
+    model = load_teacher_file(config.file)
+    check_teacher_output(model, data, config.file)
+    model = model.to(device)
+    val_acc, val_loss = evaluate(model, data.val, device)
+    logits = predict_logits(model, data.train.x, device).numpy().astype(np.float32)
+    log(f"teacher {config.file}: val_acc={val_acc:.4f}")
+    return logits, {
+        "family": "file", "width": None, "params": count_parameters(model), "bytes": model_size_bytes(model),
+        "val_acc": val_acc, "val_loss": val_loss, "checkpoint": None, "file": config.file, "feature_dim": 0,
+    }
 
 
 def load_cached_teacher(entry: str | Path, index: int, data: DatasetSplits, config: TeacherConfig) -> Network:

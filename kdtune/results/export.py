@@ -337,7 +337,7 @@ def export_student(
             "format": fmt,
             "file": path.name,
             "sha256": sha256_file(tmp),
-            "input_shape": [int(v) for v in data.input_shape],  # (C, H, W); the batch axis comes first
+            "input_shape": [int(v) for v in data.input_shape],  # one sample, e.g. (C, H, W); the batch axis comes first
             "num_classes": int(data.num_classes),
             "dataset": data.name,
             "data_fingerprint": data.fingerprint,

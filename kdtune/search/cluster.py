@@ -27,14 +27,17 @@ def _quiet_ray_environment() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
 
-def ray_init_kwargs(address: str | None, dashboard: bool, num_cpus: int | None = None) -> dict[str, Any]:
+def ray_init_kwargs(address: str | None, dashboard: bool, num_cpus: int | None = None,
+                    runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """The keyword arguments kdtune passes to ``ray.init``.
 
     Token authentication is never turned off: kdtune sets no auth option at all,
     so Ray 2.59+ enables it for the local cluster it starts. The dashboard (an
     HTTP server that accepts jobs) is off unless asked for, and then bound to
     127.0.0.1 only. Joining ``address`` passes no resource counts (Ray forbids
-    them when connecting to an existing cluster).
+    them when connecting to an existing cluster). ``runtime_env`` (the plugins'
+    ``py_modules``, :func:`kdtune.core.plugins.plugin_runtime_env`) applies to every
+    worker of the session, on every node, local or joined.
     """
     kwargs: dict[str, Any] = dict(
         include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False,
@@ -42,6 +45,8 @@ def ray_init_kwargs(address: str | None, dashboard: bool, num_cpus: int | None =
     )
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
     if address:
         kwargs["address"] = address
     else:
@@ -65,17 +70,23 @@ def ray_auth_environment(address: str | None, environ: dict[str, str], home: Pat
     return {"RAY_AUTH_MODE": "token"} if has_token else {}
 
 @contextlib.contextmanager
-def ray_session(address: str | None, dashboard: bool, log: Log) -> Iterator[None]:
+def ray_session(address: str | None, dashboard: bool, log: Log,
+                runtime_env: dict[str, Any] | None = None) -> Iterator[None]:
     """Start a local Ray instance (or join ``address``) and shut it down afterwards.
 
     The local default keeps Ray's token authentication on and the dashboard off;
     ``dashboard=True`` binds it to 127.0.0.1 only (see :func:`ray_init_kwargs`).
-    An already initialised Ray (a notebook, kdtune's tests) is reused and left running.
+    An already initialised Ray (a notebook, kdtune's tests) is reused and left running;
+    kdtune cannot give it ``runtime_env``, so plugins then reach workers only from
+    the driver's disk (see :func:`kdtune.core.plugins.import_plugins`).
     """
     import ray
 
     _quiet_ray_environment()
     if ray.is_initialized():
+        if runtime_env:
+            log("note: Ray was started before kdtune, so the plugins are not shipped with Ray's runtime "
+                "environment; workers import them from their paths on this machine")
         yield
         return
     if address:
@@ -87,7 +98,7 @@ def ray_session(address: str | None, dashboard: bool, log: Log) -> Iterator[None
             reload_ray_auth_mode()
         log(f"joining the Ray cluster at {address}")
     try:
-        ray.init(**ray_init_kwargs(address, dashboard))
+        ray.init(**ray_init_kwargs(address, dashboard, runtime_env=runtime_env))
     except ConnectionError as exc:
         if not address:
             raise

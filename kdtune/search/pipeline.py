@@ -22,6 +22,7 @@ import pandas as pd
 
 from kdtune import __version__
 from kdtune.core.data import DatasetSplits
+from kdtune.core.plugins import plugin_runtime_env
 from kdtune.core.teacher import prepare_teachers
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.pareto import pareto_front
@@ -44,7 +45,7 @@ from kdtune.search.plan import (
     preflight,
     resumed_num_samples,
 )
-from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, spec_teacher_targets, teacher_configs
+from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, spec_plugins, spec_teacher_targets, teacher_configs
 from kdtune.study import (
     EXPERIMENT_FOLDERS,
     FAULTS_DIR,
@@ -236,7 +237,7 @@ def search(
     data = check_inputs(spec, source, address)
     experiment_root = f"{storage.rstrip('/')}/{study}" if storage else str(study_dir)
 
-    with ray_session(address, dashboard, log), study_lock(study_dir):
+    with ray_session(address, dashboard, log, plugin_runtime_env(spec_plugins(spec))), study_lock(study_dir):
         import ray
 
         try:
@@ -312,9 +313,11 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
     replays = frozenset()
     if resume:
         replays = frozenset().union(*(recorded_ids(records_dir(study_dir, phase)) for phase in PHASES))
+    plugins = tuple(spec_plugins(spec))
     trainable = tune.with_resources(
         tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets,
-                             replays=replays, objectives=user_objectives()),
+                             replays=replays, objectives=user_objectives(skip={p.module for p in plugins}),
+                             plugins=plugins),
         placement.resources,
     )
     log(f"study '{study}': {spec.num_samples} trials, up to {placement.max_concurrent} at a time, "

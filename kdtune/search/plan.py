@@ -21,7 +21,8 @@ import yaml
 from kdtune import __version__
 from kdtune.atomic import write_text_atomic
 from kdtune.core.data import DatasetSplits, check_dataset_root
-from kdtune.core.models import build_model
+from kdtune.core.data import DATASETS
+from kdtune.core.models import build_model, check_family_options
 from kdtune.core.objectives import (
     SIZE_HYPERPARAMETER,
     baseline_values,
@@ -29,6 +30,14 @@ from kdtune.core.objectives import (
     tuned_in_baseline,
 )
 from kdtune.core.teacher import describe_bytes, load_checkpoint, views_bytes
+from kdtune.core.teacher_files import (
+    check_teacher_features,
+    check_teacher_output,
+    load_teacher_file,
+    load_teacher_logits,
+    teacher_file_kind,
+    teacher_source,
+)
 from kdtune.errors import ConfigError, KdtuneError
 from kdtune.search.cluster import known_cluster_resources
 from kdtune.search.early_stopping import EARLY_STOPPING
@@ -112,15 +121,17 @@ def preflight(spec: SearchSpec, source: str = "spec") -> None:
             raise KdtuneError(f"{source}: {key}: unknown {registry.kind} {name!r}; "
                               f"allowed: {', '.join(registry.names())}")
     widths = [float(w) for w in possible_values(spec.space.width)]
-    input_shape, classes = (1, 8, 8), 10  # only used to validate names/options cheaply
     section = "student"
     try:
         for width in (min(widths), max(widths)):
-            build_model(spec.student.family, input_shape, classes, width, **spec.student.options)
+            _preflight_model(spec, spec.student.family, width, spec.student.options)
         teachers = spec.teachers()
         for index, teacher in enumerate(teachers):
             section = "teacher" if len(teachers) == 1 else f"teacher[{index}]"
-            build_model(teacher.family, input_shape, classes, teacher.width, **teacher.options)
+            if teacher_source(teacher) in ("file", "logits"):
+                _preflight_external_teacher(teacher, section)
+                continue
+            _preflight_model(spec, teacher.family, teacher.width, teacher.options)
             if teacher.checkpoint and not Path(teacher.checkpoint).expanduser().is_file():
                 raise ConfigError("checkpoint", f"{teacher.checkpoint} does not exist or is not a file")
     except ConfigError as exc:
@@ -128,6 +139,31 @@ def preflight(spec: SearchSpec, source: str = "spec") -> None:
     except TypeError as exc:
         # Keyword arguments a model family does not take (a misspelt option).
         raise KdtuneError(f"{source}: {section}.options: {exc}") from None
+    try:
+        check_teacher_features(teacher_configs(spec), spec.uses_features())
+    except ConfigError as exc:
+        raise KdtuneError(f"{source}: {exc}") from None
+
+
+def _preflight_model(spec: SearchSpec, family: str, width: float, options: dict[str, Any]) -> None:
+    """Check a model's family, width and options without data: built for a small image
+    when the dataset is one of kdtune's image datasets; for other data (arrays, a
+    plugin's) only the family and option names, since the sample shape is known only
+    once the data is loaded (:func:`check_input_shapes` builds it then)."""
+    if getattr(DATASETS.get(spec.data.dataset), "__module__", "") == "kdtune.core.data":
+        build_model(family, (1, 8, 8), 10, width, **options)  # only used to validate names/options cheaply
+    else:
+        check_family_options(family, options)
+
+
+def _preflight_external_teacher(teacher: Any, section: str) -> None:
+    """A file or logits teacher: its file exists and has a known type (read later)."""
+    kind = teacher_source(teacher)
+    path = Path(getattr(teacher, kind)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{section}.{kind}", f"{path} does not exist or is not a file")
+    if kind == "file":
+        teacher_file_kind(path, f"{section}.file")
 
 def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = None) -> DatasetSplits:
     """The checks after :func:`preflight` that need the data: load it, load every
@@ -136,6 +172,7 @@ def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = N
     Returns the data; raises :class:`KdtuneError` naming ``source`` and the key."""
     try:
         data = load_spec_data(spec)
+        check_input_shapes(spec, data)
         check_teacher_checkpoints(spec, data)
         known = known_cluster_resources(address)
         if known is not None:
@@ -145,11 +182,42 @@ def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = N
     return data
 
 def check_teacher_checkpoints(spec: SearchSpec, data: DatasetSplits) -> None:
-    """Load every teacher checkpoint into its architecture before any training starts."""
-    for config in teacher_configs(spec):
+    """Load every teacher checkpoint into its architecture, every teacher file and
+    check its output shape, and read and align every logits file, before any
+    training starts."""
+    configs = teacher_configs(spec)
+    for index, config in enumerate(configs):
+        section = "teacher" if len(configs) == 1 else f"teacher[{index}]"
+        if config.file:
+            check_teacher_output(load_teacher_file(config.file, f"{section}.file"), data, config.file,
+                                 f"{section}.file")
+        if config.logits:
+            load_teacher_logits(config.logits, data, f"{section}.logits")
         if config.checkpoint:
             model = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
             load_checkpoint(model, config.checkpoint)
+
+def check_input_shapes(spec: SearchSpec, data: DatasetSplits) -> None:
+    """Build the student (smallest width) and every teacher kdtune builds for the
+    data's sample shape, so that a family that cannot take it (``cnn`` on vectors)
+    is one error naming the spec key before anything runs."""
+    width = min(float(w) for w in possible_values(spec.space.width))
+    builds = [("student", spec.student.family, width, spec.student.options)]
+    teachers = spec.teachers()
+    builds += [("teacher" if len(teachers) == 1 else f"teacher[{index}]", t.family, t.width, t.options)
+               for index, t in enumerate(teachers) if teacher_source(t) in ("trained", "checkpoint")]
+    for section, family, size, options in builds:
+        try:
+            build_model(family, data.input_shape, data.num_classes, size, **options)
+        except ConfigError as exc:
+            key, _, rest = _located(exc, section).partition(": ")
+            raise ConfigError(key, rest) from None
+        except TypeError as exc:
+            raise ConfigError(f"{section}.options", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything for a shape it cannot take
+            raise ConfigError(f"{section}.family", f"building {family!r} for samples of shape "
+                                                   f"{tuple(data.input_shape)} failed ({type(exc).__name__}: {exc})") from None
+
 
 def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
     """The constant part of every trial's config (fixed hyperparameters included)."""
@@ -326,7 +394,10 @@ def create_study(spec: SearchSpec, spec_source: Path | None, study_dir: Path) ->
     its teacher trains can already be resumed with ``--resume``.
     """
     study_dir.mkdir(parents=True, exist_ok=True)
-    text = spec_source.read_text() if spec_source else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    # Plugin paths are relative to the spec file: the stored copy names them by
+    # absolute path, so that --resume, evaluate and export find them from the study.
+    text = (spec_source.read_text() if spec_source and not spec.plugins
+            else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     write_text_atomic(study_dir / SPEC_FILE, text)
     update_meta(study_dir, {"study": study_dir.name, "kdtune_version": __version__, "state": "starting",
                             "num_samples": spec.num_samples})

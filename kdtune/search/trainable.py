@@ -40,6 +40,7 @@ from ray import cloudpickle  # the pickler Ray ships trial parameters with
 from kdtune.core.data import DatasetSplits, TensorSplit
 from kdtune.core.distill import TeacherTargets, run
 from kdtune.core.objectives import LOSSES, Objective
+from kdtune.core.plugins import Plugin, import_plugins
 from kdtune.study import trial_config, trial_run_config
 
 STATE_FILE = "state.pt"
@@ -152,15 +153,18 @@ class SparseReporter:
         return result
 
 
-def user_objectives() -> tuple[Objective, ...]:
-    """The registered losses defined outside kdtune (a user's module, a test): Ray
-    workers do not import the module that registered them, so the trials get them
-    with their parameters (pickled by value) and register them on arrival."""
+def user_objectives(skip: set[str] | frozenset[str] = frozenset()) -> tuple[Objective, ...]:
+    """The registered losses defined outside kdtune and outside the spec's plugins
+    (modules ``skip``, which every worker imports itself): a loss registered from a
+    test module or a notebook. Ray workers do not import the module that registered
+    it, so the trials get it with their parameters (pickled by value) and register
+    it on arrival. Only losses travel this way; a model, dataset or rule defined
+    outside kdtune needs a plugin."""
     found = []
     for name in LOSSES.registration_order():
         objective = LOSSES.get(name)
         module = getattr(objective.soft_term, "__module__", "") or ""
-        if not module.startswith("kdtune."):
+        if not module.startswith("kdtune.") and module.split(".")[0] not in {m.split(".")[0] for m in skip}:
             found.append(objective)
             if module in sys.modules and module != "__main__":
                 cloudpickle.register_pickle_by_value(sys.modules[module])
@@ -176,7 +180,7 @@ def install_objectives(objectives: tuple[Objective, ...]) -> None:
 
 def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, teacher: TeacherTargets | None = None,
                       replays: frozenset[str] | set[str] | None = None,
-                      objectives: tuple[Objective, ...] = ()) -> None:
+                      objectives: tuple[Objective, ...] = (), plugins: tuple[Plugin, ...] = ()) -> None:
     """Ray Tune function trainable: train one student, reporting the epochs that matter.
 
     ``config`` holds the fields of :class:`~kdtune.distill.RunConfig` plus
@@ -184,12 +188,15 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     decides at) and, in kdtune's own tests, ``fault``.
     ``replays`` holds the Ray ids of trials that had ended before a restart: run
     again, they end at once without training (their record holds their outcome).
-    ``objectives`` are losses registered outside kdtune (:func:`user_objectives`).
+    ``objectives`` are losses registered outside kdtune (:func:`user_objectives`);
+    ``plugins`` are the spec's plugins, imported before the run config is built so
+    that the names they register exist in this worker.
     """
     from ray import tune
     import ray
 
     assert data is not None
+    import_plugins(plugins)
     install_objectives(objectives)
     config = trial_config(config)
     run_config = trial_run_config(config)
