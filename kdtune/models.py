@@ -376,3 +376,7 @@ def mobilenet_v2(
     if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
         raise ConfigError("dropout", f"must be a number in [0, 1), got {dropout!r}")
     return MobileNetV2Network(input_shape[0], num_classes, width, float(dropout))
+
+
+# Families in their own modules register themselves into MODELS on import.
+from kdtune import cifar_models, torchvision_models  # noqa: E402,F401  (registration side effect)
