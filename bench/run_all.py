@@ -27,7 +27,7 @@ import common  # noqa: E402
 common.make_kdtune_importable()
 
 #: Benchmark modules in the order they run (cheapest first, the headline before the slow one).
-BENCHMARKS = ("distill_step", "search_efficiency", "overhead", "bookkeeping")
+BENCHMARKS = ("distill_step", "per_epoch_overhead", "search_efficiency", "overhead", "bookkeeping")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
