@@ -23,14 +23,14 @@ final feature maps before global pooling (``feature_kind="map"``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.errors import ConfigError
-from kdtune.models import MODELS, InputShape, Network, ModelFactory, _check_depth_option, _units
+from kdtune.models import MODELS, BasicBlock, InputShape, ModelFactory, Network, _check_depth_option, _units
 
 
 def _scaled(channels: Sequence[int], width: float) -> list[int]:
@@ -54,15 +54,14 @@ def _pooled(features: Tensor) -> Tensor:
 # ---------------------------------------------------------------- ResNets (RepDistiller)
 
 
-class ProjectionBlock(nn.Module):
-    """Basic block (conv-BN-ReLU-conv-BN, add, ReLU) whose shortcut is a 1x1 conv + BN when the shape changes."""
+class ProjectionBlock(BasicBlock):
+    """Basic block (conv-BN-ReLU-conv-BN, add, ReLU) whose shortcut is a 1x1 conv + BN when the shape changes.
+
+    The same layers as :class:`kdtune.models.BasicBlock`, whose shortcut is parameter-free instead.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        super().__init__(in_channels, out_channels, stride)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -75,25 +74,28 @@ class ProjectionBlock(nn.Module):
         return F.relu(out + self.shortcut(x), inplace=True)
 
 
-class ProjectionResNet(Network):
-    """Stem conv3x3 (``channels[0]``), three stages of ``blocks`` basic blocks (strides 1, 2, 2), pool, Linear."""
+class StagedNetwork(Network):
+    """``stem``, three stages of ``blocks`` blocks (the first of stages 2 and 3 strides 2), ``tail``, pool, Linear.
+
+    ``channels`` is the stem's output followed by the three stages' channel counts;
+    ``block(in_channels, out_channels, stride)`` builds one block.
+    """
 
     feature_kind = "map"
 
-    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int], blocks: int) -> None:
+    def __init__(
+        self, stem: nn.Module, channels: Sequence[int], block: Callable[[int, int, int], nn.Module], blocks: int,
+        tail: Sequence[nn.Module], num_classes: int,
+    ) -> None:
         super().__init__()
-        stem, *stage_channels = channels
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
-        )
+        self.stem = stem
+        previous, *stage_channels = channels
         layers: list[nn.Module] = []
-        previous = stem
         for index, out_channels in enumerate(stage_channels):
-            for block in range(blocks):
-                stride = 2 if index > 0 and block == 0 else 1
-                layers.append(ProjectionBlock(previous, out_channels, stride))
+            for position in range(blocks):
+                layers.append(block(previous, out_channels, 2 if index > 0 and position == 0 else 1))
                 previous = out_channels
-        self.stages = nn.Sequential(*layers)
+        self.stages = nn.Sequential(*layers, *tail)
         self.head = nn.Linear(previous, num_classes)
         self.feature_dim = previous
         _kaiming_init(self)
@@ -101,6 +103,14 @@ class ProjectionResNet(Network):
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.stages(self.stem(x))
         return self.head(_pooled(features)), features
+
+
+def projection_resnet(in_channels: int, num_classes: int, channels: Sequence[int], blocks: int) -> Network:
+    """Stem conv3x3-BN-ReLU (``channels[0]``), three stages of ``blocks`` :class:`ProjectionBlock`, pool, Linear."""
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)
+    )
+    return StagedNetwork(stem, channels, ProjectionBlock, blocks, (), num_classes)
 
 
 #: name -> (depth, stem + three stage channel counts at width 1), as RepDistiller defines them.
@@ -113,7 +123,7 @@ CIFAR_RESNETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
 
 def _cifar_resnet_factory(name: str, depth: int, channels: tuple[int, int, int, int]) -> ModelFactory:
     def factory(input_shape: InputShape, num_classes: int, width: float) -> Network:
-        return ProjectionResNet(input_shape[0], num_classes, _scaled(channels, width), (depth - 2) // 6)
+        return projection_resnet(input_shape[0], num_classes, _scaled(channels, width), (depth - 2) // 6)
 
     factory.__name__ = name
     factory.__doc__ = (
@@ -149,31 +159,12 @@ class WideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(activated))
 
 
-class WideResNet(Network):
-    """WRN-depth-widen: stem conv (16), three stages of (depth-4)/6 blocks at 16k/32k/64k channels, BN-ReLU, pool, Linear."""
-
-    feature_kind = "map"
-
-    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int], blocks: int) -> None:
-        super().__init__()
-        stem, *stage_channels = channels
-        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
-        layers: list[nn.Module] = []
-        previous = stem
-        for index, out_channels in enumerate(stage_channels):
-            for block in range(blocks):
-                layers.append(WideBlock(previous, out_channels, 2 if index > 0 and block == 0 else 1))
-                previous = out_channels
-        # The final BN-ReLU belongs to the features: pre-activation blocks leave their sum un-normalised.
-        layers += [nn.BatchNorm2d(previous), nn.ReLU(inplace=True)]
-        self.stages = nn.Sequential(*layers)
-        self.head = nn.Linear(previous, num_classes)
-        self.feature_dim = previous
-        _kaiming_init(self)
-
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.stages(self.stem(x))
-        return self.head(_pooled(features)), features
+def wide_resnet(in_channels: int, num_classes: int, channels: Sequence[int], blocks: int) -> Network:
+    """WRN: stem conv (``channels[0]``), three stages of ``blocks`` :class:`WideBlock`, BN-ReLU, pool, Linear."""
+    stem = nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False)
+    # The final BN-ReLU belongs to the features: pre-activation blocks leave their sum un-normalised.
+    tail = (nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True))
+    return StagedNetwork(stem, channels, WideBlock, blocks, tail, num_classes)
 
 
 WRN_DEPTHS = "6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)"
@@ -188,7 +179,7 @@ def wrn(input_shape: InputShape, num_classes: int, width: float, depth: int = 16
     if isinstance(widen, bool) or not isinstance(widen, int) or widen < 1:
         raise ConfigError("widen", f"must be an integer >= 1 (the WRN widening factor k), got {widen!r}")
     channels = _scaled((16, 16 * widen, 32 * widen, 64 * widen), width)
-    return WideResNet(input_shape[0], num_classes, channels, (depth - 4) // 6)
+    return wide_resnet(input_shape[0], num_classes, channels, (depth - 4) // 6)
 
 
 def _wrn_factory(depth: int, widen: int) -> ModelFactory:
