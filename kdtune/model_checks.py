@@ -25,11 +25,11 @@ def check_family_input(family: str, input_shape: tuple[int, int, int]) -> list[s
     if family == "cnn" and min(height, width) >= CNN_LARGE_INPUT:
         warnings.append(
             f"model family 'cnn' is made for 8x8 digits and is unfit for {height}x{width} images: its three 3x3 "
-            "convolutions and one 2x2 max-pool see at most 10x10 pixels, and global average pooling then "
-            f"averages these local responses over a {height // 2}x{width // 2} map, so the class signal is a "
-            "small difference in channel means that BatchNorm's running statistics blur: on Fashion-MNIST its "
-            "validation accuracy in eval mode stalls 0.04-0.07 below the same weights with batch statistics, "
-            "and fell from 0.74 to 0.67 over 4 epochs while the training loss fell. Use a family with "
-            "downsampling stages instead: resnet8 ... resnet110, resnet (options: {depth: 8}), wrn or vgg"
+            "convolutions and one 2x2 max-pool see at most 10x10 pixels before global average pooling over a "
+            f"{height // 2}x{width // 2} map, so it cannot see whole shapes, and its BatchNorm running statistics "
+            "lag its weights: on Fashion-MNIST its eval-mode validation accuracy stays 0.04-0.07 below the same "
+            "weights with batch statistics, and fell from 0.74 to 0.67 over 4 epochs while the training loss "
+            "fell. Use a family with downsampling stages instead: resnet8 ... resnet110, resnet (options: "
+            "{depth: 8}), wrn or vgg"
         )
     return warnings

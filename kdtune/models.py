@@ -9,6 +9,10 @@ smoothly so that a search can trade accuracy for size:
 - ``resnet``: multiplier of CIFAR ResNet's 16/32/64 stage channels; option ``depth`` (6n+2, default 20).
 - ``mobilenet_v2``: torchvision's ``width_mult``; option ``dropout`` (default 0.2).
 
+More families register themselves from :mod:`kdtune.cifar_models` (the KD
+literature's CIFAR ResNets, WRNs and VGGs) and :mod:`kdtune.torchvision_models`
+(torchvision's classifiers, timm); ``docs/models.md`` lists them all with sizes.
+
 Inputs are always image tensors ``(B, C, H, W)``. A network exposes its
 penultimate features through :meth:`Network.forward_features` so that a feature
 distillation term can match them, after :func:`build_feature_adapter`, to a
