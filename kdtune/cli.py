@@ -51,7 +51,11 @@ def validate(spec: Path) -> None:
     parsed = load_spec(spec)
     preflight(parsed, str(spec))
     _tracker(parsed, None, str(spec))
-    check_inputs(parsed, str(spec))
+    data = check_inputs(parsed, str(spec))
+    from kdtune.search.plan import family_warnings
+
+    for warning in family_warnings(parsed, data):
+        click.echo(f"{spec}: warning: {warning}", err=True)
     searched = ", ".join(parsed.space.searched()) or "nothing"
     click.echo(f"{spec}: ok: study '{parsed.study}', {parsed.num_samples} trials on {parsed.data.dataset}, "
                f"searching {searched}")

@@ -10,6 +10,7 @@ the expected normalization from the base vector alone.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import pickle
@@ -24,6 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from kdtune.errors import ConfigError
+from kdtune.idx_files import read_idx
 from kdtune.data import (
     DATASETS,
     DATASETS_NEEDING_ROOT,
@@ -357,6 +359,82 @@ def test_mnist_missing_files_name_the_raw_folder(tmp_path: Path) -> None:
         load_dataset("mnist", str(tmp_path))
     assert info.value.field == "data.root"
     assert "MNIST/raw/train-images-idx3-ubyte" in str(info.value)
+
+
+def _write_fashion_idx(folder: Path, gzipped: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The four Fashion-MNIST files in ``folder`` (``.gz`` as distributed, or unpacked); returns images, labels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = np.random.default_rng(5).integers(0, 256, size=28 * 28, dtype=np.uint8)
+    images = _rotations(base, 30, step=7).reshape(30, 28, 28)
+    labels = (np.arange(30) * 7) % 10
+    for name, array in (
+        ("train-images-idx3-ubyte", images[:24]), ("train-labels-idx1-ubyte", labels[:24]),
+        ("t10k-images-idx3-ubyte", images[24:]), ("t10k-labels-idx1-ubyte", labels[24:]),
+    ):
+        _write_idx(folder / name, array)
+        if gzipped:
+            (folder / f"{name}.gz").write_bytes(gzip.compress((folder / name).read_bytes()))
+            (folder / name).unlink()
+    return images, labels
+
+
+@pytest.mark.parametrize("layout", ["gz_in_root", "torchvision_raw"])
+def test_fashion_mnist_reads_gzipped_files_as_shipped_and_torchvision_layout(tmp_path: Path, layout: str) -> None:
+    folder = tmp_path if layout == "gz_in_root" else tmp_path / "FashionMNIST" / "raw"
+    images, labels = _write_fashion_idx(folder, gzipped=layout == "gz_in_root")
+    check_dataset_root("fashion_mnist", str(tmp_path))
+    data = load_dataset("fashion_mnist", str(tmp_path), seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (19, 5, 6)
+    assert data.test.y.tolist() == labels[24:].tolist()
+    mean, std = images[0].mean() / 255.0, (images[0] / 255.0).std()
+    np.testing.assert_allclose(data.test.x[2, 0].numpy(), (images[26] / 255.0 - mean) / std, atol=1e-5)
+
+
+def test_read_idx_reads_other_types_and_rejects_a_short_file(tmp_path: Path) -> None:
+    values = (np.arange(6).reshape(2, 3) - 3).astype(">i4")
+    # Type code 0x0C: big-endian int32.
+    path = tmp_path / "ints-idx2"
+    path.write_bytes(struct.pack(">I", 0x0C02) + struct.pack(">2I", 2, 3) + values.tobytes())
+    np.testing.assert_array_equal(read_idx(path), np.arange(6).reshape(2, 3) - 3)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ConfigError) as info:
+        read_idx(path)
+    assert "IDX header says shape (2, 3)" in str(info.value)
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    with pytest.raises(ConfigError) as info:
+        read_idx(tmp_path / "bad.gz")
+    assert "bad.gz: cannot read" in str(info.value)
+
+
+def test_fashion_mnist_missing_files_name_both_layouts(tmp_path: Path) -> None:
+    _write_fashion_idx(tmp_path, gzipped=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_dataset("fashion_mnist", str(tmp_path))
+    message = str(info.value)
+    assert "missing t10k-labels-idx1-ubyte" in message
+    assert "t10k-labels-idx1-ubyte.gz, in data.root itself" in message
+    assert "FashionMNIST/raw/t10k-labels-idx1-ubyte" in message
+    assert "dataset-fashion-mnist" in message
+
+
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"real Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (puts it in {REAL_FASHION_MNIST})",
+)
+def test_real_fashion_mnist_files_load_with_the_official_split() -> None:
+    data = load_dataset("fashion_mnist", str(REAL_FASHION_MNIST), seed=0)
+    _assert_all_splits_valid(data)
+    # 60,000 training images (12,000 held out for validation) and the official 10,000 test images,
+    # 6,000 and 1,000 of each of the ten classes.
+    assert (len(data.train), len(data.val), len(data.test)) == (48_000, 12_000, 10_000)
+    assert data.input_shape == (1, 28, 28)
+    assert np.bincount(data.test.y.numpy(), minlength=10).tolist() == [1000] * 10
+    assert np.bincount(torch.cat([data.train.y, data.val.y]).numpy(), minlength=10).tolist() == [6000] * 10
+    assert abs(float(data.train.x.mean())) < 1e-4 and abs(float(data.train.x.std()) - 1.0) < 1e-4
 
 
 # --- image folders ----------------------------------------------------------------------------

@@ -39,8 +39,8 @@ CIFAR_FILES = {
     "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"],
     "cifar100": ["cifar-100-python/train", "cifar-100-python/test"],
 }
-IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fashion_mnist": (1, 28, 28)}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ">", ">>", "<"}
 
 
@@ -75,6 +75,14 @@ def test_shipped_specs_write_to_different_study_folders():
 @pytest.mark.parametrize("path", [p for p in SPECS if load_spec(p).data.dataset == "digits"], ids=_spec_id)
 def test_digits_specs_pass_preflight(path: Path):
     preflight(load_spec(path), str(path))
+
+
+@pytest.mark.parametrize("path", [p for p in SPECS if load_spec(p).data.dataset == "fashion_mnist"], ids=_spec_id)
+def test_fashion_mnist_spec_passes_preflight_on_the_real_files(path: Path):
+    spec = load_spec(path)
+    if not (Path(spec.data.root) / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real Fashion-MNIST not at {spec.data.root}: apt-get install dataset-fashion-mnist")
+    preflight(spec, str(path))
 
 
 CIFAR_SPECS = [p for p in SPECS if load_spec(p).data.dataset in CIFAR_FILES]

@@ -10,9 +10,12 @@ Built-in datasets (``DATASETS.names()``):
 
 - ``digits``: scikit-learn's bundled 8×8 digits (pixels/16), no files needed.
   Test and validation splits are carved from the whole set, stratified by class.
-- ``mnist``, ``fashion_mnist``: the raw IDX files under ``root/MNIST/raw/`` or
-  ``root/FashionMNIST/raw/``, read by torchvision. Official test split;
-  validation carved from the official training set.
+- ``mnist``, ``fashion_mnist``: the four IDX files, either gzipped as
+  distributed in ``root`` itself (Debian's ``dataset-fashion-mnist`` puts them in
+  ``/usr/share/datasets/fashion-mnist/``) or unpacked in torchvision's layout
+  ``root/MNIST/raw/`` or ``root/FashionMNIST/raw/``; read by
+  :mod:`kdtune.idx_files`. Official test split; validation carved from the
+  official training set.
 - ``cifar10``, ``cifar100``: the python-version batch files under
   ``root/cifar-10-batches-py/`` or ``root/cifar-100-python/`` (fine labels),
   read with an unpickler that can only rebuild numpy arrays.
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 
 from kdtune.errors import ConfigError
+from kdtune.idx_files import MNIST_FILE_NAMES, find_mnist_files, mnist_file_candidates, read_idx
 from kdtune.registry import Registry
 
 DatasetLoader = Callable[..., "DatasetSplits"]
@@ -241,6 +245,9 @@ def check_dataset_root(name: str, root: str | None, download: bool = False) -> N
         if base.exists() and not base.is_dir():
             raise ConfigError("data.root", f"{base.absolute()} is a file; {name} needs a folder to download into")
         return
+    if name in _MNIST_CLASSES:
+        _check_mnist_root(name, base)
+        return
     missing = [path for path in required if not (base / path).is_file()]
     if missing:
         which = "" if len(missing) == len(required) else f" (missing {', '.join(missing)})"
@@ -249,6 +256,25 @@ def check_dataset_root(name: str, root: str | None, download: bool = False) -> N
             f"{base.absolute()} lacks the {name} files{which}; expected {expected} under it "
             f"(data.root is the folder that contains {Path(required[0]).parts[0]}/); {_DOWNLOAD_HINT}",
         )
+
+
+def _check_mnist_root(name: str, base: Path) -> None:
+    """Raise naming both accepted layouts unless all four IDX files of ``name`` lie under ``base``."""
+    folder = _MNIST_CLASSES[name]
+    if find_mnist_files(base, folder) is not None:
+        return
+    missing = [
+        file for file, candidates in mnist_file_candidates(base, folder).items()
+        if not any(p.is_file() for p in candidates)
+    ]
+    which = "" if len(missing) == len(MNIST_FILE_NAMES) else f" (missing {', '.join(missing)})"
+    hint = " (on Debian: apt-get install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
+    raise ConfigError(
+        "data.root",
+        f"{base.absolute()} lacks the {name} IDX files{which}; expected either the files as distributed, "
+        f"{', '.join(f + '.gz' for f in MNIST_FILE_NAMES)}, in data.root itself{hint}, or torchvision's "
+        f"unpacked layout {', '.join(_REQUIRED_FILES[name])} under it; {_DOWNLOAD_HINT}",
+    )
 
 
 # --- splitting --------------------------------------------------------------------------------
@@ -455,12 +481,7 @@ def _load_digits(
 
 # --- MNIST / Fashion-MNIST --------------------------------------------------------------------
 
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+_MNIST_FILES = MNIST_FILE_NAMES
 # torchvision reads root/<its class name>/raw/.
 _MNIST_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
@@ -472,31 +493,25 @@ def _load_mnist_like(
     _reject_image_size(name, image_size)
     check_dataset_root(name, root, download)
     assert root is not None
-    import torchvision.datasets
-
-    dataset_class = getattr(torchvision.datasets, _MNIST_CLASSES[name])
     base = Path(root).expanduser()
-    raw_folder = base / _MNIST_CLASSES[name] / "raw"
-    try:
-        train = dataset_class(str(base), train=True, download=download)
-        test = dataset_class(str(base), train=False, download=download)
-    except (AssertionError, TypeError, ValueError, KeyError, RuntimeError, OSError) as exc:
-        # torchvision signals malformed IDX files with asserts and type errors, failed downloads with RuntimeError.
-        action = "download or read" if download else "read"
-        raise ConfigError(
-            "data.root", f"{raw_folder}: could not {action} the {name} IDX files ({type(exc).__name__}: {exc})"
-        ) from None
+    folder = _MNIST_CLASSES[name]
+    files = find_mnist_files(base, folder)
+    if files is None:  # only with download (check_dataset_root passed): fetch into torchvision's layout
+        _download_mnist_like(name, base)
+        files = find_mnist_files(base, folder)
+        assert files is not None
     arrays = []
-    for dataset in (train, test):
-        x = dataset.data.numpy()
-        y = dataset.targets.numpy().astype(np.int64)
-        if x.ndim != 3 or x.dtype != np.uint8 or len(x) != len(y):
+    for split in ("train", "t10k"):
+        images_path, labels_path = files[f"{split}-images-idx3-ubyte"], files[f"{split}-labels-idx1-ubyte"]
+        x, y = read_idx(images_path), read_idx(labels_path)
+        if x.ndim != 3 or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y):
             raise ConfigError(
                 "data.root",
-                f"{raw_folder}: {len(x)} images of shape {x.shape[1:]} but {len(y)} labels; expected "
-                "uint8 (N, H, W) images and N labels",
+                f"{images_path}, {labels_path}: {x.dtype} images of shape {x.shape} and {y.dtype} labels of shape "
+                f"{y.shape}; expected uint8 (N, H, W) images and N labels",
             )
-        _check_label_range(name, raw_folder, y, 10)
+        y = y.astype(np.int64)
+        _check_label_range(name, labels_path, y, 10)
         arrays.append((x[:, None], y))
     (pool_x, pool_y), test_xy = arrays
     return _splits_from_uint8(
@@ -505,12 +520,27 @@ def _load_mnist_like(
     )
 
 
+def _download_mnist_like(name: str, base: Path) -> None:
+    """Fetch the files with torchvision (its mirrors and checksums) into ``base/<Class>/raw/``."""
+    import torchvision.datasets
+
+    dataset_class = getattr(torchvision.datasets, _MNIST_CLASSES[name])
+    try:
+        dataset_class(str(base), train=True, download=True)
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(
+            "data.download",
+            f"downloading {name} into {base.absolute()} failed ({type(exc).__name__}: {exc}); "
+            f"check the internet connection or put the IDX files there yourself",
+        ) from None
+
+
 @DATASETS.register("mnist")
 def _load_mnist(
     root: str | None, *, seed: int, val_fraction: float, test_fraction: float, download: bool,
     image_size: int | None,
 ) -> DatasetSplits:
-    """MNIST from ``root/MNIST/raw/``: official test split, val carved from train."""
+    """MNIST from its IDX files (``.gz`` in ``root``, or unpacked in ``root/MNIST/raw/``): official test split, val carved from train."""
     return _load_mnist_like("mnist", root, seed, val_fraction, test_fraction, download, image_size)
 
 
@@ -519,7 +549,7 @@ def _load_fashion_mnist(
     root: str | None, *, seed: int, val_fraction: float, test_fraction: float, download: bool,
     image_size: int | None,
 ) -> DatasetSplits:
-    """Fashion-MNIST from ``root/FashionMNIST/raw/``: official test split, val carved from train."""
+    """Fashion-MNIST from its IDX files (``.gz`` in ``root``, or unpacked in ``root/FashionMNIST/raw/``): official test split, val carved from train."""
     return _load_mnist_like("fashion_mnist", root, seed, val_fraction, test_fraction, download, image_size)
 
 

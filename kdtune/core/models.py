@@ -13,7 +13,10 @@ smoothly so that a search can trade accuracy for size:
 ``input_shape`` is one sample's shape: ``(C, H, W)`` for images, ``(D,)`` for
 vectors or sequences. ``cnn``, ``resnet`` and ``mobilenet_v2`` take images only
 (:func:`require_image_shape`); a family of your own for other shapes is one
-registration in a plugin. A network exposes its
+registration in a plugin. More families register themselves from
+:mod:`kdtune.core.cifar_models` (the KD literature's CIFAR ResNets, WRNs and VGGs)
+and :mod:`kdtune.core.torchvision_models` (torchvision's classifiers, timm);
+``docs/models.md`` lists them all with sizes. A network exposes its
 penultimate features through :meth:`Network.forward_features` so that a feature
 distillation term can match them, after :func:`build_feature_adapter`, to a
 teacher's.

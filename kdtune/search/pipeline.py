@@ -39,6 +39,7 @@ from kdtune.search.plan import (
     check_inputs,
     check_study,
     create_study,
+    family_warnings,
     max_epochs,
     parse_budget,
     plan_placement,
@@ -235,6 +236,8 @@ def search(
         spec = spec.model_copy(update={"num_samples": resumed_num_samples(study_dir, num_samples, spec.num_samples)})
     check_not_locked(study_dir)
     data = check_inputs(spec, source, address)
+    for warning in family_warnings(spec, data):
+        log(f"warning: {warning}")
     experiment_root = f"{storage.rstrip('/')}/{study}" if storage else str(study_dir)
 
     with ray_session(address, dashboard, log, plugin_runtime_env(spec_plugins(spec))), study_lock(study_dir):

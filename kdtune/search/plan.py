@@ -181,6 +181,14 @@ def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = N
         raise KdtuneError(f"{source}: {exc}") from None
     return data
 
+def family_warnings(spec: SearchSpec, data: DatasetSplits) -> list[str]:
+    """Warnings about the student's and teachers' families on this data's inputs (e.g. the
+    8×8 ``cnn`` on 28×28 images), said before the search starts."""
+    families = [("student", spec.student.family)] + [("teacher", t.family) for t in spec.teachers()]
+    return [f"{role}.family: {warning}" for role, family in dict.fromkeys(families)
+            for warning in check_family_input(family, tuple(data.input_shape))]
+
+
 def check_teacher_checkpoints(spec: SearchSpec, data: DatasetSplits) -> None:
     """Load every teacher checkpoint into its architecture, every teacher file and
     check its output shape, and read and align every logits file, before any

@@ -1,0 +1,113 @@
+"""The real-task benchmark of issue 14: the Fashion-MNIST search, then `kdtune evaluate` with 3 fresh seeds.
+
+    PYTHONPATH=. python bench/real_task.py [--spec search_spaces/fashion_mnist.yaml] [--results DIR]
+
+Runs ``kdtune search SPEC`` and ``kdtune evaluate STUDY --seeds 3`` as a user
+would (subprocesses of this interpreter), then reports the teacher's test
+accuracy, for each width on the test front its parameters, test accuracy
+(mean ± std over seeds), the hard-label baseline's and the KD gain, and the
+wall time of each step. Targets (low-label setting): the teacher scores ≥ 0.90
+on the test split, and at every width the distilled students beat the
+hard-label ones by more than the seed-to-seed spread.
+
+Not part of ``make bench``: on 2 idle cores it takes about 30-40 minutes (the
+teacher's 10 epochs about 9, the search about 20, the evaluation the rest); on
+a shared machine several times that. Writes results/bench/real_task.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import Report, markdown_table  # noqa: E402
+
+TEACHER_TARGET = 0.90
+
+
+def _kdtune(*args: str) -> float:
+    """Run one kdtune command (this interpreter, this checkout); its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "kdtune.cli", *args], check=True, cwd=common.REPO)
+    return time.perf_counter() - started
+
+
+def _teacher_test_accuracy(spec_path: Path, study_dir: Path) -> float:
+    """Test accuracy of the cached teacher of the finished study (first teacher)."""
+    import torch
+
+    from kdtune.distill import evaluate
+    from kdtune.models import build_model
+    from kdtune.search import load_spec_data
+    from kdtune.spec import load_spec
+
+    spec = load_spec(spec_path)
+    data = load_spec_data(spec)
+    teacher = spec.teachers()[0]
+    (weights,) = sorted(study_dir.rglob("teacher_0.pt"))[:1] or [None]
+    if weights is None:
+        raise SystemExit(f"no cached teacher (teacher_0.pt) under {study_dir}")
+    model = build_model(teacher.family, data.input_shape, data.num_classes, teacher.width, **teacher.options)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    accuracy, _loss = evaluate(model, data.test, torch.device("cpu"))
+    return accuracy
+
+
+def run(spec_path: Path, results_root: Path, seeds: int) -> Report:
+    """Search, evaluate and report."""
+    import pandas as pd
+
+    from kdtune.spec import load_spec
+
+    report = Report("real_task", "Real task: Fashion-MNIST search and final evaluation")
+    study = load_spec(spec_path).study
+    study_dir = results_root / study
+    search_s = _kdtune("search", str(spec_path), "--results", str(results_root))
+    evaluate_s = _kdtune("evaluate", str(study_dir), "--seeds", str(seeds))
+    teacher_acc = _teacher_test_accuracy(spec_path, study_dir)
+    final = pd.read_csv(study_dir / "final.csv").sort_values("params")
+    rows, beats = [], []
+    for _, row in final.iterrows():
+        spread = max(float(row.get("test_acc_std", 0.0)), float(row.get("baseline_test_acc_std", 0.0)))
+        gain = float(row["kd_gain_mean"])
+        beats.append(gain > spread)
+        rows.append([row["width"], int(row["params"]), f"{row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}",
+                     f"{row['baseline_test_acc_mean']:.4f}", f"{gain:+.4f}", f"{spread:.4f}"])
+    report.add(
+        f"Test front ({seeds} fresh seeds per configuration)",
+        markdown_table(["width", "params", "test acc (mean ± std)", "baseline test acc", "kd_gain", "spread"], rows),
+    )
+    report.add("Wall time", markdown_table(["step", "s"], [["kdtune search", search_s], ["kdtune evaluate", evaluate_s],
+                                                           ["total", search_s + evaluate_s]]))
+    report.target(f"teacher test accuracy ≥ {TEACHER_TARGET}", f"{teacher_acc:.4f}", teacher_acc >= TEACHER_TARGET)
+    report.target("at every width, kd_gain > the seed-to-seed spread", f"{sum(beats)} of {len(beats)} widths",
+                  bool(beats) and all(beats))
+    report.target("whole run ≤ 60 minutes", f"{(search_s + evaluate_s) / 60:.1f} min", search_s + evaluate_s <= 3600)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=common.REPO / "search_spaces" / "fashion_mnist.yaml")
+    parser.add_argument("--results", type=Path, default=common.REPO / "results" / "real_task")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    common.make_kdtune_importable()
+    before, started = common.load_average(), time.perf_counter()
+    report = run(args.spec, args.results, args.seeds)
+    report.wall_s = time.perf_counter() - started
+    report.load_before, report.load_after = before, common.load_average()
+    command = "python bench/real_task.py"
+    path = report.write(command, common.RESULTS_DIR)
+    print(report.to_markdown(command))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
