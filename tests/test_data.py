@@ -25,7 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from kdtune.errors import ConfigError
-from kdtune.idx_files import read_idx
+from kdtune.core.idx_files import read_idx
 from kdtune.data import (
     DATASETS,
     DATASETS_NEEDING_ROOT,

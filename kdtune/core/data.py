@@ -14,7 +14,7 @@ Built-in datasets (``DATASETS.names()``):
   distributed in ``root`` itself (Debian's ``dataset-fashion-mnist`` puts them in
   ``/usr/share/datasets/fashion-mnist/``) or unpacked in torchvision's layout
   ``root/MNIST/raw/`` or ``root/FashionMNIST/raw/``; read by
-  :mod:`kdtune.idx_files`. Official test split; validation carved from the
+  :mod:`kdtune.core.idx_files`. Official test split; validation carved from the
   official training set.
 - ``cifar10``, ``cifar100``: the python-version batch files under
   ``root/cifar-10-batches-py/`` or ``root/cifar-100-python/`` (fine labels),
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from kdtune.errors import ConfigError
-from kdtune.idx_files import MNIST_FILE_NAMES, find_mnist_files, mnist_file_candidates, read_idx
+from kdtune.core.idx_files import MNIST_FILE_NAMES, find_mnist_files, mnist_file_candidates, read_idx
 from kdtune.registry import Registry
 
 DatasetLoader = Callable[..., "DatasetSplits"]
