@@ -147,13 +147,18 @@ def _print_front(trials: Any, study_dir: Path) -> None:
     counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
     click.echo(f"done: {sum(counts.values())} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
                f"tables in {study_dir}/{TRIALS_TABLE} and {HISTORY_TABLE}")
+    from kdtune.study import read_meta
+
+    objectives = read_meta(study_dir).get("objectives") or ["val_acc", "params"]
+    size = objectives[1] if len(objectives) > 1 and objectives[1] in trials.columns else "params"
     try:
-        front = pareto_front(trials)
+        front = pareto_front(trials, size=size)
     except KdtuneError as exc:
         click.echo(f"no Pareto front: {exc}")
         return
-    click.echo("validation Pareto front (size vs accuracy):")
-    click.echo(format_terminal_table(front, ["width", "params", "val_acc", "kd_gain", "temperature", "alpha", "trial_id"]))
+    click.echo(f"validation Pareto front ({size} vs accuracy):")
+    columns = ["width", "params", "macs", "val_acc", "kd_gain", "soft_loss", "temperature", "alpha", "trial_id"]
+    click.echo(format_terminal_table(front, [c for c in columns if c in front.columns]))
 
 
 def _study_command(fn: Callable) -> Callable:

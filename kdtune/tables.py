@@ -129,6 +129,7 @@ def _trial_rows(study: str, phase: str, trial_id: str, config: dict[str, Any], r
         "teacher_targets": targets_used(config),
         "params": last.get("params"),
         "bytes": last.get("bytes"),
+        "macs": last.get("macs"),
         "val_acc": last.get("val_acc"),
         "best_val_acc": max(accs) if accs else None,
         "val_loss": last.get("val_loss"),

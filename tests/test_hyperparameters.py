@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
+import torch
 import pytest
 
 from kdtune.core.distill import RunConfig
@@ -81,3 +82,13 @@ def test_baselines_only_for_widths_with_a_completed_trial_unless_all_are_asked_f
     assert [c["width"] for c in baseline_configs(parse_spec({"space": space}), trials)] == [8]
     every = parse_spec({"space": space, "baselines": "all"})
     assert [c["width"] for c in baseline_configs(every, trials)] == [8, 16, 32]
+
+
+def test_every_run_reports_its_macs_and_macs_can_be_the_size_objective(digits, one_torch_thread):
+    from kdtune.core.distill import run
+
+    result = run(RunConfig(width=8, alpha=1.0, epochs=1, train_subset=100, model_options={"depth": 2}), digits)
+    linears = [m for m in result.student.modules() if isinstance(m, torch.nn.Linear)]
+    # An MLP's multiply-accumulates on one sample: in × out of each linear layer.
+    assert result.metrics["macs"] == sum(m.in_features * m.out_features for m in linears)
+    assert parse_spec({"sampler": {"objectives": ["val_acc", "macs"]}}).sampler.objectives == ["val_acc", "macs"]

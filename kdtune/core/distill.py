@@ -24,6 +24,7 @@ from kdtune.core.data import DatasetSplits, TensorSplit, subset_indices
 from kdtune.core.method_cache import CACHED_OBJECTIVES
 from kdtune.core.objectives import LOSSES, hyperparameter_table, loss_weights
 from kdtune.core.schedules import Schedule, parse_schedule
+from kdtune.core.size_metrics import count_macs
 from kdtune.errors import ConfigError
 from kdtune.core.losses import (
     distillation_loss,
@@ -52,7 +53,7 @@ TARGET_MODES = ("logits", "views", "online")
 #: How a run picks the cached view a sample replays (see :func:`kdtune.core.augment.view_indices`).
 VIEW_PICKS = ("cycle", "random")
 #: What a run reports that a search can optimise, and in which direction.
-OBJECTIVE_MODES = {"val_acc": "max", "params": "min", "bytes": "min"}
+OBJECTIVE_MODES = {"val_acc": "max", "params": "min", "bytes": "min", "macs": "min"}
 
 #: Settings of a run that are not searched hyperparameters, with their defaults.
 RUN_SETTINGS: dict[str, Any] = {
@@ -459,6 +460,7 @@ def run(
     torch.manual_seed(config.seed)
     student = build_model(config.family, data.input_shape, data.num_classes, config.width, **config.model_options)
     params, size_bytes = count_parameters(student), model_size_bytes(student)
+    macs = count_macs(student, tuple(data.input_shape))  # one forward pass of one sample
     adapter: nn.Module | None = None
     if config.beta > 0 and teacher is not None:
         adapter = build_feature_adapter(student, int(teacher.feature_dim or 0))
@@ -591,6 +593,7 @@ def run(
             "train_loss": total_loss / seen if seen and not diverged else float("nan"),
             "params": params,
             "bytes": size_bytes,
+            "macs": macs,
             "epoch_time_s": elapsed,
             "samples_per_s": seen / elapsed if elapsed > 0 else 0.0,
             "lr": lr,

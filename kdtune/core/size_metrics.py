@@ -23,8 +23,9 @@ from kdtune.core.models import count_parameters, model_size_bytes
 SIZE_METRICS = ("params", "bytes", "macs", "latency_ms")
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass on a single ``(C, H, W)`` image.
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on a single sample of ``input_shape``
+    (``(C, H, W)`` for an image).
 
     Counted by PyTorch's FlopCounterMode (convolutions, matrix products and
     attention; each multiply-add is two FLOPs, so MACs = FLOPs / 2). Elementwise

@@ -128,6 +128,11 @@ def _markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- figures
 
 
+def _several_methods(trials: pd.DataFrame) -> bool:
+    """Whether the study searched the distillation method (then the front says each point's)."""
+    return "soft_loss" in trials.columns and trials["soft_loss"].dropna().nunique() > 1
+
+
 def _bucket_palette(labels: Iterable[object]) -> dict[object, tuple]:
     """One colour per size bucket, from small (dark) to large (light) along viridis."""
     from matplotlib import colormaps
@@ -198,6 +203,8 @@ def _plot_pareto(path: Path, study: str, trials: pd.DataFrame, teacher: dict) ->
                 parts.append(f"w={row['width']:g}")
             if "temperature" in row and not pd.isna(row["temperature"]):
                 parts.append(f"T={row['temperature']:.3g}")
+            if _several_methods(trials) and not pd.isna(row.get("soft_loss")):
+                parts.append(str(row["soft_loss"]))
             if parts:
                 # Up and to the left of each point lies clear of the step line, which leaves rightwards.
                 ax.annotate(", ".join(parts), (row["params"], row["val_acc"]), textcoords="offset points",
@@ -382,7 +389,7 @@ def _summary(study: str, meta: dict, trials: pd.DataFrame, best: pd.DataFrame, f
         reference = 2.0 * float(counted_trials(trials, "params", "val_acc")["params"].max())
         volume = hypervolume(trials, reference=(reference, 0.0))
         lines += [
-            _markdown_table(front, FRONT_COLUMNS),
+            _markdown_table(front, FRONT_COLUMNS + (["soft_loss"] if _several_methods(trials) else [])),
             "",
             "`kd_gain` is validation accuracy minus the hard-label baseline (α=1, β=0) of the same "
             f"width; `{_MISSING}` where no baseline of that width was run.",
