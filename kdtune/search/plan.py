@@ -22,6 +22,7 @@ from kdtune import __version__
 from kdtune.atomic import write_text_atomic
 from kdtune.core.data import DatasetSplits, check_dataset_root
 from kdtune.core.data import DATASETS
+from kdtune.core.model_checks import check_family_input
 from kdtune.core.models import build_model, check_family_options
 from kdtune.core.objectives import (
     SIZE_HYPERPARAMETER,
