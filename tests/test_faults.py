@@ -88,8 +88,9 @@ def journal_trials(study_dir: Path) -> dict[str, optuna.trial.FrozenTrial]:
 def result_lines(study_dir: Path) -> dict[str, list[dict]]:
     """Every ``result.json`` line Ray wrote for each search trial, by trial id."""
     lines = {}
-    for path in sorted((study_dir / "search").glob("distill_trainable_*/result.json")):
-        trial_id = path.parent.name.split("_")[2]
+    for path in sorted((study_dir / "search").glob("*/result.json")):
+        # The trial id ends kdtune's folder name (w8-T4.62-a0.37-<id>).
+        trial_id = path.parent.name.rsplit("-", 1)[-1]
         lines[trial_id] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return lines
 
@@ -711,7 +712,7 @@ CLUSTER_SCRIPT = textwrap.dedent('''
             for path in glob.glob(results + "/cluster/search/*/result.json"):
                 lines = rows(path)
                 if lines and lines[-1].get("node_id") == worker.node_id:
-                    trial_id = path.split("/")[-2].split("_")[2]
+                    trial_id = path.split("/")[-2].rsplit("-", 1)[-1]  # kdtune's folder name ends with the id
                     (finished if lines[-1]["status"] != "running" else running).append(trial_id)
             if finished and running:
                 events.update(finished_on_worker=finished, killed_mid_trial=running)
