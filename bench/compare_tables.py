@@ -30,12 +30,12 @@ def _keyed(trials: pd.DataFrame) -> pd.DataFrame:
     return frame.set_index("_key").sort_index()
 
 
-def _differences(a: pd.DataFrame, b: pd.DataFrame, what: str) -> list[str]:
+def _differences(a: pd.DataFrame, b: pd.DataFrame, what: str, new_ok: bool = False) -> list[str]:
     problems = []
     only = set(a.columns) ^ set(b.columns)
     for column in sorted(only):
         side = a if column in a.columns else b
-        if side[column].notna().any():
+        if side[column].notna().any() and not (new_ok and column in b.columns):
             problems.append(f"{what}: column {column!r} only in {'before' if column in a.columns else 'after'}")
     if list(a.index) != list(b.index):
         problems.append(f"{what}: different rows ({len(a)} vs {len(b)})")
@@ -51,17 +51,18 @@ def _differences(a: pd.DataFrame, b: pd.DataFrame, what: str) -> list[str]:
     return problems
 
 
-def compare(before: Path, after: Path) -> list[str]:
-    """Every difference between the two studies' tables (empty: identical)."""
+def compare(before: Path, after: Path, new_ok: bool = False) -> list[str]:
+    """Every difference between the two studies' tables (empty: identical); with
+    ``new_ok`` a column only the later study has (a feature added since) is no difference."""
     trials = [_keyed(pd.read_parquet(d / "trials.parquet")) for d in (before, after)]
-    problems = _differences(*trials, "trials.parquet")
+    problems = _differences(*trials, "trials.parquet", new_ok)
     histories = []
     for study, keyed in zip((before, after), trials):
         history = pd.read_parquet(study / "history.parquet")
         keys = dict(zip(keyed["trial_id"], keyed.index))
         history["_key"] = history["trial_id"].map(keys)
         histories.append(history.set_index(["_key", "epoch"]).sort_index())
-    problems += _differences(*histories, "history.parquet")
+    problems += _differences(*histories, "history.parquet", new_ok)
     return problems
 
 
@@ -69,8 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
+    parser.add_argument("--new-columns-ok", action="store_true",
+                        help="columns only the second study has (features added since) are not differences")
     args = parser.parse_args()
-    problems = compare(args.before, args.after)
+    problems = compare(args.before, args.after, args.new_columns_ok)
     trials = pd.read_parquet(args.before / "trials.parquet")
     if problems:
         print("\n".join(problems))
