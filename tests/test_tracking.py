@@ -150,7 +150,7 @@ def test_a_missing_tracker_package_is_one_clear_error():
 
 @pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
-                    reason="wandb is not installed (optional extra kdtune[wandb], not part of the test extra)")
+                    reason="wandb is not installed (optional extra kdtune[wandb]; the test extra brings it)")
 def test_wandb_offline_logs_each_trial_once(study, tmp_path, monkeypatch):
     from kdtune.results.tracking import log_study_to_wandb
 
