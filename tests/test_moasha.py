@@ -14,13 +14,17 @@ pytest.importorskip("syne_tune", reason="syne-tune is not installed: MOASHA (ben
 
 from syne_tune.optimizer.schedulers.asha import Bracket  # noqa: E402
 from syne_tune.optimizer.schedulers.multiobjective.multiobjective_priority import NonDominatedPriority  # noqa: E402
-from syne_tune.optimizer.schedulers.multiobjective.non_dominated_priority import nondominated_sort  # noqa: E402
+from syne_tune.optimizer.schedulers.multiobjective.non_dominated_priority import (  # noqa: E402
+    nondominated_sort,
+    pareto_efficient,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from moasha import (  # noqa: E402
     CorrectedPriority,
     MOASHARule,
+    efficient_2d,
     nondominated_order,
     normalised_objectives,
     ranks_from_order,
@@ -100,3 +104,21 @@ def test_moasha_rule_ranks_accuracy_and_params_through_the_corrected_bracket():
     assert rule.on_trial_result(None, SimpleNamespace(trial_id="new"), new) == "CONTINUE"
     assert rule.on_trial_result(None, SimpleNamespace(trial_id="new"), {**new, "epoch": 9}) == "CONTINUE"
     assert math.isclose(rule.objectives(new)["size"], 0.4)
+
+
+def test_fast_pareto_mask_matches_syne_tunes_on_ties_and_duplicates():
+    generator = np.random.default_rng(0)
+    for _ in range(300):
+        points = generator.integers(0, 4, size=(generator.integers(1, 15), 2)).astype(float) / 4
+        assert list(efficient_2d(points)) == list(pareto_efficient(points))
+
+
+def test_early_exit_ranking_gives_the_full_rankings_decision():
+    generator = np.random.default_rng(1)
+    for _ in range(200):
+        points = generator.random((generator.integers(2, 30), 2))
+        full = CorrectedPriority()(points)
+        quick = CorrectedPriority(reduction_factor=3)(points)
+        n = len(points)
+        assert (full[-1] / n > 1 / 3) == (quick[-1] / n > 1 / 3)
+        assert sorted(quick) == list(range(n))

@@ -206,6 +206,21 @@ def test_pareto_rungs_stop_a_wide_trial_that_could_add_little_hypervolume():
     assert rungs.on_result("D", 1, 10, 0.25, 0.25) == CONTINUE
 
 
+def test_front_estimate_drops_exactly_the_pairwise_dominated_rung_points():
+    import random
+
+    generator = random.Random(0)
+    for _ in range(200):
+        rungs = ParetoRungs([1], max_t=9, mode="max", hv_epsilon=0.0)
+        table = [(key, generator.choice([10, 20, 30]), generator.choice([0.1, 0.2, 0.3])) for key in range(12)]
+        for key, size, score in table:
+            rungs.record(key, 1, size, score, score + 0.5)
+        # Dominated: another point at most as large with at least the score (ties dominate each other).
+        kept = sorted((size, score + 0.5) for key, size, score in table
+                      if not any(k != key and s <= size and v >= score for k, s, v in table))
+        assert sorted(rungs.front_points()) == kept
+
+
 def test_pareto_rungs_pickled_before_the_quantile_rule_still_decide():
     import pickle
 
