@@ -372,13 +372,32 @@ class ParetoRungs:
         for rung in self.milestones:
             for key in self.recorded[rung]:
                 latest[key] = rung
+        dominated = {rung: self._dominated_keys(rung) for rung in self.milestones}
         for key, rung in latest.items():
             if key == exclude or key in self.finished:
                 continue
             record = self.recorded[rung][key]
-            if _finite(record.front_score) and not self.dominated(key, rung):
+            if _finite(record.front_score) and key not in dominated[rung]:
                 points.append((record.size, record.front_score))
         return points
+
+    def _dominated_keys(self, rung: int) -> set[Hashable]:
+        """The trials :meth:`dominated` holds for at ``rung``, found in one pass by size
+        (a search of thousands of trials would otherwise compare every pair per decision)."""
+        by_size: dict[float, list[tuple[float, Hashable]]] = {}
+        for key, record in self.recorded[rung].items():
+            by_size.setdefault(record.size, []).append((record.score, key))
+        dominated: set[Hashable] = set()
+        best_smaller = -math.inf
+        for size in sorted(by_size):
+            group = sorted(by_size[size], key=lambda item: item[0], reverse=True)
+            for index, (score, key) in enumerate(group):
+                # Within a size the best is dominated only by a tie; everything else by the best.
+                tied = index == 0 and len(group) > 1 and group[1][0] >= score
+                if best_smaller >= score or index > 0 or tied:
+                    dominated.add(key)
+            best_smaller = max(best_smaller, group[0][0])
+        return dominated
 
     def optimistic_gain(self, trial_key: Hashable, size: float) -> tuple[float, float]:
         """(hypervolume a perfect final score at ``size`` would add, current hypervolume),
