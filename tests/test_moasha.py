@@ -83,7 +83,7 @@ def test_epsilon_net_orders_a_front_by_spread():
 def test_shipped_nondominated_sort_inverts_the_epsilon_net_order():
     # compute_epsilon_net returns ranks (D 3, A 0, B 1, C 2); nondominated_sort indexes the front
     # with them as if they were an order: rows [3, 0, 1, 2] = C, D, A, B instead of A, B, C, D.
-    assert nondominated_sort(EPSILON_NET_POINTS) == [3, 0, 1, 2, 4]
+    assert nondominated_sort(EPSILON_NET_POINTS, dim=0) == [3, 0, 1, 2, 4]  # dim=0 as NonDominatedPriority
 
 
 def test_objectives_are_error_and_log_size_scaled_to_the_unit_interval():
