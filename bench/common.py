@@ -231,14 +231,15 @@ def load_average() -> tuple[float, float, float]:
 # --------------------------------------------------------------------------- specs, Ray, teacher
 
 
-def digits_spec(overrides: dict[str, Any] | None = None):
-    """The default digits spec (search_spaces/digits.yaml) with ``overrides`` merged in."""
+def digits_spec(overrides: dict[str, Any] | None = None, path: Path = DEFAULT_SPEC):
+    """The default digits spec (search_spaces/digits.yaml), or the spec at ``path``, with
+    ``overrides`` merged in."""
     import yaml
 
     from kdtune.spec import parse_spec
 
-    raw = yaml.safe_load(DEFAULT_SPEC.read_text())
-    return parse_spec(deep_merge(raw, overrides or {}), f"{DEFAULT_SPEC} + bench overrides")
+    raw = yaml.safe_load(Path(path).read_text())
+    return parse_spec(deep_merge(raw, overrides or {}), f"{path} + bench overrides")
 
 
 def start_ray() -> None:
@@ -247,7 +248,7 @@ def start_ray() -> None:
     import ray
 
     make_kdtune_importable()
-    from kdtune.search import _quiet_ray_environment, ray_init_kwargs
+    from kdtune.search.cluster import _quiet_ray_environment, ray_init_kwargs
 
     _quiet_ray_environment()
     if not ray.is_initialized():

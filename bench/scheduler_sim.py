@@ -37,8 +37,9 @@ DEFAULT_CURVES = common.REPO / "results" / "bench" / "digits_curves.jsonl"
 WORKERS = 2
 
 
-def record_curves(path: Path, per_seed: int, seeds: list[int], epochs: int | None = None) -> None:
-    """Train ``per_seed`` random configurations of the digits space per seed (seed = the
+def record_curves(path: Path, per_seed: int, seeds: list[int], epochs: int | None = None,
+                  spec_path: Path = common.DEFAULT_SPEC) -> None:
+    """Train ``per_seed`` random configurations of the spec's space (default: digits) per seed (seed = the
     benchmark repeat's spec seed, which also picks the 150 training images) for ``epochs``
     epochs (default: the spec's budget) and append their per-epoch ``val_acc`` and
     ``val_loss`` to ``path`` (JSON lines; resumable)."""
@@ -51,7 +52,7 @@ def record_curves(path: Path, per_seed: int, seeds: list[int], epochs: int | Non
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = common.digits_spec({"baselines": False, **({"space": {"epochs": epochs}} if epochs else {})})
+    spec = common.digits_spec({"baselines": False, **({"space": {"epochs": epochs}} if epochs else {})}, spec_path)
     data = load_spec_data(spec)
     teacher = common.TeacherCache(path.parent / "teacher-cache").prepare(spec).targets
     space = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
@@ -80,10 +81,13 @@ def load_curves(path: Path) -> list[dict[str, Any]]:
     return [r for r in rows if len(r["val_acc"]) == max(len(x["val_acc"]) for x in rows)]
 
 
-def simulate(configs: list[dict[str, Any]], scheduler: Any, max_t: int, rng: Any) -> tuple[int, list[tuple[float, float]]]:
+def simulate(configs: list[dict[str, Any]], scheduler: Any, max_t: int, rng: Any, budget: int | None = None,
+             events: list[tuple[int, float, float]] | None = None) -> tuple[int, list[tuple[float, float]]]:
     """Run ``configs`` in order, ``WORKERS`` at a time, reporting to ``scheduler`` at its
     milestones and at ``max_t``. Returns (epochs trained, (params, val_acc) of the trials
-    that ran their full budget)."""
+    that ran their full budget). With ``budget``, no trial starts once that many epochs
+    are spent (running trials finish); ``events`` receives (epochs spent so far, params,
+    val_acc) each time a trial completes its full budget."""
     milestones = set(scheduler.milestones)
     queue: list[tuple[float, int, int, int]] = []
     started, counter, spent, finished = 0, 0, 0, []
@@ -108,9 +112,11 @@ def simulate(configs: list[dict[str, Any]], scheduler: Any, max_t: int, rng: Any
             decision = scheduler.on_trial_result(None, trial, result)
         if epoch >= max_t:
             finished.append((float(config["params"]), config["val_acc"][-1]))
+            if events is not None:
+                events.append((spent, *finished[-1]))
         if decision == "CONTINUE" and epoch < max_t:
             schedule(index, epoch + 1, now)
-        elif started < len(configs):
+        elif started < len(configs) and (budget is None or spent < budget):
             schedule(started, 1, now)
             started += 1
     return spent, finished
@@ -172,11 +178,12 @@ def main() -> None:
     parser.add_argument("--record", type=int, default=0, help="record this many configurations per seed first")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--epochs", type=int, default=None, help="with --record: the budget (default: the spec's)")
+    parser.add_argument("--spec", type=Path, default=common.DEFAULT_SPEC, help="with --record: the spec whose space is sampled")
     parser.add_argument("--draws", type=int, default=600)
     parser.add_argument("--only", default="", help="substring of the rule names to run")
     args = parser.parse_args()
     if args.record:
-        record_curves(args.curves, args.record, [int(s) for s in args.seeds.split(",")], args.epochs)
+        record_curves(args.curves, args.record, [int(s) for s in args.seeds.split(",")], args.epochs, args.spec)
     curves = load_curves(args.curves)
     print(f"{len(curves)} recorded configurations, {args.draws} simulated searches of 40\n")
     print("| rule | HV ratio (median) | HV p10 | epoch share (median) | epochs p90 | P(both targets) |")

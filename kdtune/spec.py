@@ -364,9 +364,8 @@ class EarlyStoppingSpec(_Strict):
     runs more trials to the end, so there is more evidence for choosing T.
     ``asha``: Ray's stock ASHA on accuracy. ``none``: every trial runs its full
     budget. Rungs are at grace·η^k epochs below the budget: 1, 3, 9, 27 with the
-    defaults and an 81-epoch budget. A spec that searches one student size and
-    names no rule gets ``size_aware_asha``: with one size, ``pareto_asha`` would
-    keep only the trials that beat every earlier one at each rung.
+    defaults and an 81-epoch budget. Over one student size ``pareto_asha`` is
+    successive halving within that size (rule 1 ranks same-size trials by quantile).
     """
 
     #: A name in the EARLY_STOPPING registry (kdtune.search.rules); checked with the
@@ -461,25 +460,6 @@ class SearchSpec(_Strict):
             raise ValueError("teacher_targets.mode: views cache logits only, and space.beta > 0 needs the "
                              "teacher's features of every view; use mode online, or beta: 0.0")
         return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_size_default_rule(cls, data: Any) -> Any:
-        # With one student size the front is a single point, and pareto_asha would keep
-        # only a trial that beats every earlier one at each rung: without an explicit
-        # rule, such a search gets size_aware_asha (plain ASHA within the one size).
-        if not isinstance(data, dict):
-            return data
-        stopping = data.get("early_stopping") or {}
-        if not isinstance(stopping, dict) or "rule" in stopping:
-            return data
-        try:
-            space = SpaceSpec.model_validate(data.get("space") or {})
-        except ValidationError:
-            return data  # reported by the full validation
-        if len(set(possible_values(space.width))) > 1:
-            return data
-        return {**data, "early_stopping": {**stopping, "rule": "size_aware_asha"}}
 
     @field_validator("study")
     @classmethod

@@ -131,17 +131,36 @@ def test_front_hypervolume_of_points_and_of_a_table_match_a_hand_computation():
     assert hypervolume(frame, reference=(2000, 0.0)) == pytest.approx(expected)
 
 
-def test_pareto_rungs_stop_a_trial_that_a_no_larger_trial_beats():
-    rungs = ParetoRungs([1], max_t=9, mode="max", hv_epsilon=0.0)
-    decisions = [rungs.on_result(key, 1, size, score, None) for key, size, score in [
-        ("a", 100, 0.5),  # first at the rung
-        ("b", 200, 0.4),  # a is smaller and better: dominated
-        ("c", 50, 0.3),   # nobody is as small: the best small student survives
-        ("d", 100, 0.6),  # beats a (same size) and c (smaller)
-        ("e", 50, 0.3),   # ties c exactly: weakly dominated
-        ("f", 400, 0.9),  # the best score so far
+def test_pareto_rungs_stop_a_trial_that_a_smaller_trial_beats_or_its_own_size_outranks():
+    # η = 3: a trial must reach the 2/3 quantile of the scores its own size recorded
+    # at the rung before it; only strictly smaller trials are compared across sizes.
+    rungs = ParetoRungs([1], max_t=9, mode="max", hv_epsilon=0.0, reduction_factor=3)
+    decisions = [(key, rungs.on_result(key, 1, size, score, None)) for key, size, score in [
+        ("a", 100, 0.50),  # first at the rung
+        ("b", 200, 0.40),  # a is smaller and better
+        ("c", 50, 0.30),   # nobody is smaller; larger, better a and b do not count
+        ("d", 100, 0.60),  # own size: quantile of [.5] is .5; smaller c is worse
+        ("e", 50, 0.30),   # ties c: quantile of [.3] is .3, not below it (the old rule stopped it)
+        ("g", 50, 0.25),   # own size [.3, .3]: quantile .3
+        ("h", 50, 0.35),   # own size [.25, .3, .3]: position 4/3, quantile .3
+        ("i", 100, 0.55),  # own size [.5, .6]: .5 + .1·2/3 = .5667
+        ("j", 100, 0.58),  # own size [.5, .55, .6]: .55 + .05·1/3 = .5667 (the old rule stopped it: d is better)
+        ("k", 400, 0.34),  # first of its size, but smaller h (50, .35) did better
+        ("f", 400, 0.90),  # the best score so far
     ]]
-    assert decisions == [CONTINUE, STOP, CONTINUE, CONTINUE, STOP, CONTINUE]
+    assert decisions == [("a", CONTINUE), ("b", STOP), ("c", CONTINUE), ("d", CONTINUE), ("e", CONTINUE),
+                         ("g", STOP), ("h", CONTINUE), ("i", STOP), ("j", CONTINUE), ("k", STOP), ("f", CONTINUE)]
+    assert rungs.outranked("i", 1) and not rungs.outranked("j", 1)
+
+
+def test_pareto_rungs_over_one_size_are_successive_halving():
+    # With one student size rule 1 is ASHA's quantile rule, decision for decision.
+    scores = [0.50, 0.40, 0.90, 0.60, 0.70, 0.65, 0.95, 0.30]
+    halving = HalvingRungs([1, 3], reduction_factor=3)
+    pareto = ParetoRungs([1, 3], max_t=9, mode="max", hv_epsilon=0.04, reduction_factor=3)
+    expected = [halving.on_result(str(i), 1, s) for i, s in enumerate(scores)]
+    assert expected == [CONTINUE, STOP, CONTINUE, STOP, CONTINUE, STOP, CONTINUE, STOP]
+    assert [pareto.on_result(str(i), 1, 682, s, s) for i, s in enumerate(scores)] == expected
 
 
 def test_pareto_rungs_min_mode_ranks_a_loss():
@@ -165,7 +184,7 @@ def test_pareto_rungs_judge_each_rung_once_even_when_epochs_are_skipped():
 
 
 def test_pareto_rungs_stop_a_wide_trial_that_could_add_little_hypervolume():
-    rungs = ParetoRungs([1, 3], max_t=9, mode="max", hv_epsilon=0.1)
+    rungs = ParetoRungs([1, 3], max_t=9, mode="max", hv_epsilon=0.1, min_gain=0.05)
     assert rungs.on_result("A", 1, 10, 0.2, 0.2) == CONTINUE
     assert rungs.on_result("A", 9, 10, None, 0.5) == CONTINUE
     # B: front {A (10, .5)}, reference 2*100: HV (log10 200 - 1)*.5 = 0.6505; a perfect
@@ -177,10 +196,44 @@ def test_pareto_rungs_stop_a_wide_trial_that_could_add_little_hypervolume():
     base = 1 * 0.5 + (math.log10(2000) - 2) * 0.8  # 1.5408
     gain = (math.log10(2000) - 3) * (1.0 - 0.8)  # 0.0602 < 0.1541
     assert rungs.optimistic_gain("C", 1000) == pytest.approx((gain, base))
-    assert rungs.on_result("C", 1, 1000, 0.9, 0.6) == STOP
+    # C's accuracy at rung 1 (.34) is .04 above the best smaller trial's there (B, .3): no
+    # more than min_gain .05, so the bound applies.
+    assert rungs.on_result("C", 1, 1000, 0.9, 0.34) == STOP
+    assert rungs.lift("C", 1) == pytest.approx(0.04)
+    # E, of the same size, is .06 ahead of every smaller trial at rung 1: its size could
+    # lift the front by more than min_gain, so the bound may not stop it.
+    assert rungs.on_result("E", 1, 1000, 0.95, 0.36) == CONTINUE
     # A small student is never stopped by the bound: a perfect D would own the
     # whole axis, (log10 2000 - 1)*1.0 - 1.5408 = 0.7602 >= 0.1541.
     assert rungs.on_result("D", 1, 10, 0.25, 0.25) == CONTINUE
+
+
+def test_front_estimate_drops_exactly_the_pairwise_dominated_rung_points():
+    import random
+
+    generator = random.Random(0)
+    for _ in range(200):
+        rungs = ParetoRungs([1], max_t=9, mode="max", hv_epsilon=0.0)
+        table = [(key, generator.choice([10, 20, 30]), generator.choice([0.1, 0.2, 0.3])) for key in range(12)]
+        for key, size, score in table:
+            rungs.record(key, 1, size, score, score + 0.5)
+        # Dominated: another point at most as large with at least the score (ties dominate each other).
+        kept = sorted((size, score + 0.5) for key, size, score in table
+                      if not any(k != key and s <= size and v >= score for k, s, v in table))
+        assert sorted(rungs.front_points()) == kept
+
+
+def test_pareto_rungs_pickled_before_the_quantile_rule_still_decide():
+    import pickle
+
+    rungs = ParetoRungs([1], max_t=9, mode="max", hv_epsilon=0.0)
+    state = {k: v for k, v in vars(rungs).items() if k not in ("reduction_factor", "min_gain")}
+    old = ParetoRungs.__new__(ParetoRungs)
+    old.__dict__.update(state)  # what unpickling an instance of the earlier class gives
+    restored = pickle.loads(pickle.dumps(old))
+    assert (restored.reduction_factor, restored.min_gain) == (3.0, 0.01)
+    assert [restored.on_result(k, 1, 50, s, s) for k, s in [("a", .3), ("b", .3), ("c", .2)]] == [
+        CONTINUE, CONTINUE, STOP]
 
 
 def _result(epoch, loss, acc, params):
@@ -205,9 +258,13 @@ AFTER_RESUME = [
     ("t4", 682, _result(1, 1.9, 0.35, 682), CONTINUE),
     # t2 restarted without a checkpoint reports rung 1 again: judged already.
     ("t2", 26122, _result(1, 5.0, 0.1, 26122), CONTINUE),
-    # t5 (width 128) has the lowest loss at rung 1, but a perfect t5 adds only
-    # (4.718-4.417)*(1-.85) = 0.0452 < 4% of (4.718-2.834)*.85 = 0.0641.
-    ("t5", 26122, _result(1, 0.5, 0.8, 26122), STOP),
+    # t5 (width 128) has the lowest loss at rung 1; a perfect t5 would add only
+    # (4.718-4.417)*(1-.85) = 0.0452 < 4% of (4.718-2.834)*.85 = 0.0641, but its accuracy
+    # there is .45 above every smaller trial's (t4's .35 the best): more than min_gain .01.
+    ("t5", 26122, _result(1, 0.5, 0.8, 26122), CONTINUE),
+    # t6 (width 128): in the top third of its width at rung 1 (the cutoff between t2's loss
+    # 1.2 and t5's 0.5 is 1.2 - .7·2/3 = 0.733), only .005 above t4 in accuracy: the bound stops it.
+    ("t6", 26122, _result(1, 0.5, 0.355, 26122), STOP),
 ]
 
 
@@ -270,14 +327,15 @@ def test_early_stopping_spec_defaults_and_allowed_rules():
     [
         ({"choice": [8, 16, 32]}, None, ("pareto_asha", ParetoASHA)),
         ({"int": [8, 64]}, {"grace_period": 2}, ("pareto_asha", ParetoASHA)),
-        (32, None, ("size_aware_asha", SizeAwareASHA)),
-        ({"choice": [16, 16]}, {"grace_period": 2}, ("size_aware_asha", SizeAwareASHA)),
-        (32, {"rule": "pareto_asha"}, ("pareto_asha", ParetoASHA)),  # an explicit rule is kept
+        # One size: the default is no special case any more; its fixed rule 1 halves within the size.
+        (32, None, ("pareto_asha", ParetoASHA)),
+        ({"choice": [16, 16]}, {"grace_period": 2}, ("pareto_asha", ParetoASHA)),
+        (32, {"rule": "size_aware_asha"}, ("size_aware_asha", SizeAwareASHA)),  # an explicit rule is kept
     ],
 )
-def test_a_search_over_one_size_defaults_to_asha_within_it(width, early_stopping, expected):
-    # One student size makes the front a single point, where Pareto halving would keep
-    # only record-setting trials; the default then falls back to halving within the size.
+def test_the_default_rule_whatever_the_sizes(width, early_stopping, expected):
+    # pareto_asha over one student size is successive halving within it (see
+    # test_pareto_rungs_over_one_size_are_successive_halving), so no special case.
     from kdtune.search.early_stopping import build_rule
     from kdtune.spec import SearchSpec
 

@@ -1,0 +1,318 @@
+"""Anytime fronts offline: every early-stopping rule on the same recorded learning curves.
+
+Given N epochs of compute, which rule gives the best size-vs-accuracy front? Each
+simulated search (a *draw*) takes the recorded curves of one recording seed
+(``bench/scheduler_sim.py --record``) in a random order, one configuration per
+width first as kdtune's searcher enqueues them, and every method works through
+that same stream with the same two workers and the same epoch timings
+(:func:`scheduler_sim.simulate`), starting new configurations until it has spent
+the reference's epochs. A method that stops trials early samples more
+configurations than were recorded per seed; the pool is then drawn again in a
+new order (sampling with replacement from the recorded configurations). The reference is random search running the stream's
+first 40 configurations to their full budget (the search-efficiency
+benchmark's reference); its epochs are the budget, 100%.
+
+For each method and draw, every trial that completes its full budget is an
+event (epochs spent so far, params, val_acc). From the events:
+
+* **anytime curve**: hypervolume of the front of the completed trials at
+  each budget, as a ratio to the reference's final hypervolume (one reference
+  point per task: 2 × the largest recorded student, accuracy 0; HV in (log10
+  params, accuracy) as :func:`kdtune.analysis.front_hypervolume`);
+* **area** under that curve from 5% to 100% of the budget (normalised by the
+  width of the interval), with a paired bootstrap CI over draws for kdtune's
+  default minus corrected MOASHA;
+* **accuracy regret per size**: for every size of the space, the reference's
+  best full-budget accuracy at that size or smaller minus the method's; worst
+  and mean over sizes.
+
+Random sampling only: offline replay cannot include TPE (it needs the live
+results to choose the next configuration), so the stream is the same for every
+method.
+
+    python bench/anytime.py --draws 300                                    # digits MLP
+    python bench/anytime.py --curves results/bench/digits_cnn_curves.jsonl --task digits_cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import common
+import numpy as np
+from scheduler_sim import DEFAULT_CURVES, load_curves, simulate
+
+common.make_kdtune_importable()
+
+SAMPLES = 40  # configurations of the reference (random search run to the end)
+GRID = np.linspace(0.01, 1.0, 100)  # budgets, as fractions of the reference's epochs
+AREA_FROM = 0.05
+REPEAT_UP_TO = 3000  # configurations per stream (the recorded pool repeated in new orders)
+KDTUNE, MOASHA = "kdtune default (pareto_asha)", "MOASHA, corrected"
+
+Event = tuple[int, float, float]  # (epochs spent when the trial completed, params, val_acc)
+
+
+# --------------------------------------------------------------------------- metrics (pure)
+
+
+def hv_at_budgets(events: Sequence[Event], budgets: Sequence[float], reference: float) -> np.ndarray:
+    """Hypervolume of the front of the trials completed within each budget (0 where none)."""
+    from kdtune.analysis import front_hypervolume
+
+    out = []
+    for budget in budgets:
+        points = [(params, acc) for spent, params, acc in events if spent <= budget]
+        out.append(front_hypervolume(points, reference) if points else 0.0)
+    return np.array(out)
+
+
+def area(curve: np.ndarray, grid: np.ndarray = GRID, start: float = AREA_FROM) -> float:
+    """Mean height of ``curve`` over [start, grid[-1]] (trapezoids on the grid points inside)."""
+    inside = grid >= start - 1e-12
+    x, y = grid[inside], curve[inside]
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def best_at_or_below(points: Sequence[tuple[float, float]], sizes: Sequence[float]) -> np.ndarray:
+    """For each size, the best accuracy among ``points`` (params, acc) no larger (NaN if none)."""
+    return np.array([max((acc for params, acc in points if params <= size), default=math.nan) for size in sizes])
+
+
+def regret_per_size(method: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]],
+                    sizes: Sequence[float]) -> np.ndarray:
+    """Reference's best accuracy at each size or smaller minus the method's (a method
+    with nothing at or below a size counts 0 there); NaN where the reference has nothing."""
+    ref = best_at_or_below(reference, sizes)
+    got = np.nan_to_num(best_at_or_below(method, sizes), nan=0.0)
+    return ref - got
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a − b`` over paired draws and its 95% percentile bootstrap interval."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+# --------------------------------------------------------------------------- rules not in kdtune
+
+
+class RunToEnd:
+    """No early stopping: every trial runs its full budget."""
+
+    milestones: list[int] = []
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        return "CONTINUE"
+
+
+class StockASHA:
+    """ASHA on one metric over all trials (Ray's ASHAScheduler's rule: keep the top 1/η)."""
+
+    def __init__(self, max_t: int, metric: str = "val_acc", mode: str = "max", reduction_factor: float = 3) -> None:
+        from kdtune.scheduler import HalvingRungs, rung_milestones
+
+        self.max_t, self.metric = max_t, metric
+        self.milestones = rung_milestones(1, max_t, reduction_factor)
+        self.rungs = HalvingRungs(self.milestones, reduction_factor, mode)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result["epoch"] >= self.max_t:
+            return "CONTINUE"
+        return self.rungs.on_result(trial.trial_id, int(result["epoch"]), result[self.metric])
+
+
+def hyperband(configs: list[dict[str, Any]], max_t: int, budget: int, reduction_factor: int = 3,
+              metric: str = "val_acc") -> list[Event]:
+    """Synchronous Hyperband on accuracy (Li et al. 2018), brackets s = s_max..0 repeated
+    until ``budget`` epochs are spent: bracket s starts n = ⌈(s_max+1)/(s+1)·η^s⌉
+    configurations at max_t·η^−s epochs and keeps the top 1/η at each rung; paused
+    trials resume where they stopped. Configurations come from ``configs`` in order."""
+    s_max = int(round(math.log(max_t) / math.log(reduction_factor)))
+    spent, events, nxt, s = 0, [], 0, s_max
+    while spent < budget and nxt < len(configs):
+        n = math.ceil((s_max + 1) / (s + 1) * reduction_factor**s)
+        bracket = configs[nxt:nxt + n]
+        nxt += n
+        trained = [0] * len(bracket)
+        alive = list(range(len(bracket)))
+        for i in range(s + 1):
+            epochs = int(round(max_t * reduction_factor ** (i - s)))
+            for k in alive:
+                spent += epochs - trained[k]
+                trained[k] = epochs
+                if epochs >= max_t:
+                    events.append((spent, float(bracket[k]["params"]), bracket[k]["val_acc"][-1]))
+            if epochs >= max_t:
+                break
+            keep = max(1, len(alive) // reduction_factor)
+            alive = sorted(alive, key=lambda k: -bracket[k][metric][epochs - 1])[:keep]
+        s = s - 1 if s > 0 else s_max
+    return events
+
+
+def methods(max_t: int, params_range: tuple[float, float]) -> dict[str, Callable[[], Any] | None]:
+    """The methods compared (name → scheduler factory; None: Hyperband, simulated synchronously)."""
+    from moasha import MOASHARule
+
+    from kdtune.scheduler import ParetoASHA, SizeAwareASHA
+
+    return {
+        "random, full budget (reference)": RunToEnd,
+        KDTUNE: lambda: ParetoASHA(max_t=max_t),
+        "pareto_asha, rule 1 as before (contrast)": lambda: _old_rule_1(ParetoASHA(max_t=max_t)),
+        "size_aware_asha": lambda: SizeAwareASHA(max_t=max_t),
+        "stock ASHA on val_acc": lambda: StockASHA(max_t),
+        "Hyperband on val_acc (synchronous)": None,
+        MOASHA: lambda: MOASHARule(max_t, params_range, corrected=True),
+        "MOASHA, as shipped (contrast)": lambda: MOASHARule(max_t, params_range, corrected=False),
+    }
+
+
+def _old_rule_1(scheduler: Any) -> Any:
+    """The ParetoASHA of before this change: rule 1 stops any trial that a trial with at
+    most as many parameters beats, and rule 2 has no min_gain guard."""
+    rungs = scheduler.rungs
+    rungs.outranked = rungs.dominated
+    rungs.min_gain = math.inf
+    return scheduler
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+def streams(curves: list[dict[str, Any]], draws: int) -> list[list[dict[str, Any]]]:
+    """One configuration stream per draw: a recording seed's curves in a random order, one
+    per width first (as kdtune's searcher enqueues them)."""
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for row in curves:
+        by_seed.setdefault(row["seed"], []).append(row)
+    seeds = sorted(by_seed)
+    out = []
+    for draw in range(draws):
+        pool = by_seed[seeds[draw % len(seeds)]]
+        rng = np.random.default_rng(draw)
+        shuffled = [pool[i] for i in rng.permutation(len(pool))]
+        widths = sorted({c["width"] for c in shuffled})
+        first = [next(c for c in shuffled if c["width"] == w) for w in widths]
+        stream = first + [c for c in shuffled if all(c is not f for f in first)]
+        # Early stopping spends a few epochs per configuration, so a method may sample more
+        # configurations than were recorded: the pool is then drawn again, in a new order.
+        while len(stream) < REPEAT_UP_TO:
+            stream += [pool[i] for i in rng.permutation(len(pool))]
+        out.append(stream)
+    return out
+
+
+def replay(curves: list[dict[str, Any]], draws: int, only: str = "") -> dict[str, Any]:
+    """Run every method on every draw; returns the events and the derived metrics."""
+    max_t = len(curves[0]["val_acc"])
+    params = [float(c["params"]) for c in curves]
+    reference_size = 2.0 * max(params)
+    sizes = sorted(set(params))
+    budget = SAMPLES * max_t
+    made = methods(max_t, (min(params), max(params)))
+    # The shipped MOASHA sorts every rung with Syne Tune's O(n²) loops (about a minute per
+    # draw): it runs only when asked for by name (--only shipped).
+    names = [n for n in made if (only in n if only else "shipped" not in n) or n.startswith("random")
+             or n in (KDTUNE, MOASHA)]
+    out: dict[str, Any] = {"max_t": max_t, "budget": budget, "sizes": sizes, "draws": draws,
+                           "curves": {n: [] for n in names}, "regret": {n: [] for n in names},
+                           "regret10": {n: [] for n in names}, "spent": {n: [] for n in names}, "ref_best": []}
+    for draw, stream in enumerate(streams(curves, draws)):
+        reference = [(float(c["params"]), c["val_acc"][-1]) for c in stream[:SAMPLES]]
+        ref_hv = hv_at_budgets([(0, *p) for p in reference], [0], reference_size)[0]
+        out["ref_best"].append(best_at_or_below(reference, sizes))
+        for name in names:
+            if made[name] is None:
+                events = hyperband(stream, max_t, budget)
+                spent = events[-1][0] if events else 0
+            else:
+                events = []
+                spent, _ = simulate(stream, made[name](), max_t, np.random.default_rng(draw), budget, events)
+            curve = hv_at_budgets(events, GRID * budget, reference_size) / ref_hv
+            out["curves"][name].append(curve)
+            out["spent"][name].append(spent / budget)
+            for key, share in (("regret", 1.0), ("regret10", 0.10)):
+                done = [(p, a) for s, p, a in events if s <= share * budget]
+                out[key][name].append(regret_per_size(done, reference, sizes))
+    return out
+
+
+def summarise(out: dict[str, Any]) -> tuple[list[list[Any]], tuple[float, float, float], np.ndarray]:
+    """Table rows per method, the paired bootstrap of the area difference (kdtune − MOASHA),
+    and the reference's draw-to-draw spread (std) of its best accuracy at each size or smaller."""
+    rows = []
+    areas = {n: np.array([area(c) for c in curves]) for n, curves in out["curves"].items()}
+    for name, curves in out["curves"].items():
+        c = np.array(curves)
+        at = {f: np.median(c[:, int(round(f * 100)) - 1]) for f in (0.05, 0.10, 0.25, 1.0)}
+        reach = [next((GRID[i] for i in range(len(GRID)) if row[i] >= 0.97), math.nan) for row in c]
+        regret, regret10 = np.array(out["regret"][name]), np.array(out["regret10"][name])
+        rows.append([name, float(np.median(areas[name])), at[0.05], at[0.10], at[0.25], at[1.0],
+                     float(np.nanmedian(reach)) if not all(map(math.isnan, reach)) else math.nan,
+                     float(np.median(np.nanmax(regret10, axis=1))), float(np.median(np.nanmax(regret, axis=1))),
+                     float(np.median(np.nanmean(regret, axis=1)))])
+    boot = paired_bootstrap(areas[KDTUNE], areas[MOASHA])
+    return rows, boot, np.nanstd(np.array(out["ref_best"]), axis=0)
+
+
+def plot(out: dict[str, Any], path: Path, title: str) -> None:
+    """Median anytime curve per method with the 25–75% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curves in out["curves"].items():
+        c = np.array(curves)
+        style = "--" if "contrast" in name else "-"
+        line, = ax.plot(GRID * 100, np.median(c, axis=0), style, label=name)
+        ax.fill_between(GRID * 100, np.quantile(c, 0.25, axis=0), np.quantile(c, 0.75, axis=0),
+                        color=line.get_color(), alpha=0.12)
+    ax.axhline(0.97, color="grey", lw=0.6, ls=":")
+    ax.axvline(10, color="grey", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_ylim(0.5, 1.02)
+    ax.set_xlabel("epochs spent, % of the reference's (random search, 40 configurations to the end)")
+    ax.set_ylabel("hypervolume of completed trials / reference's final")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--curves", type=Path, default=DEFAULT_CURVES)
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--only", default="", help="substring of the method names to run (plus the reference, "
+                                                   "kdtune's default and corrected MOASHA)")
+    args = parser.parse_args()
+    curves = load_curves(args.curves)
+    out = replay(curves, args.draws, args.only)
+    rows, boot, spread = summarise(out)
+    print(f"{args.task}: {len(curves)} recorded configurations ({out['max_t']} epochs), {args.draws} draws, "
+          f"budget {out['budget']} epochs = 100%\n")
+    print(common.markdown_table(
+        ["method", "area 5–100% (median)", "HV @5%", "HV @10%", "HV @25%", "HV @100%", "first budget with HV ≥ 0.97 (median of the draws that reach it)",
+         "worst regret @10%", "worst regret @100%", "mean regret @100%"], rows))
+    print(f"\narea(kdtune default) − area(MOASHA corrected), paired over draws: {boot[0]:+.4f} "
+          f"(95% bootstrap CI {boot[1]:+.4f} to {boot[2]:+.4f})")
+    print("draw-to-draw spread (std) of the reference's best accuracy at each size or smaller: "
+          + ", ".join(f"{size:,.0f}: {s:.4f}" for size, s in zip(out["sizes"], spread)))
+    path = common.RESULTS_DIR / f"anytime_{args.task}.png"
+    plot(out, path, f"{args.task}: anytime fronts, {args.draws} draws (median, 25–75%)")
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

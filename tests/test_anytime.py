@@ -1,0 +1,63 @@
+"""The anytime benchmark's arithmetic (bench/anytime.py) on synthetic traces with known answers."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import anytime  # noqa: E402
+
+#: Trials completing their full budget: (epochs spent by then, params, val_acc).
+TRACE = [(100, 10, 0.5), (300, 1000, 0.8), (500, 100, 0.7)]
+
+
+def test_hypervolume_at_each_budget_counts_only_the_trials_completed_by_then():
+    # Reference size 2000, accuracy 0; HV in (log10 params, accuracy).
+    log_ref = math.log10(2000)
+    expected = [
+        0.0,  # nothing completed by 50 epochs
+        (log_ref - 1) * 0.5,  # {(10, .5)}
+        (log_ref - 1) * 0.5,  # still the same at 299
+        (3 - 1) * 0.5 + (log_ref - 3) * 0.8,  # + (1000, .8)
+        (2 - 1) * 0.5 + (3 - 2) * 0.7 + (log_ref - 3) * 0.8,  # + (100, .7) between them
+    ]
+    got = anytime.hv_at_budgets(TRACE, [50, 100, 299, 300, 500], 2000)
+    assert got == pytest.approx(expected)
+
+
+def test_area_is_the_mean_height_from_five_percent_to_the_end():
+    assert anytime.area(np.ones_like(anytime.GRID)) == pytest.approx(1.0)
+    # y = x from 0.05 to 1: mean height (0.05 + 1) / 2, exact for trapezoids.
+    assert anytime.area(anytime.GRID.copy()) == pytest.approx(0.525)
+    step = np.where(anytime.GRID >= 0.5, 1.0, 0.0)  # 0 until half the budget, then 1
+    # trapezoids: 0 on [.05, .49], a ramp over [.49, .5] (area .005), 1 on [.5, 1]
+    assert anytime.area(step) == pytest.approx((0.005 + 0.5) / 0.95)
+
+
+def test_regret_per_size_compares_the_best_at_that_size_or_smaller():
+    method = [(10, 0.5), (1000, 0.8)]
+    reference = [(10, 0.6), (100, 0.75), (1000, 0.78)]
+    assert anytime.regret_per_size(method, reference, [10, 100, 1000]) == pytest.approx([0.1, 0.25, -0.02])
+    # Nothing at or below a size counts as accuracy 0 for the method, NaN for the reference.
+    got = anytime.regret_per_size([(1000, 0.9)], [(100, 0.7)], [10, 100, 1000])
+    assert math.isnan(got[0]) and got[1:] == pytest.approx([0.7, -0.2])
+
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_constant():
+    a = np.array([0.9, 0.8, 0.95, 0.7])
+    assert anytime.paired_bootstrap(a, a - 0.02) == pytest.approx((0.02, 0.02, 0.02))
+
+
+def test_hyperband_spends_the_epochs_of_successive_halving_brackets():
+    # max_t 9, η 3: s_max 2; the first bracket starts 9 configurations at 1 epoch, keeps
+    # the best 3 to epoch 3 (2 more each) and the best 1 to epoch 9 (6 more): 9 + 6 + 6 = 21.
+    configs = [{"params": 100, "val_acc": [a / 100, a / 100 + 0.1, a / 100 + 0.2, *[a / 100 + 0.3] * 6]}
+               for a in (10, 50, 20, 60, 30, 40, 5, 15, 25)]
+    events = anytime.hyperband(configs, max_t=9, budget=21)
+    assert events == [(21, 100.0, pytest.approx(0.9))]  # the config at .60 after 1 epoch wins
