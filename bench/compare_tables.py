@@ -51,15 +51,20 @@ def _differences(a: pd.DataFrame, b: pd.DataFrame, what: str, new_ok: bool = Fal
     return problems
 
 
-def compare(before: Path, after: Path, new_ok: bool = False) -> list[str]:
+def compare(before: Path, after: Path, new_ok: bool = False, phase: str | None = None) -> list[str]:
     """Every difference between the two studies' tables (empty: identical); with
-    ``new_ok`` a column only the later study has (a feature added since) is no difference."""
-    trials = [_keyed(pd.read_parquet(d / "trials.parquet")) for d in (before, after)]
+    ``new_ok`` a column only the later study has (a feature added since) is no difference;
+    ``phase`` compares only that phase's trials (e.g. "search")."""
+    tables = [pd.read_parquet(d / "trials.parquet") for d in (before, after)]
+    if phase is not None:
+        tables = [t[t["phase"] == phase] for t in tables]
+    trials = [_keyed(t) for t in tables]
     problems = _differences(*trials, "trials.parquet", new_ok)
     histories = []
     for study, keyed in zip((before, after), trials):
         history = pd.read_parquet(study / "history.parquet")
         keys = dict(zip(keyed["trial_id"], keyed.index))
+        history = history[history["trial_id"].isin(keys)]
         history["_key"] = history["trial_id"].map(keys)
         histories.append(history.set_index(["_key", "epoch"]).sort_index())
     problems += _differences(*histories, "history.parquet", new_ok)
@@ -72,8 +77,9 @@ def main() -> None:
     parser.add_argument("after", type=Path)
     parser.add_argument("--new-columns-ok", action="store_true",
                         help="columns only the second study has (features added since) are not differences")
+    parser.add_argument("--phase", help="compare only this phase's trials (search or baseline)")
     args = parser.parse_args()
-    problems = compare(args.before, args.after, args.new_columns_ok)
+    problems = compare(args.before, args.after, args.new_columns_ok, args.phase)
     trials = pd.read_parquet(args.before / "trials.parquet")
     if problems:
         print("\n".join(problems))
