@@ -375,6 +375,9 @@ class EarlyStoppingSpec(_Strict):
     reduction_factor: float = Field(3.0, gt=1)
     size_key: Literal["width", "params"] = "width"
     hv_epsilon: float = Field(0.04, ge=0, lt=1)
+    #: pareto_asha: the hv_epsilon bound never stops a trial more than this far ahead, in
+    #: accuracy, of every smaller trial at its rung (about the seed-to-seed spread).
+    min_gain: float = Field(0.01, ge=0, le=1)
 
 
 class ResourcesSpec(_Strict):

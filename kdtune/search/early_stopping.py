@@ -63,7 +63,7 @@ def pareto_asha(settings: EarlyStoppingSpec, max_epochs: int, study_dir: Path) -
     scheduler = ParetoASHA(metric="val_loss", mode="min", front_metric="val_acc", size_attr="params",
                            max_t=max_epochs, grace_period=settings.grace_period,
                            reduction_factor=settings.reduction_factor, hv_epsilon=settings.hv_epsilon,
-                           time_attr="epoch", study_dir=study_dir)
+                           min_gain=settings.min_gain, time_attr="epoch", study_dir=study_dir)
     return StoppingRule(scheduler, scheduler.milestones)
 
 
