@@ -34,7 +34,7 @@ from kdtune.study import (
 
 #: Columns of ``trials.parquet`` before and after the hyperparameters.
 _TRIAL_HEAD = ["study", "trial_id", "phase", "status"]
-_TRIAL_TAIL = ["teacher_targets", "params", "bytes", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id",
+_TRIAL_TAIL = ["teacher_targets", "params", "bytes", "macs", "val_acc", "best_val_acc", "val_loss", "epochs_run", "wall_time_s", "node_id",
                "error", "baseline_val_acc", "kd_gain"]
 HISTORY_COLUMNS = [
     "study", "trial_id", "phase", "epoch", "val_acc", "val_loss", "train_loss", "params", "bytes",

@@ -107,6 +107,8 @@ def test_a_search_over_methods_end_to_end(ray_session, tmp_path):
     trials = pd.read_parquet(tmp_path / "r" / "methods" / "trials.parquet")
     assert set(trials["soft_loss"]) == {"kd", "dkd", "dist"}
     assert (trials["status"] == "completed").all()
+    # Every student's size in MACs too: one forward pass of the width-8 MLP, in × out per linear layer.
+    assert (trials["macs"] == trials["macs"].iloc[0]).all() and trials["macs"].iloc[0] > trials["params"].iloc[0] / 2
     for row in trials.itertuples():
         # A method's own hyperparameters are NaN for the others, not a made-up value.
         assert math.isnan(row.dkd_beta) == (row.soft_loss != "dkd")
