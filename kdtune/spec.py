@@ -227,11 +227,19 @@ class StudentSpec(_OptimizerSettings):
     options: dict[str, Any] = Field(default_factory=dict)
     optimizer: str = "adam"
     amp: bool = False
+    #: constant (default), or a curriculum from the trial's temperature T0 to T0·end_factor
+    #: over its budget: {kind: ramp, end_factor: 0.25, shape: linear | cosine}.
+    temperature_schedule: Any = None
 
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
         return _one_of(value, OPTIMIZERS)
+
+    @field_validator("temperature_schedule")
+    @classmethod
+    def _known_temperature_schedule(cls, value: Any) -> Any:
+        return _core_check(parse_schedule, value, "temperature_schedule")
 
 
 class SpaceSpec(RootModel[dict[str, Any]]):

@@ -63,6 +63,7 @@ RUN_SETTINGS: dict[str, Any] = {
     "momentum": 0.9,
     "nesterov": True,
     "lr_schedule": None,
+    "temperature_schedule": None,
     "augment": None,
     "teacher_targets": "logits",
     "view_pick": "cycle",
@@ -156,6 +157,7 @@ class RunConfig:
             if not ok:
                 raise ConfigError(name, f"{allowed}, got {getattr(self, name)!r}")
         parse_schedule(self.lr_schedule)
+        parse_schedule(self.temperature_schedule, "temperature_schedule")
         if self.augment is not None and resolve_augment(dict(self.augment), "", "augment") != dict(self.augment):
             raise ConfigError("augment", f"expected resolved settings {{crop, padding, flip}}, got {self.augment!r}")
 
@@ -172,7 +174,7 @@ class RunConfig:
         """The config as a plain dict (JSON-serialisable): settings, then hyperparameters."""
         settings = {name: getattr(self, name) for name in RUN_SETTINGS}
         settings["model_options"] = dict(settings["model_options"] or {})
-        for name in ("lr_schedule", "augment"):
+        for name in ("lr_schedule", "temperature_schedule", "augment"):
             if settings[name] is not None:
                 settings[name] = dict(settings[name])
         return {**settings, **self.hyperparameters}
@@ -283,10 +285,12 @@ class _CachedKD:
         return table
 
     def loss_and_grad(self, student_logits: Tensor, batch_idx: np.ndarray, idx_t: Tensor,
-                      generator: torch.Generator, epoch: int = 1) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator, epoch: int = 1,
+                      temperature: float | None = None) -> tuple[Tensor, Tensor]:
         """The batch's loss (no autograd graph) and its gradient with respect to ``student_logits``.
 
         ``batch_idx`` are the batch's training-split indices, ``idx_t`` the same on the device.
+        The temperature is the run's, fixed (a scheduled one takes :class:`_CachedMethod`).
         """
         table = self._table(len(batch_idx))
         if self.noise == 0:
@@ -324,15 +328,17 @@ class _CachedMethod:
             **arguments)
 
     def loss_and_grad(self, student_logits: Tensor, batch_idx: np.ndarray, idx_t: Tensor,
-                      generator: torch.Generator, epoch: int = 1) -> tuple[Tensor, Tensor]:
-        """The batch's loss (no autograd graph) and its gradient with respect to ``student_logits``."""
+                      generator: torch.Generator, epoch: int = 1,
+                      temperature: float | None = None) -> tuple[Tensor, Tensor]:
+        """The batch's loss (no autograd graph) and its gradient with respect to ``student_logits``
+        at ``temperature`` (the epoch's, when scheduled; the tables are keyed by T)."""
         noisy = None
         if self.noise > 0:
             logits = self.logits.index_select(self.logits.dim() - 2, torch.from_numpy(batch_idx))
             noisy = perturb_teacher_logits(logits.to(self.device), self.noise, generator)
         warm = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
-        return self.cached.loss_and_grad(student_logits, idx_t, self.temperature, weight=self.kd_weight * warm,
-                                         teacher_logits=noisy)
+        return self.cached.loss_and_grad(student_logits, idx_t, self.temperature if temperature is None else temperature,
+                                         weight=self.kd_weight * warm, teacher_logits=noisy)
 
 
 @dataclass
@@ -485,6 +491,8 @@ def run(
     padding = padding_for(augment, min(data.input_shape[1:])) if augment else 0
     view_params = torch.from_numpy(np.asarray(teacher.view_params)).long() if views else None
     schedule = Schedule(config.lr, config.epochs, config.lr_schedule)
+    # The temperature of each epoch: constant, or a curriculum T0 -> T1 over the full budget.
+    temperatures = Schedule(config.temperature, config.epochs, config.temperature_schedule)
     start_epoch, history = 1, []
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
@@ -508,7 +516,7 @@ def run(
             and teacher.online_model is None and teacher.logits is not None):
         # Cached views are K·N rows: view k of image i is row k·N + i.
         labels = data.train.y.repeat(views) if views else data.train.y
-        if objective.options.get("fused") and not explicit:
+        if objective.options.get("fused") and not explicit and not config.temperature_schedule:
             cached_kd = _CachedKD(teacher, labels, config, device)
         elif objective.options.get("cached"):
             cached_kd = _CachedMethod(teacher, labels, config, device)
@@ -518,6 +526,7 @@ def run(
         started = time.perf_counter()
         student.train()
         lr = schedule.value(epoch)
+        temperature = temperatures.value(epoch)
         if config.lr_schedule:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -555,13 +564,13 @@ def run(
                     feature_term = feature_matching_loss(adapter(s_features), t_features)
                 if cached_kd is None:
                     loss = distillation_loss(
-                        s_logits, t_logits, yb, config.temperature, config.alpha,
+                        s_logits, t_logits, yb, temperature, config.alpha,
                         soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
                         params={**config.hyperparameters, "epoch": epoch},
                     )
             logits_grad = None
             if cached_kd is not None:  # in float32 whatever the autocast, as distillation_loss computes it
-                loss, logits_grad = cached_kd.loss_and_grad(s_logits, t_idx, t_idx_t, noise_gen, epoch)
+                loss, logits_grad = cached_kd.loss_and_grad(s_logits, t_idx, t_idx_t, noise_gen, epoch, temperature)
                 if feature_term is not None:
                     loss = loss + config.beta * feature_term
             value = loss.item()

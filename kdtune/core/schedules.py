@@ -9,7 +9,9 @@ its next epoch instead of restoring any state. Three kinds:
 - ``cosine``: a linear warm-up over ``warmup`` epochs (base·e/warmup), then a
   half cosine from the base down to ``base·min_factor`` at the end of the budget;
 - ``multistep``: the base times ``gamma`` once for every milestone the epoch is
-  past. Milestones are epochs (``[150, 180, 210]``) or fractions of the budget
+  past.
+- ``ramp``: from the base at epoch 1 to ``base·end_factor`` at the last epoch of
+  the budget, ``shape`` linear or a half cosine (a temperature curriculum, T₀ → T₁). Milestones are epochs (``[150, 180, 210]``) or fractions of the budget
   (``[0.625, 0.75, 0.875]``, the same points of a 240-epoch budget).
 
 Epochs count from 1, as in :func:`kdtune.core.distill.run`. "×0.1 at epoch 150"
@@ -35,7 +37,11 @@ SCHEDULE_KINDS: dict[str, dict[str, Any]] = {
     "constant": {},
     "cosine": {"warmup": 0, "min_factor": 0.0},
     "multistep": {"milestones": [], "gamma": 0.1},
+    # A curriculum from the base to base·end_factor over the budget (up or down), the
+    # temperature's: linear, or a half cosine.
+    "ramp": {"end_factor": 1.0, "shape": "linear"},
 }
+RAMP_SHAPES = ("linear", "cosine")
 
 
 def parse_schedule(raw: Any, field: str = "lr_schedule") -> dict[str, Any] | None:
@@ -62,6 +68,12 @@ def parse_schedule(raw: Any, field: str = "lr_schedule") -> dict[str, Any] | Non
     if kind == "constant":
         return None
     values = {"kind": kind, **allowed, **{k: v for k, v in raw.items() if k != "kind"}}
+    if kind == "ramp":
+        if not _is_number(values["end_factor"]) or values["end_factor"] <= 0:
+            raise ConfigError(f"{field}.end_factor", f"must be a number > 0, got {values['end_factor']!r}")
+        if values["shape"] not in RAMP_SHAPES:
+            raise ConfigError(f"{field}.shape", f"allowed: {', '.join(RAMP_SHAPES)}, got {values['shape']!r}")
+        return values
     if kind == "cosine":
         warmup, floor = values["warmup"], values["min_factor"]
         if not _is_number(warmup) or warmup < 0:
@@ -117,6 +129,12 @@ class Schedule:
         if spec["kind"] == "multistep":
             passed = sum(1 for m in spec["milestones"] if epoch > _epochs(float(m), budget))
             return base * float(spec["gamma"]) ** passed
+        if spec["kind"] == "ramp":
+            progress = min(max((epoch - 1) / max(budget - 1, 1), 0.0), 1.0)
+            end = base * float(spec["end_factor"])
+            if spec["shape"] == "cosine":
+                return end + (base - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return base + (end - base) * progress
         warmup = _epochs(float(spec["warmup"]), budget)
         if warmup > 0 and epoch <= warmup:
             return base * epoch / warmup

@@ -239,6 +239,7 @@ def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
         "momentum": spec.student.momentum,
         "nesterov": spec.student.nesterov,
         "lr_schedule": spec.student.lr_schedule,
+        "temperature_schedule": spec.student.temperature_schedule,
         "augment": spec.data.augmentation(),
         "teacher_targets": spec.targets_mode(),
         "view_pick": spec.teacher_targets.pick,
