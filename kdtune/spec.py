@@ -33,6 +33,7 @@ from kdtune.core.objectives import hyperparameter_table
 from kdtune.core.plugins import Plugin, load_plugins
 from kdtune.core.schedules import parse_schedule
 from kdtune.core.teacher import PreparedTeachers, TeacherConfig, online_targets, prepare_views
+from kdtune.core.teacher_files import check_logits_without_augmentation
 from kdtune.errors import ConfigError, KdtuneError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -337,12 +338,6 @@ class TargetsSpec(_Strict):
         return _one_of(value, VIEW_PICKS)
 
 
-def teacher_has_only_logits(teacher: Any) -> bool:
-    """Whether a teacher is given only as precomputed logits (a ``logits`` file), with
-    no network that could see augmented images."""
-    return getattr(teacher, "logits", None) is not None
-
-
 class SamplerSpec(_Strict):
     #: A name in the SAMPLERS registry (kdtune.search.sampler), checked before the search starts.
     name: str = "tpe"
@@ -456,10 +451,10 @@ class SearchSpec(_Strict):
     @model_validator(mode="after")
     def _targets_serve_the_augmentation(self) -> "SearchSpec":
         augment, mode = self.data.augmentation(), self.targets_mode()
-        if augment and any(teacher_has_only_logits(t) for t in self.teachers()):
-            raise ValueError("teacher: a teacher given only as precomputed logits cannot serve augmented images; "
-                             "either set data.augment: none, or give the teacher as a network (family/width, or a "
-                             "checkpoint) so that teacher_targets views or online can run it")
+        try:
+            check_logits_without_augmentation(self.teachers(), augment)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if augment and mode == "logits":
             raise ValueError("teacher_targets.mode: logits are cached for the un-augmented images and would be wrong "
                              "for augmented ones; allowed with data.augment: views (cached augmented views, "

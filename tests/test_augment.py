@@ -23,7 +23,7 @@ from kdtune.core.teacher import (
     views_cache_key,
 )
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.spec import parse_spec, teacher_has_only_logits
+from kdtune.spec import parse_spec
 from tests.conftest import TINY_SPEC, write_spec
 
 CROP = {"crop": True, "padding": None, "flip": False}
@@ -198,12 +198,11 @@ def test_spec_refuses_targets_that_cannot_serve_the_augmentation(changes, needle
         _spec(**changes)
 
 
-def test_a_teacher_given_only_as_logits_is_recognised():
-    class LogitsTeacher:  # what a `teacher: {logits: file.npz}` spec entry looks like to the check
-        logits = "teacher_logits.npz"
-
-    assert teacher_has_only_logits(LogitsTeacher())
-    assert not teacher_has_only_logits(_spec().teachers()[0])
+def test_a_teacher_given_only_as_logits_with_augmentation_is_refused_by_the_spec(tmp_path):
+    logits = tmp_path / "teacher_logits.npz"
+    logits.write_bytes(b"")  # the spec checks the combination before reading the file
+    with pytest.raises(KdtuneError, match="teacher.logits: precomputed logits cannot follow augmented inputs"):
+        _spec(data={"dataset": "digits", "augment": "standard"}, teacher={"logits": str(logits)})
 
 
 def test_views_that_do_not_fit_the_object_store_are_refused_with_what_would(digits):

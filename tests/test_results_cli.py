@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import matplotlib.image as mpimg
-import pandas as pd
 from click.testing import CliRunner
 
 from kdtune.analysis import best_temperature, load_history, load_results, untested_sizes

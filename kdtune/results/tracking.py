@@ -231,7 +231,7 @@ def log_study_to_mlflow(
     and :class:`KdtuneError` when mlflow is not installed.
     """
     check_tracker_available("mlflow")
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from kdtune.core.teacher import sha256_file

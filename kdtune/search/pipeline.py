@@ -151,7 +151,6 @@ def can_restore(experiment: str) -> bool:
     return any(Path(experiment).glob("experiment_state-*.json"))
 
 def _fit(tuner_factory: Callable[[], Any], experiment: str, restore: Callable[[], Any] | None) -> Any:
-    from ray import tune
 
     if restore is not None and can_restore(experiment):
         tuner = restore()

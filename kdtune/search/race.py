@@ -34,7 +34,7 @@ from kdtune.core.objectives import baseline_values, hyperparameter
 from kdtune.errors import KdtuneError
 from kdtune.pareto import pareto_front
 from kdtune.racing import BASELINE, DEFAULT_MAX_SEEDS, Race, contender_grid
-from kdtune.spec import Choice, IntRange, LogUniform, SearchSpec, Uniform, bounds
+from kdtune.spec import Choice, IntRange, LogUniform, SearchSpec, bounds
 from kdtune.study import (
     COMPLETED,
     EXPERIMENT_FOLDERS,
