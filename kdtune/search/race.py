@@ -21,6 +21,7 @@ uninterrupted race.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -275,7 +276,9 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
     if recorded and not resume:
         raise KdtuneError(f"{study_dir}: a race was run here already ({len(recorded)} runs recorded in "
                           f"records/{RACE_PHASE}/); continue it with --race --resume, or delete that folder")
-    searcher = RaceSearcher(races, param, spec.seed)
+    # The searcher plays a copy: Ray may run a copy of it too, so the outcome is
+    # replayed from the records into the untouched plan once the runs are done.
+    searcher = RaceSearcher(copy.deepcopy(races), param, spec.seed)
     replayed = searcher.replay(recorded) if resume else 0
     check_not_locked(study_dir)
     search_epochs = int(trials.loc[trials["phase"] == "search", "epochs_run"].fillna(0).sum())
@@ -308,8 +311,7 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
                 callbacks=[recording_callback(study_dir, RACE_PHASE), progress_callback(total, log)]),
         )
         tuner.fit()
-    # The searcher Ray ran is a copy: rebuild the outcome from the records, as a resume would.
-    final = RaceSearcher(plan_races(study_dir, spec, trials, param, widths, max_seeds, alpha, grid), param, spec.seed)
+    final = RaceSearcher(races, param, spec.seed)
     final.replay(load_records(study_dir, RACE_PHASE))
     best, contenders = race_tables(final.races, param)
     out = study_dir / RACE_DIR
