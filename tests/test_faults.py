@@ -287,6 +287,64 @@ def test_a_restored_searcher_skips_recorded_trials_and_counts_those_ray_forgot(t
         ("t3", TrialState.COMPLETE, [0.7, 100.0]), ("t4", TrialState.COMPLETE, [0.8, 100.0])]
 
 
+def test_the_record_is_written_before_optuna_is_told_and_a_kill_in_between_is_completed_from_it(tmp_path):
+    """Ray tells the searcher a trial's outcome before its callbacks run. Were the
+    journal written first, a driver killed before the record (and before Ray saved
+    a state that knows the trial) would leave an outcome in the journal for a trial
+    gone from the tables. The searcher has the record written first; a kill between
+    the two leaves a RUNNING journal trial with a record, which the journal is told
+    from on the next --resume."""
+    from ray.tune.experiment import Trial
+
+    from kdtune.search.callbacks import recording_callback
+    from kdtune.search.sampler import reconcile_journal
+    from kdtune.study import record_path, records_dir
+
+    folder = records_dir(tmp_path, "search")
+    recorder = recording_callback(tmp_path, "search")
+    search = small_searcher(tmp_path, num_samples=3, records=folder)
+    states_when_recorded = {}
+
+    def journal(ray_id: str) -> optuna.trial.FrozenTrial:
+        study = optuna.load_study(study_name="s", storage=journal_storage(tmp_path / "optuna.journal"))
+        return next(t for t in study.trials if t.user_attrs["ray_trial_id"] == ray_id)
+
+    def journal_state(ray_id: str) -> TrialState:
+        return journal(ray_id).state
+
+    def run(ray_id: str, result: dict, tell: bool) -> None:
+        trial = Trial("distill_trainable", config=search.suggest(ray_id), trial_id=ray_id, stub=True)
+        recorder.on_trial_start(0, [], trial)
+        recorder.on_trial_result(0, [], trial, {**result, "config": trial.config})
+        if tell:  # Ray's order: the searcher, then the callbacks
+            search.on_trial_complete(ray_id, result)
+            states_when_recorded[ray_id] = load_records(tmp_path, "search")[ray_id]
+            recorder.on_trial_complete(0, [], trial)
+        else:  # the searcher's own first step only, then the driver is killed
+            from kdtune.search.callbacks import record_ended_trial
+            assert record_ended_trial(folder, ray_id, error=False)
+
+    done = {"epoch": 3, "epochs": 3, "status": "completed", "val_acc": 0.75, "params": 120}
+    pruned = {"epoch": 1, "epochs": 3, "status": "running", "val_acc": 0.4, "params": 80}
+    run("t1", done, tell=True)
+    assert journal_state("t1") == TrialState.COMPLETE
+    # The record the searcher had written before telling is the one kept, with the result once.
+    assert states_when_recorded["t1"]["results"] == [done] == load_records(tmp_path, "search")["t1"]["results"]
+    run("t2", pruned, tell=False)
+    search.suggest("t3")  # asked, never run: Ray lost it with the driver
+    assert journal_state("t2") == TrialState.RUNNING and record_path(folder, "t2").exists()
+
+    records = load_records(tmp_path, "search")
+    # On --resume, before the trials: t2 is told from its record; t3 waits (Ray may run it).
+    assert reconcile_journal(tmp_path / "optuna.journal", "s", records, ["val_acc", "params"]) == (1, 0)
+    assert journal_state("t2") == TrialState.PRUNED and journal_state("t3") == TrialState.RUNNING
+    # At the end of the search t3 is not among Ray's trials: lost, FAIL.
+    assert reconcile_journal(tmp_path / "optuna.journal", "s", records, ["val_acc", "params"], {"t1", "t2"}) == (0, 1)
+    lost = journal("t3")
+    assert lost.state == TrialState.FAIL and lost.user_attrs["lost_on_restart"] is True
+    assert journal("t1").values == [0.75, 120.0]
+
+
 def _by_trial_number(study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Trials and history keyed by Optuna trial number (Ray trial ids are random per run)."""
     numbers = {tid: t.number for tid, t in journal_trials(study_dir).items()}

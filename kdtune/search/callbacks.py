@@ -25,6 +25,13 @@ from kdtune.tables import error_message
 Log = Callable[[str], None]
 
 
+#: The recorder of each records folder in this driver, so the searcher can have a
+#: trial's record written before it tells Optuna (see :func:`record_ended_trial`).
+#: Ray pickles the searcher and the callbacks apart, so a reference between them
+#: would not survive a restore; the folder does.
+_RECORDERS: dict[str, TrialRecorder] = {}
+
+
 class TrialRecorder(Callback):
     """Keeps each trial's reported results and writes its record when it ends
     (see :mod:`kdtune.study`)."""
@@ -33,15 +40,31 @@ class TrialRecorder(Callback):
         self.folder = records_dir(study_dir, phase)
         self.phase = phase
         self.results: dict[str, list[dict[str, Any]]] = {}
+        self.trials: dict[str, Any] = {}
+        _RECORDERS[str(self.folder)] = self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray keeps the callbacks in its tuner state: live trials are not part of it.
+        return {**self.__dict__, "trials": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"trials": {}, **state})
+        _RECORDERS[str(self.folder)] = self
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.trials[trial.trial_id] = trial
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.trials[trial.trial_id] = trial
         # Ray repeats the trial's config in every result: the record keeps it once.
         report = {k: v for k, v in result.items() if k != "config"}
         self.results.setdefault(trial.trial_id, []).append(json_safe(report))
 
     def _write(self, trial, ray_status: str, error: str | None) -> None:
+        self.trials.pop(trial.trial_id, None)
         if record_path(self.folder, trial.trial_id).exists():
-            # A trial that had ended before a restart: keep its original record.
+            # Written already: by the searcher's call just before (see
+            # record_ended_trial), or before a restart (keep the original record).
             self.results.pop(trial.trial_id, None)
             return
         write_record(self.folder, {
@@ -58,6 +81,33 @@ class TrialRecorder(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._write(trial, "ERROR", error_message(trial) or "the trial raised an error")
+
+    def write_ended(self, trial_id: str, error: bool) -> bool:
+        """Write the record of a trial Ray is ending now, ahead of the callback;
+        False when this recorder has not seen the trial run."""
+        trial = self.trials.get(trial_id)
+        if trial is None:
+            return False
+        if error:
+            self.on_trial_error(0, [], trial)
+        else:
+            self.on_trial_complete(0, [], trial)
+        return True
+
+
+def record_ended_trial(folder: str | Path, trial_id: str, error: bool) -> bool:
+    """Have the record of a trial that is ending written now, by this driver's
+    recorder of ``folder``.
+
+    Ray tells the searcher a trial's outcome before its callbacks. The searcher
+    calls this first, so a record always exists before Optuna's journal holds the
+    outcome: a driver killed in between leaves a record and a RUNNING journal
+    trial, which :func:`kdtune.search.sampler.reconcile_journal` completes from the
+    record. The other order would leave an outcome in the journal for a trial
+    whose record, and whose place in Ray's state, could both be lost.
+    """
+    recorder = _RECORDERS.get(str(folder))
+    return recorder is not None and recorder.write_ended(trial_id, error)
 
 
 def recording_callback(study_dir: str | Path, phase: str) -> TrialRecorder:

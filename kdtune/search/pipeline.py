@@ -57,6 +57,7 @@ from kdtune.study import (
     TEACHER_DIR,
     check_not_locked,
     experiment_path,
+    load_records,
     recorded_ids,
     records_dir,
     study_lock,
@@ -207,7 +208,7 @@ def search(
     :func:`~kdtune.search.plan.parse_budget`) stops sampling once spent: running
     trials finish, the baselines run, and the study is complete with fewer trials.
     """
-    from kdtune.search.sampler import clear_stale_journal_lock, reconcile_journal
+    from kdtune.search.sampler import clear_stale_journal_lock
 
     spec_source = None
     if not isinstance(spec, SearchSpec):
@@ -269,6 +270,8 @@ def search(
             if (study_dir / META_FILE).exists():
                 update_meta(study_dir, {"state": "interrupted"})
             raise SearchInterrupted(study_dir, resume_cmd) from None
+        if resume:
+            _reconcile(spec, study_dir, study, log)
         rule = build_rule(spec.early_stopping, max_epochs(spec), study_dir)
         rungs = rule.report_epochs
         update_meta(study_dir, {
@@ -283,12 +286,29 @@ def search(
                                                    placement, rule.scheduler, rungs, resume, log, budget)
         if not interrupted:
             ray_ids = set(trials.loc[trials["phase"] == "search", "trial_id"]) if len(trials) else set()
-            lost = reconcile_journal(study_dir / JOURNAL_FILE, study, ray_ids)
-            if lost:
-                log(f"optuna journal: {lost} trial(s) asked before the restart and never run marked FAIL")
+            _reconcile(spec, study_dir, study, log, ray_ids)
         update_meta(study_dir, {"state": "interrupted" if interrupted else "complete",
                                 "epochs_spent": epochs_spent(trials)})
     return SearchResult(study_dir, trials, history, prepared.info, interrupted, resume_cmd)
+
+def _reconcile(spec: SearchSpec, study_dir: Path, study: str, log: Log,
+               finished_ray_trials: set[str] | None = None) -> None:
+    """Tell the journal what a killed driver left only in the records; at the end of
+    the search (``finished_ray_trials`` given) also fail the trials Ray never ran."""
+    from kdtune.search.sampler import reconcile_journal
+
+    if not (study_dir / JOURNAL_FILE).exists():
+        return
+    try:
+        told, lost = reconcile_journal(study_dir / JOURNAL_FILE, study, load_records(study_dir, "search"),
+                                       list(spec.sampler.objectives), finished_ray_trials)
+    except KeyError:  # no search trial was ever asked for: the journal holds no study yet
+        return
+    if told:
+        log(f"optuna journal: {told} trial(s) that ended before the restart told from their records")
+    if lost:
+        log(f"optuna journal: {lost} trial(s) asked before the restart and never run marked FAIL")
+
 
 def epochs_spent(trials: pd.DataFrame) -> dict[str, int]:
     """The epochs a study's trials ran, by phase: what the search cost, baselines included."""

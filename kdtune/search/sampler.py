@@ -30,6 +30,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdtune.registry import Registry
+from kdtune.search.callbacks import record_ended_trial
 from kdtune.search.private_apis import fail_lost_trial, optuna_study, optuna_trials, told_trials
 from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
 from kdtune.study import COMPLETED, STOPPED_EARLY, record_path, recorded_ids, trial_status
@@ -164,6 +165,20 @@ def trial_outcome(result: dict[str, Any] | None, error: bool) -> str:
     return state.name.lower()
 
 
+def outcome_state(result: dict[str, Any] | None, error: bool,
+                  metrics: list[str]) -> tuple[TrialState, list[float] | None]:
+    """The Optuna state and objective values (``metrics`` of the last ``result``) of a
+    finished Ray trial; a completed trial without finite values is FAIL."""
+    outcome = trial_outcome(result, error)
+    if outcome == "pruned":
+        return TrialState.PRUNED, None
+    if outcome == "complete":
+        values = [result.get(m) for m in metrics]  # type: ignore[union-attr]
+        if all(v is not None and math.isfinite(float(v)) for v in values):
+            return TrialState.COMPLETE, [float(v) for v in values]
+    return TrialState.FAIL, None
+
+
 class KdOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that reports early-stopped trials as PRUNED and diverged ones as FAIL.
 
@@ -242,11 +257,14 @@ class KdOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in told_trials(self) or trial_id not in optuna_trials(self):
             return
-        if self._records is not None and record_path(self._records, trial_id).exists():
-            # A trial that had ended before a restart: its record is written only
-            # after this method told Optuna, so the journal already holds it.
-            told_trials(self).add(trial_id)
-            return
+        if self._records is not None:
+            if record_path(self._records, trial_id).exists():
+                # A trial that had ended before a restart: the journal holds its
+                # outcome (told then, or from its record by reconcile_journal).
+                told_trials(self).add(trial_id)
+                return
+            # The record first, then the journal (see record_ended_trial).
+            record_ended_trial(self._records, trial_id, error)
         ot_trial = optuna_trials(self)[trial_id]
         state, values = self._outcome(result, error)
         try:
@@ -261,15 +279,7 @@ class KdOptunaSearch(OptunaSearch):
         told_trials(self).add(trial_id)
 
     def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None]:
-        outcome = trial_outcome(result, error)
-        if outcome == "pruned":
-            return TrialState.PRUNED, None
-        if outcome == "complete":
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            values = [result.get(m) for m in metrics]  # type: ignore[union-attr]
-            if all(v is not None and math.isfinite(float(v)) for v in values):
-                return TrialState.COMPLETE, [float(v) for v in values]
-        return TrialState.FAIL, None
+        return outcome_state(result, error, self.metric if isinstance(self.metric, list) else [self.metric])
 
     def _record_rerun(self, number: int, trial_id: str, state: TrialState, values: list[float] | None) -> None:
         """Keep the journal agreeing with Ray when a trial ran again after a restart.
@@ -294,20 +304,32 @@ class KdOptunaSearch(OptunaSearch):
                     trial_id, state.name)
 
 
-def reconcile_journal(storage_path: str | Path, study_name: str, finished_ray_trials: set[str]) -> int:
-    """Mark journal trials that Ray lost (asked before a driver crash, never run) as FAIL.
+def reconcile_journal(storage_path: str | Path, study_name: str, records: dict[str, dict[str, Any]],
+                      metrics: list[str], finished_ray_trials: set[str] | None = None) -> tuple[int, int]:
+    """Bring journal trials left RUNNING by a killed driver up to date.
 
-    Returns how many were marked. Trials still RUNNING in the journal whose Ray
-    trial is not among ``finished_ray_trials`` get the user attribute
-    ``lost_on_restart`` so they can be told apart from real failures.
+    A trial with a record (``records``, by Ray trial id) ended: the searcher writes
+    the record before it tells Optuna, so a driver killed in between leaves the
+    outcome only in the record. It is told now, from the record's last result,
+    with ``metrics`` as the objective values. When ``finished_ray_trials`` is given
+    (at the end of a search), the other RUNNING trials whose Ray trial is not
+    among them were asked before a driver crash and never run: they become FAIL
+    with the user attribute ``lost_on_restart``, to be told apart from real
+    failures. Returns (told from records, marked lost).
     """
     storage = journal_storage(storage_path)
     study = optuna.load_study(study_name=study_name, storage=storage)
-    marked = 0
+    told = lost = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         ray_id = trial.user_attrs.get("ray_trial_id")
-        if ray_id in finished_ray_trials:
-            continue
-        fail_lost_trial(study, trial, "lost_on_restart")
-        marked += 1
-    return marked
+        record = records.get(ray_id) if ray_id else None
+        if record is not None and trial.state == TrialState.RUNNING:
+            results = record.get("results") or []
+            state, values = outcome_state(results[-1] if results else None, record.get("ray_status") == "ERROR",
+                                          metrics)
+            study.tell(trial.number, values, state=state)
+            told += 1
+        elif finished_ray_trials is not None and ray_id not in finished_ray_trials:
+            fail_lost_trial(study, trial, "lost_on_restart")
+            lost += 1
+    return told, lost
