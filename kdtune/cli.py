@@ -17,7 +17,7 @@ from kdtune import __version__
 from kdtune.errors import KdtuneError
 from kdtune.results.export_formats import DEFAULT_FORMAT, DEPRECATED_FORMATS, FORMATS
 from kdtune.results.tracking import DEFAULT_TRACKER, TRACKER_PACKAGES
-from kdtune.study import FINAL_FILE, HISTORY_TABLE, META_FILE, TRIALS_TABLE
+from kdtune.study import FINAL_FILE, HISTORY_TABLE, META_FILE, RACE_FINAL_FILE, TRIALS_TABLE
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -271,16 +271,18 @@ def report(results: Path, out: Path | None, as_html: bool) -> None:
 @main.command()
 @_study_command
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Fresh seeds per configuration.")
-def evaluate(results: Path, seeds: int) -> None:
-    """Re-train the Pareto front and baselines with fresh seeds; test once; write final.csv."""
+@click.option("--race", "race", is_flag=True,
+              help="Evaluate the race's winner of each size (after best-t --race) instead of the front.")
+def evaluate(results: Path, seeds: int, race: bool) -> None:
+    """Re-train the Pareto front (or the race's winners) and baselines with fresh seeds; test once; write final.csv."""
     from kdtune.results.evaluate import final_evaluation
     from kdtune.results.report import format_terminal_table
 
-    table = final_evaluation(results, seeds=seeds, log=click.echo)
-    shown = ["width", "params", "temperature", "alpha", "test_acc_mean", "test_acc_std",
-             "baseline_test_acc_mean", "kd_gain_mean", "kd_gain_std", "latency_ms"]
+    table = final_evaluation(results, seeds=seeds, log=click.echo, race=race)
+    shown = ["width", "params", *(["param", "recommended"] if race else []), "temperature", "alpha",
+             "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "kd_gain_mean", "kd_gain_std", "latency_ms"]
     click.echo(format_terminal_table(table, [c for c in shown if c in table.columns]))
-    click.echo(f"all columns in {results}/{FINAL_FILE}")
+    click.echo(f"all columns in {results}/{RACE_FINAL_FILE if race else FINAL_FILE}")
 
 
 @main.command()

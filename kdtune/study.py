@@ -77,6 +77,8 @@ RACE_DIR = "race"
 RACE_TABLE = f"{RACE_DIR}/best_t.csv"
 RACE_CONTENDERS_TABLE = f"{RACE_DIR}/contenders.csv"
 RACE_PLOT = f"{RACE_DIR}/best_t.png"
+RACE_FINAL_FILE = f"{RACE_DIR}/final.csv"
+RACE_FINAL_RUNS_FILE = f"{RACE_DIR}/final_runs.csv"
 #: What a study folder must hold for the results commands to work, and why.
 REQUIRED_FILES = {META_FILE: "what the study is", SPEC_FILE: "the spec it was run with"}
 

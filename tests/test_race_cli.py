@@ -56,6 +56,39 @@ def test_a_race_writes_its_verdict_tables_and_plot(raced_study):
     assert set(runs.values()) == {1} and len(runs) == int(best["runs"].iloc[0])
 
 
+def test_evaluate_race_retrains_each_sizes_winner_with_fresh_seeds_on_the_test_split(raced_study, tmp_path):
+    study, _, _ = raced_study
+    copy = tmp_path / "evaluated"
+    shutil.copytree(study, copy)
+    outcome = CliRunner().invoke(main, ["evaluate", str(copy), "--race", "--seeds", "2"])
+    assert outcome.exit_code == 0, outcome.output
+    best = pd.read_csv(copy / RACE_TABLE, dtype={"recommended": str})
+    final = pd.read_csv(copy / "race" / "final.csv", dtype={"recommended": str})
+    runs = pd.read_csv(copy / "race" / "final_runs.csv")
+    assert not (copy / "final.csv").exists()  # the front's evaluation is another file
+    assert list(final["width"]) == [8.0] and final["param"].iloc[0] == "temperature"
+    winner = best["recommended"].iloc[0]
+    assert final["recommended"].iloc[0] == winner and final["trial_id"].iloc[0] == best["best_trial"].iloc[0]
+    distilled = runs[runs["role"] == "distilled"]
+    if winner.startswith("no distillation"):
+        assert final["alpha"].iloc[0] == 1.0 and final["kd_gain_mean"].iloc[0] == 0.0
+    else:
+        assert final["temperature"].iloc[0] == pytest.approx(float(winner))
+        assert final["kd_gain_mean"].iloc[0] == pytest.approx(
+            final["test_acc_mean"].iloc[0] - final["baseline_test_acc_mean"].iloc[0])
+    # Fresh seeds: neither the search's nor the race's own.
+    used = {r["config"]["seed"] for phase in ("search", "race") for r in load_records(copy, phase).values()}
+    assert len(set(distilled["seed"])) == 2 and not set(distilled["seed"]) & used
+    assert distilled["test_acc"].between(0, 1).all()
+
+
+def test_evaluate_race_without_a_race_is_one_clear_error(raced_study, tmp_path):
+    _, pristine, _ = raced_study
+    copy = tmp_path / "unraced"
+    shutil.copytree(pristine, copy)
+    assert_one_clean_error(CliRunner().invoke(main, ["evaluate", str(copy), "--race"]), "no race to evaluate")
+
+
 def test_a_killed_race_resumes_without_rerunning_and_matches_the_uninterrupted_one(raced_study, tmp_path):
     study, pristine, _ = raced_study
     copy = tmp_path / "racing"

@@ -18,6 +18,12 @@ protocol keeps the reported numbers honest:
 Results go to ``final.csv`` (one row per front configuration) and
 ``final_runs.csv`` (one row per re-training run) in the study folder.
 
+After a race (``kdtune best-t STUDY --race``), ``race=True`` evaluates the
+race's winners instead of the front: per raced size, the config the race ran
+with its recommended contender, re-trained and tested in the same way, into
+``race/final.csv`` and ``race/final_runs.csv``. The race chose on validation
+accuracy with its own seeds; these are fresh seeds and the test split.
+
 """
 
 from __future__ import annotations
@@ -39,8 +45,13 @@ from kdtune.errors import ResultsError
 from kdtune.study import (
     FINAL_FILE,
     FINAL_RUNS_FILE,
+    RACE_FINAL_FILE,
+    RACE_FINAL_RUNS_FILE,
+    RACE_PHASE,
+    RACE_TABLE,
     SPEC_FILE,
     TEACHER_DIR,
+    load_records,
     recorded_trial_config,
     require_study,
     trial_run_config,
@@ -56,6 +67,8 @@ FINAL_COLUMNS = [
     "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "baseline_test_acc_std",
     "kd_gain_mean", "kd_gain_std", "n_seeds", "seeds", "latency_ms", "throughput_per_s", "device", "threads",
 ]
+#: The race's evaluation adds which hyperparameter was raced and the winner.
+RACE_FINAL_COLUMNS = [*FINAL_COLUMNS, "param", "recommended"]
 RUN_COLUMNS = ["trial_id", "role", "seed", "width", "test_acc", "val_acc", "status", "epochs", "train_time_s"]
 def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` as CSV atomically (temporary file + rename)."""
@@ -158,10 +171,42 @@ def _front_or_explain(trials: pd.DataFrame, study_dir: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the protocol
 
 
+def race_winners(study_dir: Path, trials: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The race's recommended contender of every raced size: a front-like table (one
+    row per size: the size's best search trial, its params and bytes, the race's best
+    mean as ``val_acc``, ``param`` and ``recommended``) and the exact run config the
+    race trained that contender with, by that trial id.
+
+    Raises :class:`ResultsError` when the study has no finished race.
+    """
+    path = study_dir / RACE_TABLE
+    if not path.exists():
+        raise ResultsError(f"{study_dir}: no race to evaluate ({RACE_TABLE} is missing); race first with "
+                           f"kdtune best-t {study_dir} --race")
+    best = pd.read_csv(path, dtype={"recommended": str})
+    records = [r for r in load_records(study_dir, RACE_PHASE).values() if (r.get("config") or {}).get("race")]
+    by_id = trials.set_index("trial_id")
+    rows, configs = [], {}
+    for _, size in best.iterrows():
+        ran = [r["config"] for r in records if float(r["config"]["race"]["size"]) == float(size["width"])
+               and str(r["config"]["race"]["contender"]) == str(size["recommended"])]
+        if not ran:
+            raise ResultsError(f"{study_dir}: no recorded race run of width {size['width']:g} with "
+                               f"{size['param']} = {size['recommended']} (records/{RACE_PHASE}/ is incomplete)")
+        trial_id = str(size["best_trial"])
+        configs[trial_id] = trial_run_config(ran[0])
+        point = by_id.loc[trial_id]
+        rows.append({"trial_id": trial_id, "width": size["width"], "params": point["params"],
+                     "bytes": point["bytes"], "val_acc": size["best_mean"], "param": size["param"],
+                     "recommended": size["recommended"]})
+    return pd.DataFrame(rows), configs
+
+
 def final_evaluation(
-    study_dir: str | Path, seeds: int = 3, log: Log = print, device: str = "auto"
+    study_dir: str | Path, seeds: int = 3, log: Log = print, device: str = "auto", race: bool = False
 ) -> pd.DataFrame:
-    """Re-train the validation Pareto front and its baselines with fresh seeds; test once.
+    """Re-train the validation Pareto front (or, with ``race``, the race's winners)
+    and their baselines with fresh seeds; test once.
 
     For every configuration on the validation Pareto front of ``study_dir``
     (completed search trials only), and for the no-distillation baseline of the
@@ -185,9 +230,13 @@ def final_evaluation(
     ``threads`` torch threads: the trials' own setting when they had one (the
     caller's thread count is restored afterwards).
 
+    With ``race``, the configurations are the race's recommended contenders per
+    size (:func:`race_winners`), and the files are ``race/final.csv`` (with the
+    extra columns ``param`` and ``recommended``) and ``race/final_runs.csv``.
+
     Raises :class:`ResultsError` when ``study_dir`` is not a study folder or has
-    no completed search trial, and :class:`~kdtune.errors.ConfigError` for
-    ``seeds < 1`` or an unknown device.
+    no completed search trial (with ``race``: no finished race), and
+    :class:`~kdtune.errors.ConfigError` for ``seeds < 1`` or an unknown device.
     """
     from kdtune.core.distill import select_device
     from kdtune.core.teacher import prepare_teachers
@@ -200,16 +249,21 @@ def final_evaluation(
     study_dir = Path(study_dir)
     meta = require_study(study_dir)
     trials = load_results(study_dir)
-    front = _front_or_explain(trials, study_dir)
+    if race:
+        front, raced = race_winners(study_dir, trials)
+    else:
+        front = _front_or_explain(trials, study_dir)
+        raced = {trial_id: trial_run_config(recorded_trial_config(study_dir, trial_id, meta))
+                 for trial_id in front["trial_id"]}
     torch_device = select_device(device)
 
     spec = load_spec(study_dir / SPEC_FILE)
     used = {int(s) for s in pd.to_numeric(trials["seed"], errors="coerce").dropna()}
+    if race:  # the race's own seeds are not fresh either
+        used |= {int(r["config"]["seed"]) for r in load_records(study_dir, RACE_PHASE).values()
+                 if (r.get("config") or {}).get("seed") is not None}
     seed_list = fresh_seeds(int(seeds), spec.seed, used)
-    configs = {}
-    for trial_id in front["trial_id"]:
-        base = trial_run_config(recorded_trial_config(study_dir, trial_id, meta))
-        configs[trial_id] = base.replace(device=str(torch_device))
+    configs = {trial_id: config.replace(device=str(torch_device)) for trial_id, config in raced.items()}
 
     data = load_spec_data(spec)
     prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
@@ -219,7 +273,8 @@ def final_evaluation(
             f"the data or teacher changed since the search, so the re-trained students learn from other targets")
 
     planned = _plan_runs(configs, seed_list)
-    log(f"final evaluation of study '{meta['study']}': {len(front)} front configuration(s) × {len(seed_list)} "
+    what = "race winner(s)" if race else "front configuration(s)"
+    log(f"final evaluation of study '{meta['study']}': {len(front)} {what} × {len(seed_list)} "
         f"fresh seed(s) ({', '.join(map(str, seed_list))}) → {len(planned)} training runs on {torch_device}")
     # run() applies each trial's thread count (the search's placement, usually one
     # thread per trial) process-wide; give the caller its own setting back afterwards.
@@ -233,9 +288,12 @@ def final_evaluation(
         torch.set_num_threads(caller_threads)
 
     runs = pd.DataFrame([records[_config_key(config)] for _, _, config in planned], columns=RUN_COLUMNS)
-    write_csv_atomic(runs, study_dir / FINAL_RUNS_FILE)
-    write_csv_atomic(table, study_dir / FINAL_FILE)
-    log(f"wrote {study_dir / FINAL_FILE} and {study_dir / FINAL_RUNS_FILE}")
+    final_file, runs_file = (RACE_FINAL_FILE, RACE_FINAL_RUNS_FILE) if race else (FINAL_FILE, FINAL_RUNS_FILE)
+    if race:
+        table = table.merge(front[["trial_id", "param", "recommended"]], on="trial_id")[RACE_FINAL_COLUMNS]
+    write_csv_atomic(runs, study_dir / runs_file)
+    write_csv_atomic(table, study_dir / final_file)
+    log(f"wrote {study_dir / final_file} and {study_dir / runs_file}")
     return table
 
 

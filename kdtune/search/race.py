@@ -263,7 +263,7 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
     from kdtune.search.cluster import ray_session
     from kdtune.search.plan import plan_placement
     from kdtune.search.trainable import DataArrays, distill_trainable, user_objectives
-    from kdtune.spec import load_spec, load_spec_data, teacher_configs
+    from kdtune.spec import load_spec, load_spec_data, spec_teacher_targets, teacher_configs
     from kdtune.study import SPEC_FILE, TEACHER_DIR, check_not_locked, require_study, study_lock
     from kdtune.tables import load_tables
 
@@ -295,8 +295,9 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
         prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
                                     with_features=spec.uses_features(), log=log)
         trainable = tune.with_resources(
-            tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data), teacher=prepared.targets,
-                                 objectives=user_objectives()),
+            # The targets the search's trials learned from: cached logits, replayed views or the online teacher.
+            tune.with_parameters(distill_trainable, data=DataArrays.from_splits(data),
+                                 teacher=spec_teacher_targets(spec, prepared, data, log), objectives=user_objectives()),
             placement.resources)
         total = sum(len(e.race.contenders) for e in races) * max_seeds
         tuner = tune.Tuner(
