@@ -192,17 +192,21 @@ def _trials_with_finished_search(results: Path) -> Any:
 @click.option("--grid", type=click.IntRange(min=2), default=8, show_default=True,
               help="Contender values over the searched range (plus the no-distillation baseline).")
 @click.option("--resume", is_flag=True, help="With --race: continue an interrupted race without rerunning finished runs.")
+@click.option("--score-pool", is_flag=True,
+              help="With --race and a spec with train_subset: score runs on the validation images and the "
+                   "training images no student saw (less noise per run).")
 def best_t(results: Path, race: bool, param: str, widths: str | None, max_seeds: int, alpha_level: float,
-           grid: int, resume: bool) -> None:
+           grid: int, resume: bool, score_pool: bool) -> None:
     """Recommend a temperature per student size from a finished study (with --race: by racing it)."""
     from kdtune.results.analysis import best_temperature, counted_trials, parameter_importance, untested_sizes
     from kdtune.results.report import format_terminal_table
 
     if race:
-        _race(results, param, widths, max_seeds, alpha_level, grid, resume)
+        _race(results, param, widths, max_seeds, alpha_level, grid, resume, score_pool)
         return
-    if resume:
-        raise KdtuneError("--resume goes with --race: kdtune best-t RESULTS --race --resume")
+    if resume or score_pool:
+        flag = "--resume" if resume else "--score-pool"
+        raise KdtuneError(f"{flag} goes with --race: kdtune best-t RESULTS --race {flag}")
     trials = _trials_with_finished_search(results)
     table = best_temperature(trials)
     click.echo(format_terminal_table(table, list(table.columns)))
@@ -226,7 +230,7 @@ def best_t(results: Path, race: bool, param: str, widths: str | None, max_seeds:
 
 
 def _race(results: Path, param: str, widths: str | None, max_seeds: int, alpha_level: float, grid: int,
-          resume: bool) -> None:
+          resume: bool, score_pool: bool) -> None:
     from kdtune.results.report import format_terminal_table, plot_race
     from kdtune.search.race import run_race
 
@@ -237,7 +241,7 @@ def _race(results: Path, param: str, widths: str | None, max_seeds: int, alpha_l
         except ValueError:
             raise KdtuneError(f"--widths {widths!r}: expected comma-separated numbers, e.g. 8,64") from None
     outcome = run_race(results, param=param, widths=sizes, max_seeds=max_seeds, alpha=alpha_level, resume=resume,
-                       grid=grid, log=click.echo)
+                       grid=grid, score_pool=score_pool, log=click.echo)
     columns = ["width", "recommended", "indistinguishable", "best_mean", "kd_gain", "kd_gain_low", "kd_gain_high",
                "rounds", "epochs", "outcome"]
     click.echo(format_terminal_table(outcome.best, columns))

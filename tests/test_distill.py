@@ -366,3 +366,24 @@ def test_error_messages_list_the_allowed_values(digits) -> None:
     with pytest.raises(ConfigError) as info:
         run(RunConfig(alpha=1.0, family="transformer", epochs=1), digits, None)
     assert "mlp" in str(info.value) and "cnn" in str(info.value)
+
+
+def test_score_pool_scores_the_final_student_on_the_training_images_outside_its_subset(digits):
+    config = RunConfig(width=16, alpha=1.0, lr=1e-2, batch_size=32, epochs=2, seed=0, train_subset=150,
+                       score_pool=True)
+    result = run(config, digits)
+    # The images the student never saw: the training split minus its seeded, stratified subset.
+    seen = set(subset_indices(len(digits.train), 150, 0, labels=digits.train.y).tolist())
+    unseen = [i for i in range(len(digits.train)) if i not in seen]
+    with torch.no_grad():
+        predicted = result.student(digits.train.x[unseen]).argmax(1)
+    pool_acc = (predicted == digits.train.y[unseen]).float().mean().item()
+    metrics = result.metrics
+    assert metrics["pool_n"] == len(digits.train) - 150 == len(unseen)
+    assert metrics["pool_acc"] == pytest.approx(pool_acc)
+    n_val = len(digits.val)
+    assert metrics["val_pool_acc"] == pytest.approx((metrics["val_acc"] * n_val + pool_acc * len(unseen))
+                                                    / (n_val + len(unseen)))
+    # Only the final report carries it; without the setting nothing is scored.
+    assert "pool_acc" not in result.history[0]
+    assert "pool_acc" not in run(config.replace(score_pool=False), digits).metrics

@@ -82,6 +82,32 @@ def test_evaluate_race_retrains_each_sizes_winner_with_fresh_seeds_on_the_test_s
     assert distilled["test_acc"].between(0, 1).all()
 
 
+def test_a_race_can_score_on_the_training_images_no_student_saw(raced_study, tmp_path):
+    _, pristine, _ = raced_study
+    copy = tmp_path / "pool"
+    shutil.copytree(pristine, copy)
+    outcome = CliRunner().invoke(main, ["best-t", str(copy), "--race", "--widths", "8", "--max-seeds", "3",
+                                        "--grid", "2", "--score-pool"])
+    assert outcome.exit_code == 0, outcome.output
+    best = pd.read_csv(copy / RACE_TABLE)
+    contenders = pd.read_csv(copy / RACE_CONTENDERS_TABLE)
+    records = list(load_records(copy, "race").values())
+    # digits: 1,077 training images, 150 of them the students' subset; 360 validation images.
+    scored_on = "the 360 validation images and the 927 training images no student saw"
+    assert best["scored_on"].tolist() == [scored_on] and scored_on in best["verdict"].iloc[0]
+    assert records and all(r["config"]["score_pool"] for r in records)
+    # Each contender's mean is the mean of its runs' pooled accuracy, not of their validation accuracy.
+    for contender, group in contenders.groupby("contender"):
+        finals = [r["results"][-1] for r in records if str(r["config"]["race"]["contender"]) == str(contender)]
+        assert all(f["pool_n"] == 927 for f in finals)
+        pooled = sum(f["val_pool_acc"] for f in finals) / len(finals)
+        assert group["mean"].iloc[0] == pytest.approx(pooled)
+    assert_one_clean_error(CliRunner().invoke(main, ["best-t", str(copy), "--score-pool"]), "goes with --race")
+    # Resuming it without the flag would mix two scores: refused.
+    assert_one_clean_error(CliRunner().invoke(main, ["best-t", str(copy), "--race", "--widths", "8", "--resume"]),
+                           "--score-pool", "resume it the same way")
+
+
 def test_evaluate_race_without_a_race_is_one_clear_error(raced_study, tmp_path):
     _, pristine, _ = raced_study
     copy = tmp_path / "unraced"

@@ -129,9 +129,11 @@ def race_seed(spec: SearchSpec, round_index: int) -> int:
 class RaceSearcher(Searcher):
     """Ray searcher handing out the runs of each size's current round; see the module docstring."""
 
-    def __init__(self, races: list[SizeRace], param: str, seed: int) -> None:
+    def __init__(self, races: list[SizeRace], param: str, seed: int, score_pool: bool = False) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.races, self.param, self.seed = races, param, int(seed)
+        #: Score on the validation images and the training images no student saw (train_subset).
+        self.score_pool = bool(score_pool)
         self.pending: dict[str, tuple[int, Any, int]] = {}
 
     def save(self, checkpoint_path: str) -> None:
@@ -145,7 +147,7 @@ class RaceSearcher(Searcher):
         entry = self.races[index]
         values = dict(baseline_values()) if contender == BASELINE else {self.param: contender}
         return {**entry.base, **values, "seed": self.seed + RACE_SEED_OFFSET + round_index,
-                "phase": RACE_PHASE, "report_epochs": [],
+                **({"score_pool": True} if self.score_pool else {}), "phase": RACE_PHASE, "report_epochs": [],
                 "race": {"size": entry.size, "contender": contender, "round": round_index}}
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -179,7 +181,7 @@ class RaceSearcher(Searcher):
         if trial_id not in self.pending:
             return
         index, contender, round_index = self.pending.pop(trial_id)
-        self.record(index, contender, round_index, run_score(result, error))
+        self.record(index, contender, round_index, run_score(result, error, self.score_pool))
 
     def replay(self, records: Mapping[str, Mapping[str, Any]]) -> int:
         """Feed the recorded runs of an interrupted race, round by round; the number replayed."""
@@ -193,30 +195,35 @@ class RaceSearcher(Searcher):
             if index is not None:
                 last = rows[-1] if rows else None
                 runs.append((int(race["round"]), index, race["contender"],
-                             run_score(last, record.get("ray_status") == "ERROR")))
+                             run_score(last, record.get("ray_status") == "ERROR", self.score_pool)))
         for round_index, index, contender, score in sorted(runs, key=lambda r: (r[0], r[1])):
             self.record(index, contender, round_index, score)
         return len(runs)
 
 
-def run_score(result: Mapping[str, Any] | None, error: bool) -> float:
-    """The score of one run: its final validation accuracy; a run that diverged or failed
-    after its retries scores 0 (it is genuinely no good at that setting)."""
+def run_score(result: Mapping[str, Any] | None, error: bool, score_pool: bool = False) -> float:
+    """The score of one run: its final validation accuracy (with ``score_pool``: its accuracy
+    on the validation images and the unseen training-pool images together, ``val_pool_acc``);
+    a run that diverged or failed after its retries scores 0 (it is genuinely no good at
+    that setting)."""
     if error or not result or result.get("status") == "diverged":
         return 0.0
-    value = result.get("val_acc")
+    value = result.get("val_pool_acc" if score_pool else "val_acc")
     return float(value) if value is not None and math.isfinite(float(value)) else 0.0
 
 
-def race_tables(races: list[SizeRace], param: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(best_t: one row per size, contenders: one row per size and contender)."""
+def race_tables(races: list[SizeRace], param: str, scored_on: str = "the validation split"
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(best_t: one row per size, contenders: one row per size and contender); ``scored_on``
+    says which images scored the runs, in the verdicts and the ``scored_on`` column."""
     summaries, tables = [], []
     for entry in races:
-        context = f"at width {entry.size:g}'s other hyperparameters (its best search trial {entry.trial_id})"
+        context = (f"at width {entry.size:g}'s other hyperparameters (its best search trial {entry.trial_id}); "
+                   f"scored on {scored_on}")
         summary = entry.race.summary(context)
         runs = entry.race.runs
         summaries.append({"width": entry.size, "param": param, "best_trial": entry.trial_id, **summary,
-                          "epochs": runs * entry.epochs})
+                          "epochs": runs * entry.epochs, "scored_on": scored_on})
         table = entry.race.table()
         table.insert(0, "width", entry.size)
         tables.append(table)
@@ -253,9 +260,12 @@ class RaceResult:
 
 def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[float] | None = None,
              max_seeds: int = DEFAULT_MAX_SEEDS, alpha: float = 0.05, resume: bool = False, grid: int = 8,
-             log: Log = print) -> RaceResult:
+             score_pool: bool = False, log: Log = print) -> RaceResult:
     """Race ``param`` per student size of a finished study; write ``race/best_t.csv`` and
-    ``race/contenders.csv``. Bad input raises :class:`KdtuneError` before Ray starts."""
+    ``race/contenders.csv``. ``score_pool`` scores every run on the validation images
+    and the training images outside the spec's ``train_subset``, which no student
+    saw: more images, less noise per run. Bad input raises :class:`KdtuneError`
+    before Ray starts."""
     from ray import tune
 
     from kdtune.core.teacher import prepare_teachers
@@ -272,13 +282,21 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
     spec = load_spec(study_dir / SPEC_FILE)
     trials, _ = load_tables(study_dir)
     races = plan_races(study_dir, spec, trials, param, widths, max_seeds, alpha, grid)
+    if score_pool and spec.data.train_subset is None:
+        raise KdtuneError("--score-pool: the study's students saw the whole training split (data.train_subset is "
+                          "not set), so no unseen training images are left to score on; race without it")
     recorded = load_records(study_dir, RACE_PHASE)
+    scored = {bool((r.get("config") or {}).get("score_pool")) for r in recorded.values()}
+    if resume and scored and scored != {bool(score_pool)}:
+        was = "with" if True in scored else "without"
+        raise KdtuneError(f"--score-pool: the recorded race was scored {was} the unseen training images; resume it "
+                          f"the same way ({'with' if was == 'with' else 'without'} --score-pool)")
     if recorded and not resume:
         raise KdtuneError(f"{study_dir}: a race was run here already ({len(recorded)} runs recorded in "
                           f"records/{RACE_PHASE}/); continue it with --race --resume, or delete that folder")
     # The searcher plays a copy: Ray may run a copy of it too, so the outcome is
     # replayed from the records into the untouched plan once the runs are done.
-    searcher = RaceSearcher(copy.deepcopy(races), param, spec.seed)
+    searcher = RaceSearcher(copy.deepcopy(races), param, spec.seed, score_pool)
     replayed = searcher.replay(recorded) if resume else 0
     check_not_locked(study_dir)
     search_epochs = int(trials.loc[trials["phase"] == "search", "epochs_run"].fillna(0).sum())
@@ -288,6 +306,10 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
         f"({bound / max(search_epochs, 1):.1f}× the search's {search_epochs})"
         + (f"; {replayed} recorded run(s) replayed" if replayed else ""))
     data = load_spec_data(spec)
+    scored_on = f"the {len(data.val):,} validation images"
+    if score_pool:
+        scored_on += f" and the {len(data.train) - int(spec.data.train_subset):,} training images no student saw"
+    log(f"the race scores on {scored_on}")
     with ray_session(None, False, log), study_lock(study_dir):
         import ray
 
@@ -312,9 +334,9 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
                 callbacks=[recording_callback(study_dir, RACE_PHASE), progress_callback(total, log)]),
         )
         tuner.fit()
-    final = RaceSearcher(races, param, spec.seed)
+    final = RaceSearcher(races, param, spec.seed, score_pool)
     final.replay(load_records(study_dir, RACE_PHASE))
-    best, contenders = race_tables(final.races, param)
+    best, contenders = race_tables(final.races, param, scored_on)
     out = study_dir / RACE_DIR
     out.mkdir(exist_ok=True)
     write_frame_atomic(best, study_dir / RACE_TABLE, fmt="csv")
