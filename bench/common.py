@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "results" / "bench"
@@ -171,6 +171,28 @@ class Report:
         path = folder / f"{self.name}.md"
         path.write_text(self.to_markdown(command))
         return path
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (a report names it so)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def report_standalone(script: str, build: Callable[[], Report], argv: Sequence[str] | None = None) -> Path:
+    """Build a benchmark's report outside ``run_all`` (as its own script), timed and with the
+    load averages around it as ``run_all`` records them; print it and write it to
+    :data:`RESULTS_DIR`. ``script`` and ``argv`` (default: this process's) make its command."""
+    load_before, started = load_average(), time.perf_counter()
+    report = build()
+    report.wall_s, report.load_before, report.load_after = time.perf_counter() - started, load_before, load_average()
+    command = f"python {script}" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    print(report.to_markdown(command))
+    path = report.write(command, RESULTS_DIR)
+    print(f"-> {path}")
+    return path
 
 
 # --------------------------------------------------------------------------- machine and versions

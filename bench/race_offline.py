@@ -279,17 +279,9 @@ def run(quick: bool = False, matrix_path: Path | None = None, replays: int | Non
                "`pool_acc` scores each run on the training-pool images outside the 150 labelled ones (927 images, "
                "against 360 validation images); it is judged against brute force on the same images.\n\n"
                + common.markdown_table(headers, variant_rows))
-    report.notes.append(f"Matrix: {_shown(source)} ({len(frame)} runs, widths "
+    report.notes.append(f"Matrix: {common.shown(source)} ({len(frame)} runs, widths "
                         f"{', '.join(map(str, widths))}, {epochs} epochs each).")
     return report
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when it lies inside it."""
-    try:
-        return str(path.resolve().relative_to(common.REPO))
-    except ValueError:
-        return str(path)
 
 
 def _race_table(race, label) -> str:
@@ -318,12 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     if args.record:
         record(args.matrix or RECORDED, widths, args.seeds, args.epochs)
-    load_before, started = common.load_average(), time.perf_counter()
-    report = run(matrix_path=args.matrix, replays=args.replays, max_seeds=args.max_seeds)
-    report.wall_s, report.load_before, report.load_after = time.perf_counter() - started, load_before, common.load_average()
-    command = "python bench/race_offline.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    print(report.to_markdown(command))
-    print(f"-> {report.write(command)}")
+    common.report_standalone("bench/race_offline.py",
+                             lambda: run(matrix_path=args.matrix, replays=args.replays, max_seeds=args.max_seeds), argv)
 
 
 if __name__ == "__main__":

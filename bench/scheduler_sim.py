@@ -38,23 +38,31 @@ WORKERS = 2
 
 
 def record_curves(path: Path, per_seed: int, seeds: list[int], epochs: int | None = None,
-                  spec_path: Path = common.DEFAULT_SPEC) -> None:
+                  spec_path: Path = common.DEFAULT_SPEC, overrides: dict[str, Any] | None = None,
+                  teacher_root: Path | None = None) -> None:
     """Train ``per_seed`` random configurations of the spec's space (default: digits) per seed (seed = the
     benchmark repeat's spec seed, which also picks the 150 training images) for ``epochs``
     epochs (default: the spec's budget) and append their per-epoch ``val_acc`` and
-    ``val_loss`` to ``path`` (JSON lines; resumable)."""
+    ``val_loss`` to ``path`` (JSON lines; resumable).
+
+    ``overrides`` are merged into the spec (e.g. ``{"student": {"lr_schedule": "cosine"}}``);
+    they change no sampled configuration, since the sampler's seed and space are the same,
+    so recordings that differ only in overrides hold the same configurations under the same
+    seeds. The teacher is cached in ``teacher_root`` (default: ``teacher-cache`` beside ``path``)."""
     import optuna
     import torch
 
-    from kdtune.distill import RunConfig, run
+    from kdtune.distill import run
     from kdtune.search import base_config, load_spec_data, plan_placement
     from kdtune.searcher import to_optuna_distribution
+    from kdtune.study import trial_run_config
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = common.digits_spec({"baselines": False, **({"space": {"epochs": epochs}} if epochs else {})}, spec_path)
+    budget = {"space": {"epochs": epochs}} if epochs else {}
+    spec = common.digits_spec(common.deep_merge({"baselines": False, **budget}, overrides or {}), spec_path)
     data = load_spec_data(spec)
-    teacher = common.TeacherCache(path.parent / "teacher-cache").prepare(spec).targets
+    teacher = common.TeacherCache(teacher_root or path.parent / "teacher-cache").prepare(spec).targets
     space = {name: to_optuna_distribution(value) for name, value in spec.space.searched().items()}
     base = base_config(spec, plan_placement(spec, {"CPU": 1.0}, 1))
     done = {(r["seed"], r["index"]) for r in load_curves(path)} if path.exists() else set()
@@ -66,7 +74,8 @@ def record_curves(path: Path, per_seed: int, seeds: list[int], epochs: int | Non
                 params = study.ask(space).params
                 if (seed, index) in done:
                     continue
-                config = RunConfig.from_dict({**base, **params, "seed": seed, "data_seed": seed})
+                # As a trial builds its run (the trial-steering keys of base_config left out).
+                config = trial_run_config({**base, **params, "seed": seed, "data_seed": seed})
                 history = run(config, data, teacher).history
                 out.write(json.dumps({
                     "seed": seed, "index": index, **params, "params": history[-1]["params"],
