@@ -632,11 +632,15 @@ class Race:
         return text + suffix
 
     def _span(self, members: Sequence[Contender]) -> str:
-        """"T from a to b" when ``members``' numbers are consecutive contenders, else a list."""
+        """"T from a to b" when ``members``' numbers are consecutive contenders, else a list
+        (categorical contenders, such as methods, by name: "dkd, dist")."""
         numeric = sorted(c for c in members if c != BASELINE)
         all_numeric = sorted(c for c in self.contenders if c != BASELINE)
         parts = []
-        if len(numeric) >= 2:
+        if not all(isinstance(c, (int, float, np.number)) for c in all_numeric):
+            parts.append(", ".join(self.name(c) for c in self.contenders if c in numeric) if numeric else "")
+            parts = [p for p in parts if p]
+        elif len(numeric) >= 2:
             start = all_numeric.index(numeric[0])
             if all_numeric[start:start + len(numeric)] == numeric:
                 parts.append(f"{self.param} from {float(numeric[0]):g} to {float(numeric[-1]):g}")

@@ -220,3 +220,28 @@ def test_bad_rounds_are_refused_with_one_message():
     done = replay(Race(list(means)), synthetic_rounds(means, np.random.default_rng(0)))
     with pytest.raises(RaceError, match="over"):
         done.add_round({4.0: 0.9})
+
+
+def test_a_race_of_methods_names_them_in_every_kind_of_verdict():
+    """Categorical contenders (``--param soft_loss``): the verdict lists methods by name."""
+    methods = ["kd", "dkd", "dist", BASELINE]
+    # dkd and dist tied, kd close behind, no distillation far behind: an equivalence verdict.
+    equal = replay(Race(methods, param="soft_loss"),
+                   synthetic_rounds({"kd": 0.95, "dkd": 0.95, "dist": 0.95, BASELINE: 0.85},
+                                    np.random.default_rng(5), block_sd=0.02, noise_sd=0.003))
+    assert BASELINE in equal.dropped, equal.verdict()
+    verdict = equal.verdict()
+    assert "soft_loss makes no measurable difference" in verdict and "no distillation" in verdict
+    # Two methods apart by less than the noise can resolve: an unresolved verdict names both.
+    close = Race(["kd", "dkd"], param="soft_loss", practical=0.0, futility=False)
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        block = rng.normal(0, 0.03)
+        close.add_round({"kd": 0.90 + block + rng.normal(0, 0.01), "dkd": 0.91 + block + rng.normal(0, 0.01)})
+    assert close.verdict().startswith("unresolved after 10 seeds: kd, dkd still in the race")
+    # One clearly best method: named alone, the dropped ones by name.
+    clear = replay(Race(methods, param="soft_loss"),
+                   synthetic_rounds({"kd": 0.90, "dkd": 0.97, "dist": 0.90, BASELINE: 0.85},
+                                    np.random.default_rng(3), noise_sd=0.003))
+    assert clear.verdict().startswith("dkd best after") and "kd, dist and no distillation" in clear.verdict()
+    assert clear.summary()["indistinguishable"] == "dkd"
