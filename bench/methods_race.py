@@ -60,15 +60,15 @@ def search_and_race(spec: dict[str, Any], results: Path, param: str, widths: lis
     """Search ``spec`` (resuming a finished study is a no-op) and race ``param``; the study and seconds."""
     from kdtune.search import search
     from kdtune.search.race import run_race
-    from kdtune.study import RACE_TABLE
+    from kdtune.study import RACE_TABLE, load_records
 
     started = time.perf_counter()
     study = results / spec["study"]
     spec_path = _write(spec, results / "specs")
     if not (study / "trials.parquet").exists():
         search(spec_path, results_root=results, log=log)
-    if not (study / RACE_TABLE).exists():
-        run_race(study, param=param, widths=widths, log=log)
+    if not (study / RACE_TABLE).exists():  # a race cut short continues from its records
+        run_race(study, param=param, widths=widths, resume=bool(load_records(study, "race")), log=log)
     return study, time.perf_counter() - started
 
 

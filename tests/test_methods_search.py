@@ -19,6 +19,7 @@ from kdtune.core.losses import distillation_loss, dkd_loss, standardize_logits
 from kdtune.search.sampler import ConditionalSpace, KdOptunaSearch
 from kdtune.search.sampler import to_optuna_distribution as dist_of
 from kdtune.spec import parse_spec
+from kdtune.study import load_records
 
 
 def test_published_recipes_are_expressible_as_published():
@@ -117,6 +118,21 @@ def test_a_search_over_methods_end_to_end(ray_session, tmp_path):
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "r" / "methods" / "optuna.journal"))))
     for trial in study.trials:
         assert ("dkd_beta" in trial.params) == (trial.params["soft_loss"] == "dkd")
+    # The methods race at the best trial, through the CLI: every method (and no distillation) a
+    # contender, each run that method at the best trial's other hyperparameters, verdicts by name.
+    raced = CliRunner().invoke(main, ["best-t", str(tmp_path / "r" / "methods"), "--race", "--param", "soft_loss",
+                                      "--max-seeds", "3"])
+    assert raced.exit_code == 0, raced.output
+    contenders = pd.read_csv(tmp_path / "r" / "methods" / "race" / "contenders.csv")
+    assert set(contenders["contender"]) == {"kd", "dkd", "dist", "no distillation (α=1)"}
+    best = pd.read_csv(tmp_path / "r" / "methods" / "race" / "best_t.csv")
+    assert best["verdict"].str.len().gt(20).all() and "width 8:" in raced.output
+    held = trials.sort_values("val_acc", ascending=False).iloc[0]
+    for record in load_records(tmp_path / "r" / "methods", "race").values():
+        config = record["config"]
+        if config["race"]["contender"] in ("kd", "dkd", "dist"):
+            assert config["soft_loss"] == config["race"]["contender"]
+            assert config["temperature"] == pytest.approx(held["temperature"])
 
 
 def test_a_temperature_curriculum_follows_its_schedule_and_keeps_the_fused_path_exact(digits, one_torch_thread):

@@ -488,7 +488,10 @@ def plot_race(study_dir: str | Path, out: str | Path | None = None) -> Path:
         rows = table[(table["width"] == size)]
         baseline = rows[rows["baseline"].astype(bool)]
         values = rows[~rows["baseline"].astype(bool)].copy()
-        values["x"] = values["contender"].astype(float)
+        numbers = pd.to_numeric(values["contender"], errors="coerce")
+        # Methods (``--param soft_loss``) are categories: one position each, labelled by name.
+        categorical = bool(numbers.isna().any())
+        values["x"] = np.arange(len(values), dtype=float) if categorical else numbers
         for _, row in baseline.iterrows():
             ax.axhspan(row["ci_low"], row["ci_high"], color="0.85", label="no distillation (95% CI)")
             ax.axhline(row["mean"], color="0.5", linewidth=1.0)
@@ -504,16 +507,20 @@ def plot_race(study_dir: str | Path, out: str | Path | None = None) -> Path:
                                 xytext=(4, -10), fontsize=7, color="0.5")
         chosen = best[best["width"] == size]["recommended"]
         if len(chosen):
-            try:
-                at = values[values["x"] == float(chosen.iloc[0])]
+            # The baseline may have won: then nothing on the axis matches and nothing is circled.
+            at = values[values["contender"].astype(str) == str(chosen.iloc[0])] if categorical else \
+                values[values["x"] == pd.to_numeric(chosen.iloc[0], errors="coerce")]
+            if len(at):
                 ax.scatter(at["x"], at["mean"], s=140, facecolors="none", edgecolors="tab:red", linewidths=1.6,
                            zorder=4, label="recommended")
-            except ValueError:
-                pass  # the baseline won: nothing to circle on the axis
-        ax.set_xscale("log" if values["x"].min() > 0 else "linear")
-        ax.set_xticks(sorted(values["x"]))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.2g}"))
+        if categorical:
+            ax.set_xticks(list(values["x"]), [str(c) for c in values["contender"]])
+            ax.set_xlim(-0.5, len(values) - 0.5)
+        else:
+            ax.set_xscale("log" if values["x"].min() > 0 else "linear")
+            ax.set_xticks(sorted(values["x"]))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.2g}"))
         ax.set_title(f"width {size:g}")
         ax.set_xlabel(param)
         ax.set_ylabel("validation accuracy (mean, 95% CI)")
