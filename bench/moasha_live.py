@@ -61,6 +61,7 @@ SAMPLES = 40  # the reference's configurations; the budget is SAMPLES × the ful
 CONCURRENT = 2
 MAX_TRIALS = 5000  # num_samples of the budgeted methods: the epoch budget ends them first
 EVENTS_FILE = "scheduler_events.jsonl"
+DONE_FILE = "bench_done.json"  # written after a search ends: its wall time; the study is then reused
 OFFLINE_AREA_DIFF = 0.0125  # bench/RESULTS.md: area(kdtune default) − area(MOASHA corrected), digits MLP
 KDTUNE, MOASHA = "kdtune default (pareto_asha + TPE)", "MOASHA corrected (random)"
 
@@ -260,19 +261,39 @@ def completion_events(log: Sequence[dict[str, Any]], max_t: int) -> tuple[list[E
 # --------------------------------------------------------------------------- the benchmark
 
 
+def search_once(spec: Any, root: Path, study: str, budget: Any = None) -> tuple[Any, float]:
+    """(trials table, wall seconds) of the search ``study`` in ``root``: run now, or read back
+    when an earlier run of the benchmark with the same ``root`` finished it (a search it did
+    not finish is removed and run again). Lets a long comparison be run seed by seed."""
+    import shutil
+
+    from kdtune.tables import load_tables
+
+    folder = Path(root) / study
+    if (folder / DONE_FILE).exists():
+        return load_tables(folder)[0], float(json.loads((folder / DONE_FILE).read_text())["wall_s"])
+    if folder.exists():
+        shutil.rmtree(folder)
+    result, wall = common.timed_search(spec, root, study, common.shared_teachers(), budget=budget)
+    (folder / DONE_FILE).write_text(json.dumps({"wall_s": wall}))
+    return result.trials, wall
+
+
 def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequence[str] = ("kdtune", "moasha"),
-        plot_path: Path | None = None, samples: int = SAMPLES, epochs: int | None = None) -> Report:
+        plot_path: Path | None = None, samples: int = SAMPLES, epochs: int | None = None,
+        root: Path | None = None) -> Report:
     """Run the live comparison and return its report (``quick``: one seed). ``samples``
     sets the reference's configurations (the budget is ``samples`` × the full budget) and
-    ``epochs`` the trials' full budget (default: the spec's), for a smoke run."""
+    ``epochs`` the trials' full budget (default: the spec's), for a smoke run. ``root``
+    keeps the studies (default: a new temporary folder); searches finished there by an
+    earlier run with the same settings are read back, not run again."""
     from kdtune.search import max_epochs
     from kdtune.search.plan import Budget
 
     register_rules()
     seeds = list(seeds if seeds is not None else ([0] if quick else [0, 1, 2]))
     report = Report("moasha_live", "Live anytime fronts: kdtune's default against corrected MOASHA", quick=quick)
-    root = Path(tempfile.mkdtemp(prefix="kdtune-bench-moasha-live-"))
-    teachers = common.shared_teachers()
+    root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="kdtune-bench-moasha-live-"))
     base = {"baselines": False, "resources": {"max_concurrent_trials": CONCURRENT},
             **({"space": {"epochs": epochs}} if epochs else {})}
     default = common.digits_spec(base)
@@ -286,12 +307,12 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
     for seed in seeds:
         spec = common.digits_spec(common.deep_merge({**base, "seed": seed, "num_samples": samples},
                                                     EFFICIENCY_METHODS[REFERENCE_NAME]))
-        result, wall = common.timed_search(spec, root, f"live-s{seed}-reference", teachers)
-        trials = result.trials[(result.trials["phase"] == "search") & (result.trials["status"] == "completed")]
+        all_trials, wall = search_once(spec, root, f"live-s{seed}-reference-{samples}x{max_t}")
+        trials = all_trials[(all_trials["phase"] == "search") & (all_trials["status"] == "completed")]
         ref_points = [(0.0, float(p), float(a)) for p, a in zip(trials["params"], trials["val_acc"])]
         ref_hv = float(hv_at_budgets(ref_points, [0.0], reference_size)[0])
         sizes = sorted({p for _, p, _ in ref_points})
-        references.append([seed, REFERENCE_NAME, samples, len(trials), int(result.trials["epochs_run"].sum()),
+        references.append([seed, REFERENCE_NAME, samples, len(trials), int(all_trials["epochs_run"].sum()),
                            ref_hv, 1.0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, wall])
         print(f"seed {seed}: reference HV {ref_hv:.4f} ({wall:.0f} s)", flush=True)
         measured = {}
@@ -299,10 +320,10 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
             name, overrides, rule = METHODS[key]
             spec = common.digits_spec(common.deep_merge(
                 {**base, "seed": seed, "num_samples": MAX_TRIALS, "early_stopping": {"rule": rule}}, overrides))
-            study = f"live-s{seed}-{key}"
-            result, wall = common.timed_search(spec, root, study, teachers, budget=Budget(epochs=budget))
+            study = f"live-s{seed}-{key}-{samples}x{max_t}"
+            all_trials, wall = search_once(spec, root, study, Budget(epochs=budget))
             by_epochs, by_seconds, logged, seconds = completion_events(load_events(root / study / EVENTS_FILE), max_t)
-            search_trials = result.trials[result.trials["phase"] == "search"]
+            search_trials = all_trials[all_trials["phase"] == "search"]
             curve = hv_at_budgets(by_epochs, GRID * budget, reference_size) / ref_hv
             final = float(hv_at_budgets(by_epochs, [math.inf], reference_size)[0]) / ref_hv
             within = [(p, a) for spent, p, a in by_epochs if spent <= budget]
@@ -406,12 +427,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=SAMPLES, help="the reference's configurations (budget = "
                                                                       "samples × the full budget)")
     parser.add_argument("--epochs", type=int, default=None, help="the trials' full budget (default: the spec's)")
+    parser.add_argument("--root", type=Path, default=None, help="keep the studies here; searches an earlier run "
+                                                                 "finished here are read back (run seed by seed)")
     args = parser.parse_args()
     common.shared_teachers(args.teacher_cache)
     common.start_ray()
     started, load_before = time.perf_counter(), common.load_average()
     report = run(seeds=args.seeds, methods=args.methods, plot_path=common.RESULTS_DIR / "moasha_live_time.png",
-                 samples=args.samples, epochs=args.epochs)
+                 samples=args.samples, epochs=args.epochs, root=args.root)
     report.wall_s = time.perf_counter() - started
     report.load_before, report.load_after = load_before, common.load_average()
     command = ("python bench/moasha_live.py --seeds " + " ".join(map(str, args.seeds))
