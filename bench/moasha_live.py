@@ -335,7 +335,7 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
             runs[name].append(m)
             print(f"seed {seed}: {name}: HV ratio {final:.4f}, area {m['area']:.4f}, {m['trials']} trials, "
                   f"{m['epochs']} epochs, {seconds:.0f} s ({wall:.0f} s with setup)", flush=True)
-        # Wall-clock view: each method's HV ratio over the shorter run's duration, so that both
+        # Wall-clock view: each method's HV ratio over the seed's shortest run, so that all
         # are judged over the same seconds.
         horizon = min(m["seconds"] for m in measured.values())
         for m in measured.values():
@@ -349,8 +349,8 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                         median(m["curve"][24] for m in per_seed), median(m["curve"][-1] for m in per_seed),
                         median(m["final"] for m in per_seed), median(m["regret"] for m in per_seed),
                         median(m["time_area"] for m in per_seed), median(m["epochs"] for m in per_seed),
-                        median(m["seconds"] for m in per_seed), median(m["trials"] for m in per_seed),
-                        median(m["completed"] for m in per_seed)])
+                        median(m["seconds"] for m in per_seed), round(median(m["trials"] for m in per_seed)),
+                        round(median(m["completed"] for m in per_seed))])
         rows += [[m["seed"], name, m["trials"], m["completed"], m["epochs"], m["final"] * m["ref_hv"], m["final"],
                   m["area"], m["curve"][9], m["curve"][-1], m["regret"], m["time_area"], m["seconds"], m["wall"]]
                  for m in per_seed]
@@ -364,7 +364,8 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
         f"from 5% to 100% of the epoch budget (bench/anytime.py's); HV @x%: at x% of the budget; final: every trial "
         f"completed, the ones that finished after the budget included; worst regret: over the sizes, the "
         f"reference's best accuracy at that size or smaller minus the method's at 100% of the budget; time area: "
-        f"the mean HV ratio over the seconds of the shorter of the two runs of the seed, from its first trial; "
+        f"the mean HV ratio over the seconds of the seed's shortest run (of the methods compared), from its first "
+        f"trial; "
         f"seconds: first trial added to last result.\n\n"
         + markdown_table(["method", "area 5–100% (epochs)", "HV @10%", "HV @25%", "HV @100%", "final HV",
                           "worst regret", "time area", "epochs", "seconds", "trials", "completed"], summary))
