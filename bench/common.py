@@ -322,15 +322,16 @@ def shared_teachers(root: Path | None = None) -> TeacherCache:
     return _SHARED_TEACHERS
 
 
-def timed_search(spec, root: Path, name: str, teachers: TeacherCache | None = None):
-    """Run ``kdtune.search.search`` on a validated spec in ``root``; returns (result, wall seconds)."""
+def timed_search(spec, root: Path, name: str, teachers: TeacherCache | None = None, budget: Any = None):
+    """Run ``kdtune.search.search`` on a validated spec in ``root`` (with ``budget``, a
+    :class:`kdtune.search.plan.Budget`, if given); returns (result, wall seconds)."""
     from kdtune.search import search
 
     named = spec.model_copy(update={"study": name})
     if teachers is not None:
         teachers.seed(named, Path(root).resolve() / name)
     started = time.perf_counter()
-    result = search(named, results_root=root, log=lambda m: None)
+    result = search(named, results_root=root, log=lambda m: None, budget=budget)
     return result, time.perf_counter() - started
 
 

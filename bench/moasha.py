@@ -128,6 +128,19 @@ def normalised_objectives(accuracy: float, params: float, params_range: tuple[fl
     return {"error": 1.0 - float(accuracy), "size": min(max(size, 0.0), 1.0)}
 
 
+def bracket_milestones(bracket: Any, max_t: int) -> list[int]:
+    """The epochs at which trials must report so that each report lands in its own rung of
+    ``bracket``: the ceiling of each rung level below ``max_t``, ascending.
+
+    Bracket's levels are grace·η^k unrounded (2.5, 6.25, … for η = 2.5), and a result is
+    recorded at the highest level at or below its epoch not yet holding the trial. kdtune's
+    :func:`~kdtune.scheduler.rung_milestones` rounds (2, 6, …): a report at epoch 2 would
+    reach no level, and the one at 6 would be ranked at level 2.5. For integer η both agree."""
+    levels = sorted(float(level) for level, _ in bracket.rungs)
+    epochs = [math.ceil(round(level, 9)) for level in levels]
+    return sorted({epoch for epoch in epochs if epoch < max_t})
+
+
 class MOASHARule:
     """MOASHA's decisions on Syne Tune's own ``Bracket`` (one bracket, as MOASHA's default),
     with kdtune's scheduler interface: ``on_trial_result(controller, trial, result)``
@@ -148,14 +161,12 @@ class MOASHARule:
                  loss_scale: float = 1.0) -> None:
         if SYNE_TUNE_ERROR is not None:
             raise ImportError(f"MOASHA needs syne-tune: {SYNE_TUNE_ERROR}")
-        from kdtune.scheduler import rung_milestones
-
         self.max_t = int(max_t)
-        self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
         self.params_range = params_range
         self.metric, self.mode, self.loss_scale = metric, mode, float(loss_scale)
         priority = CorrectedPriority(reduction_factor=reduction_factor) if corrected else NonDominatedPriority()
         self.bracket = Bracket(grace_period, max_t, reduction_factor, 0, priority)
+        self.milestones = bracket_milestones(self.bracket, self.max_t)
 
     def objectives(self, result: dict[str, Any]) -> dict[str, float]:
         """The normalised objectives of one result."""

@@ -42,16 +42,21 @@ METHODS: dict[str, dict[str, Any]] = {
 REFERENCE, STOCK, KDTUNE, SIZE_AWARE = list(METHODS)
 
 
-def max_params(spec) -> int:
-    """Parameters of the largest student the spec's space allows (the reference point's size)."""
+def params_range(spec) -> tuple[int, int]:
+    """Parameters of the smallest and the largest student the spec's space allows."""
     from kdtune.models import build_model, count_parameters
     from kdtune.search import load_spec_data
     from kdtune.spec import possible_values
 
     data = load_spec_data(spec)
-    widest = max(float(w) for w in possible_values(spec.space.width))
-    model = build_model(spec.student.family, data.input_shape, data.num_classes, widest, **spec.student.options)
-    return count_parameters(model)
+    widths = [float(w) for w in possible_values(spec.space.width)]
+    return tuple(count_parameters(build_model(spec.student.family, data.input_shape, data.num_classes, width,
+                                              **spec.student.options)) for width in (min(widths), max(widths)))
+
+
+def max_params(spec) -> int:
+    """Parameters of the largest student the spec's space allows (the reference point's size)."""
+    return params_range(spec)[1]
 
 
 def front_hypervolume(trials, reference: tuple[float, float]) -> float:

@@ -47,3 +47,22 @@ def test_a_spent_epoch_budget_stops_sampling_and_completes_the_study(ray_session
     assert meta["budget"] == {"epochs": 6, "seconds": None}
     assert meta["epochs_spent"]["search"] == 8
     assert meta["epochs_spent"]["baseline"] == 4 * (trials["phase"] == "baseline").sum()
+
+
+def test_the_epochs_of_a_trial_stopped_early_count_toward_the_budget(tmp_path):
+    """Ray gives the result a scheduler stops a trial on only to the searcher's
+    on_trial_complete, not to on_trial_result (ray.tune's TuneController): a trial
+    stopped at its first rung must still count its epoch."""
+    from test_faults import small_searcher
+
+    searcher = small_searcher(tmp_path, budget=Budget(epochs=4))
+    for trial_id in ("a", "b", "c"):
+        searcher.suggest(trial_id)
+    # a reports epoch 1 and continues, then completes at 3 (3 epochs); b is stopped at epoch 1.
+    searcher.on_trial_result("a", {"epoch": 1, "val_acc": 0.5, "params": 10})
+    assert not searcher.budget_spent()
+    searcher.on_trial_complete("b", {"epoch": 1, "epochs": 3, "status": "running", "val_acc": 0.2, "params": 10})
+    assert not searcher.budget_spent()  # 1 + 1
+    searcher.on_trial_complete("a", {"epoch": 3, "epochs": 3, "status": "completed", "val_acc": 0.6, "params": 10})
+    assert searcher.budget_spent()  # 3 + 1 = 4
+    assert searcher.suggest("d") == "FINISHED"

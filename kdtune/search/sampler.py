@@ -235,7 +235,11 @@ class KdOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         super().on_trial_result(trial_id, result)
-        if self._budget is not None and result.get("epoch") is not None:
+        self._count_epochs(trial_id, result)
+
+    def _count_epochs(self, trial_id: str, result: dict | None) -> None:
+        """Count the epochs ``result`` says the trial has run toward the budget."""
+        if self._budget is not None and result is not None and result.get("epoch") is not None:
             spent = self._epochs_spent if self._epochs_spent is not None else {}
             spent[trial_id] = max(spent.get(trial_id, 0), int(result["epoch"]))
             self._epochs_spent = spent
@@ -255,6 +259,10 @@ class KdOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Ray does not pass the result a scheduler stops a trial on to on_trial_result
+        # (only to on_trial_complete): without this, the epochs of every trial stopped
+        # early went uncounted, and a budget with early stopping was overspent.
+        self._count_epochs(trial_id, result)
         if trial_id in told_trials(self) or trial_id not in optuna_trials(self):
             return
         if self._records is not None:
