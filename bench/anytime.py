@@ -279,11 +279,17 @@ def plot(out: dict[str, Any], path: Path, title: str) -> None:
     ax.axhline(0.97, color="grey", lw=0.6, ls=":")
     ax.axvline(10, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log")
+    finish_anytime_plot(fig, ax, path, "epochs spent, % of the reference's (random search, 40 configurations "
+                        "to the end)", "hypervolume of completed trials / reference's final", title, legend_size=7)
+
+
+def finish_anytime_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """The common end of an anytime-HV plot: the HV-ratio range, labels, legend, saved to ``path``."""
     ax.set_ylim(0.5, 1.02)
-    ax.set_xlabel("epochs spent, % of the reference's (random search, 40 configurations to the end)")
-    ax.set_ylabel("hypervolume of completed trials / reference's final")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=legend_size, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import common
 import numpy as np
-from anytime import GRID, area, hv_at_budgets, regret_per_size
+from anytime import GRID, area, finish_anytime_plot, hv_at_budgets, regret_per_size
 from common import Report, markdown_table, median
 from moasha import MOASHARule
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -410,14 +410,9 @@ def plot_time(runs: dict[str, list[dict[str, Any]]], path: Path, reference_size:
     for name, per_seed in runs.items():
         curves = np.array([hv_at_budgets(m["by_seconds"], grid, reference_size) / m["ref_hv"] for m in per_seed])
         ax.plot(grid, np.median(curves, axis=0), label=name)
-    ax.set_ylim(0.5, 1.02)
-    ax.set_xlabel("seconds since the first trial started")
-    ax.set_ylabel("HV of completed trials / reference's final")
-    ax.set_title(f"digits MLP, live, median over {len(next(iter(runs.values())))} seed(s)")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    finish_anytime_plot(fig, ax, path, "seconds since the first trial started",
+                        "HV of completed trials / reference's final",
+                        f"digits MLP, live, median over {len(next(iter(runs.values())))} seed(s)")
 
 
 def main() -> None:

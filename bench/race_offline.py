@@ -24,6 +24,16 @@ of every contender:
 
     nice python bench/race_offline.py --record            # ~15 min on a loaded 2-core machine
     python bench/race_offline.py --replays 2000           # seconds
+
+A second task, ``--task digits_cnn`` (search_spaces/digits_cnn.yaml: CNN teacher,
+CNN students of widths 4/8/16 = 1,030/3,778/14,458 parameters, 150 labelled
+images, 27 epochs), holds each width at its best trial of a real search of that
+spec (the trials the live race of the README held: α, noise and lr differ per
+width), and records into its own matrix:
+
+    nice python bench/race_offline.py --task digits_cnn --record --widths 4,8   # one process per core
+    nice python bench/race_offline.py --task digits_cnn --record --widths 16
+    python bench/race_offline.py --task digits_cnn
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,11 +52,44 @@ import common  # noqa: E402
 
 common.make_kdtune_importable()
 
-RECORDED = common.RESULTS_DIR / "race_matrix_digits.csv"
-COMMITTED = common.REPO / "bench" / "data" / "race_matrix_digits.csv"
-#: The hyperparameters held fixed while temperature is raced (the brief of issue 16).
-HELD = {"alpha": 0.2, "noise": 0.0, "lr": 0.01, "batch_size": 32}
-WIDTHS = (8, 64)
+
+@dataclass(frozen=True)
+class Task:
+    """One recorded task: its spec, the widths raced, and per width the hyperparameters held
+    fixed while temperature is raced."""
+
+    name: str
+    spec: Path
+    held: dict[int, dict[str, float]]
+    describe: str
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.held)
+
+    @property
+    def recorded(self) -> Path:
+        """Where ``--record`` writes (results/, not committed)."""
+        return common.RESULTS_DIR / f"race_matrix_{self.name}.csv"
+
+    @property
+    def committed(self) -> Path:
+        return common.REPO / "bench" / "data" / f"race_matrix_{self.name}.csv"
+
+
+#: The digits brief of issue 16: the same held settings at every width.
+_DIGITS_HELD = {"alpha": 0.2, "noise": 0.0, "lr": 0.01, "batch_size": 32}
+TASKS = {
+    "digits": Task("digits", common.DEFAULT_SPEC, {w: _DIGITS_HELD for w in (8, 16, 32, 64, 128)},
+                   "at α = 0.2, lr = 0.01, noise 0, batch 32"),
+    # Each width's best trial of `kdtune search search_spaces/digits_cnn.yaml` (seed 0, 48
+    # trials; trials 53ea38ce, 6909dd7d, 92307fcb), rounded: what the live race held.
+    "digits_cnn": Task("digits_cnn", common.REPO / "search_spaces" / "digits_cnn.yaml", {
+        4: {"alpha": 0.43, "noise": 0.14, "lr": 0.027, "batch_size": 32},
+        8: {"alpha": 0.2, "noise": 0.16, "lr": 0.022, "batch_size": 32},
+        16: {"alpha": 0.19, "noise": 0.4, "lr": 0.01, "batch_size": 32},
+    }, "at each width's best search trial (α, noise, lr as recorded)"),
+}
 SEEDS = 20
 #: Fresh seeds, as ``kdtune evaluate`` draws them: never a search's seeds.
 SEED_BASE = 1000
@@ -55,11 +99,12 @@ COLUMNS = ["width", "contender", "temperature", "alpha", "seed", "val_acc", "poo
            "epochs", "train_time_s"]
 
 
-def record(path: Path, widths: tuple[int, ...], seeds: int, epochs: int | None) -> None:
-    """Train every (width, contender, seed) run not yet in ``path`` and append it."""
+def record(task: Task, path: Path, widths: tuple[int, ...], seeds: int, epochs: int | None) -> None:
+    """Train every (width, contender, seed) run of ``task`` not yet in ``path`` and append it."""
     import torch
 
-    from kdtune.distill import RunConfig, evaluate, run
+    from kdtune.distill import evaluate, run
+    from kdtune.study import trial_run_config
     from kdtune.data import TensorSplit, subset_indices
     from kdtune.racing import BASELINE, contender_grid
     from kdtune.search import base_config, load_spec_data, plan_placement, teacher_configs
@@ -67,15 +112,19 @@ def record(path: Path, widths: tuple[int, ...], seeds: int, epochs: int | None) 
     from kdtune.teacher import prepare_teachers
 
     torch.set_num_threads(1)
-    spec = common.digits_spec({"baselines": False})
+    unknown = sorted(set(widths) - set(task.widths))
+    if unknown:
+        raise SystemExit(f"--widths {unknown} not recorded for task {task.name}: its widths are {list(task.widths)}")
+    spec = common.digits_spec({"baselines": False}, path=task.spec)
     data = load_spec_data(spec)
-    teacher = prepare_teachers(teacher_configs(spec), data, path.parent / "teacher-cache", log=print).targets
+    teacher = prepare_teachers(teacher_configs(spec), data, path.parent / f"teacher-cache-{task.name}",
+                               log=print).targets
     base = base_config(spec, plan_placement(spec, {"CPU": 1.0}, 1))
     budget = int(epochs or spec.space.epochs)
     lo, hi = bounds(spec.space.temperature)
     temperatures = contender_grid(lo, hi, log=True)
-    contenders: list[tuple[str, float, float]] = [(f"T={t:g}", t, HELD["alpha"]) for t in temperatures]
-    contenders.append((BASELINE, float("nan"), 1.0))
+    contenders: list[tuple[str, float, float]] = [(f"T={t:g}", t, float("nan")) for t in temperatures]
+    contenders.append((BASELINE, float("nan"), 1.0))  # alpha of the T contenders: per width, below
     # Training-pool images outside the labelled subset: a second, larger validation set.
     seen = subset_indices(len(data.train), spec.data.train_subset, spec.seed, labels=data.train.y)
     unseen = torch.ones(len(data.train), dtype=torch.bool)
@@ -100,8 +149,10 @@ def record(path: Path, widths: tuple[int, ...], seeds: int, epochs: int | None) 
                 for label, temperature, alpha in contenders:
                     if (width, label, seed) in done:
                         continue
-                    config = RunConfig.from_dict({
-                        **base, **HELD, "width": width, "alpha": alpha, "epochs": budget, "seed": seed,
+                    held = task.held[width]
+                    alpha = 1.0 if label == BASELINE else held["alpha"]
+                    config = trial_run_config({
+                        **base, **held, "width": width, "alpha": alpha, "epochs": budget, "seed": seed,
                         "temperature": temperature if alpha < 1 else 1.0, "threads": 1,
                     })
                     t0 = time.perf_counter()
@@ -126,14 +177,14 @@ def record(path: Path, widths: tuple[int, ...], seeds: int, epochs: int | None) 
 # --------------------------------------------------------------------------- replay
 
 
-def load_matrix(path: Path | None = None):
+def load_matrix(task: Task, path: Path | None = None):
     """The recorded runs as a DataFrame (``path``, else the fresh recording, else the committed copy)."""
     import pandas as pd
 
-    for candidate in ([path] if path else [RECORDED, COMMITTED]):
+    for candidate in ([path] if path else [task.recorded, task.committed]):
         if candidate is not None and candidate.is_file():
             return pd.read_csv(candidate), candidate
-    raise SystemExit(f"no recorded matrix at {RECORDED} or {COMMITTED}: run with --record first")
+    raise SystemExit(f"no recorded matrix at {task.recorded} or {task.committed}: run with --record first")
 
 
 def contender_order(frame) -> list[Any]:
@@ -212,16 +263,25 @@ def replay_races(matrix, contenders, replays: int, max_seeds: int, reference: tu
 
 
 def run(quick: bool = False, matrix_path: Path | None = None, replays: int | None = None,
-        max_seeds: int = 10) -> common.Report:
-    """Replay the race on the recorded matrix and report it against brute force (run_all's entry point)."""
+        max_seeds: int = 10, tasks: tuple[str, ...] | None = None) -> common.Report:
+    """Replay the race on each task's recorded matrix and report it against brute force
+    (run_all's entry point: every task whose matrix is recorded or committed)."""
+    replays = replays or (300 if quick else 2000)
+    names = tasks or tuple(n for n, t in TASKS.items() if t.recorded.is_file() or t.committed.is_file())
+    report = common.Report("race_offline", "Temperature race: offline replay on recorded runs (issue 16), "
+                           + " and ".join(names), quick=quick)
+    for name in names:
+        _replay_task(report, TASKS[name], matrix_path if len(names) == 1 else None, replays, max_seeds)
+    return report
+
+
+def _replay_task(report: common.Report, task: Task, matrix_path: Path | None, replays: int, max_seeds: int) -> None:
+    """One task's sections and targets of the report."""
     import numpy as np
 
     from kdtune.racing import BASELINE, Race
 
-    frame, source = load_matrix(matrix_path)
-    replays = replays or (300 if quick else 2000)
-    report = common.Report("race_offline", "Temperature race: offline replay on recorded digits runs (issue 16)",
-                           quick=quick)
+    frame, source = load_matrix(task, matrix_path)
     widths = sorted(int(w) for w in frame["width"].unique())
     epochs = int(frame["epochs"].max())
     nominal = 0.05
@@ -251,37 +311,36 @@ def run(quick: bool = False, matrix_path: Path | None = None, replays: int | Non
                 (headline_rows if (variance, score) == ("pooled", "val_acc") else variant_rows).append(row)
                 if (variance, score) == ("pooled", "val_acc"):
                     example: Race = out["example"]
-                    report.add(f"Width {width}: an example race (first replay)",
-                               f"Verdict: {example.verdict('at α = 0.2, lr = 0.01, noise 0, batch 32')}\n\n"
+                    report.add(f"{task.name}, width {width}: an example race (first replay)",
+                               f"Verdict: {example.verdict(task.describe)}\n\n"
                                + _race_table(example, label))
-                    report.target(f"width {width}: the race's winner is inside brute force's set of temperatures "
+                    report.target(f"{task.name} width {width}: the race's winner is inside brute force's set of temperatures "
                                   f"indistinguishable from the best in ≥ 95% of replays",
                                   f"{100 * row[5]:.1f}%", row[5] >= 0.95)
-                    report.target(f"width {width}: false-elimination rate (brute force's best dropped) ≤ {nominal}",
+                    report.target(f"{task.name} width {width}: false-elimination rate (brute force's best dropped) ≤ {nominal}",
                                   f"{row[3]:.3f} (any of its indistinguishable set dropped: {row[4]:.3f})",
                                   row[3] <= nominal)
-                    report.target(f"width {width}: cost ≤ 1/3 of brute force's runs/epochs",
+                    report.target(f"{task.name} width {width}: cost ≤ 1/3 of brute force's runs/epochs",
                                   f"{row[6]:.3f} ({row[7]:.1f} of {out['brute_runs']} runs, "
                                   f"{row[7] * epochs:,.0f} of {out['brute_runs'] * epochs:,} epochs)", row[6] <= 1 / 3)
     labels = [("no KD" if c == BASELINE else f"T={c:g}") for c in contender_order(frame)]
-    report.add("Brute force: mean validation accuracy (%) over every recorded seed",
+    report.add(f"{task.name}: brute force, mean validation accuracy (%) over every recorded seed",
                "`*` = not distinguishable from the best (two-sided paired t-tests against the best, Holm, α 0.05); "
                "seed sd = the pooled standard deviation of one run across seeds.\n\n"
                + common.markdown_table(["width", "seeds", *labels, "seed sd"], brute_rows))
     headers = ["width", "variance", "score", "drop best", "drop any of set", "winner in set", "cost share",
                "runs", "rounds", *OUTCOMES]
-    report.add(f"Race replays: {replays} random seed orders, max {max_seeds} seeds, α {nominal}",
+    report.add(f"{task.name}: race replays, {replays} random seed orders, max {max_seeds} seeds, α {nominal}",
                "drop best = replays that dropped brute force's best; drop any of set = dropped any contender "
                "brute force cannot tell from its best; winner in set = the race's best survivor is in that set; "
                "cost share = the race's runs (= epochs ÷ " f"{epochs}) over brute force's ({len(labels)} contenders × "
                "all seeds).\n\n" + common.markdown_table(headers, headline_rows))
-    report.add("Variants: per-pair variance (no sphericity assumption) and scoring on unseen training-pool images",
+    report.add(f"{task.name}: variants, per-pair variance (no sphericity assumption) and scoring on unseen training-pool images",
                "`pool_acc` scores each run on the training-pool images outside the 150 labelled ones (927 images, "
                "against 360 validation images); it is judged against brute force on the same images.\n\n"
                + common.markdown_table(headers, variant_rows))
     report.notes.append(f"Matrix: {common.shown(source)} ({len(frame)} runs, widths "
                         f"{', '.join(map(str, widths))}, {epochs} epochs each).")
-    return report
 
 
 def _race_table(race, label) -> str:
@@ -298,20 +357,25 @@ def _race_table(race, label) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default=None,
+                        help="record or replay this task only (default: record digits; replay every recorded task)")
     parser.add_argument("--record", action="store_true", help="train the missing runs of the matrix first")
-    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
+    parser.add_argument("--widths", default=None, help="widths to record (default: the task's)")
     parser.add_argument("--seeds", type=int, default=SEEDS)
-    parser.add_argument("--epochs", type=int, default=None, help="default: the spec's budget (81)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the spec's budget")
     parser.add_argument("--matrix", type=Path, default=None,
-                        help=f"recorded CSV (default {RECORDED.relative_to(common.REPO)}, else the committed copy)")
+                        help="recorded CSV (default results/bench/race_matrix_<task>.csv, else the committed copy)")
     parser.add_argument("--replays", type=int, default=2000)
     parser.add_argument("--max-seeds", type=int, default=10)
     args = parser.parse_args(argv)
-    widths = tuple(int(w) for w in args.widths.split(","))
     if args.record:
-        record(args.matrix or RECORDED, widths, args.seeds, args.epochs)
+        task = TASKS[args.task or "digits"]
+        widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else task.widths
+        record(task, args.matrix or task.recorded, widths, args.seeds, args.epochs)
+    tasks = (args.task,) if args.task else None
     common.report_standalone("bench/race_offline.py",
-                             lambda: run(matrix_path=args.matrix, replays=args.replays, max_seeds=args.max_seeds), argv)
+                             lambda: run(matrix_path=args.matrix, replays=args.replays, max_seeds=args.max_seeds,
+                                         tasks=tasks), argv)
 
 
 if __name__ == "__main__":

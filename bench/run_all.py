@@ -27,10 +27,10 @@ import common  # noqa: E402
 common.make_kdtune_importable()
 
 #: Benchmark modules in the order they run (cheapest first, the headline before the slow one).
-BENCHMARKS = ("race_offline", "distill_step", "method_step", "per_epoch_overhead", "search_efficiency", "overhead",
-              "bookkeeping")
+BENCHMARKS = ("race_offline", "distill_step", "method_step", "augment_speed", "per_epoch_overhead",
+              "search_efficiency", "overhead", "bookkeeping")
 #: Benchmarks that run without Ray.
-WITHOUT_RAY = ("race_offline", "distill_step", "method_step", "per_epoch_overhead")
+WITHOUT_RAY = ("race_offline", "distill_step", "method_step", "augment_speed", "per_epoch_overhead")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

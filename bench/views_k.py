@@ -73,7 +73,7 @@ def paired_interval(differences: list[float], level: float = 0.90) -> tuple[floa
     return mean, mean - half, mean + half
 
 
-def measure(settings: dict[str, Any], root: Path, log=print) -> dict[str, Any]:
+def measure(settings: dict[str, Any], root: Path, log=print, threads: int = 2, cache: Path | None = None) -> dict[str, Any]:
     """Run every (seed, condition) and return accuracies and timings."""
     import torch
 
@@ -82,7 +82,7 @@ def measure(settings: dict[str, Any], root: Path, log=print) -> dict[str, Any]:
     from kdtune.core.distill import RunConfig, run
     from kdtune.core.teacher import TeacherConfig, online_targets, prepare_teachers, prepare_views
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     data = subset_splits(load_dataset("fashion_mnist", str(root), val_fraction=0.2), settings["subset"], settings["val"])
     augment = resolve_augment("standard", "fashion_mnist")
     schedule = {"kind": "cosine", "warmup": 0, "min_factor": 0.0}
@@ -90,7 +90,7 @@ def measure(settings: dict[str, Any], root: Path, log=print) -> dict[str, Any]:
                             lr=0.05, batch_size=64, optimizer="sgd", nesterov=False, weight_decay=5e-4,
                             lr_schedule=schedule, augment=augment)
     started = time.perf_counter()
-    prepared = prepare_teachers([teacher], data, root / "teacher", log=log)
+    prepared = prepare_teachers([teacher], data, cache or root / "teacher", log=log)
     teacher_s = time.perf_counter() - started
     targets: dict[str, Any] = {"online": online_targets(prepared, [teacher], data)}
     build_s = {}
@@ -106,7 +106,8 @@ def measure(settings: dict[str, Any], root: Path, log=print) -> dict[str, Any]:
     for seed in range(settings["seeds"]):
         for name, target in targets.items():
             mode = "online" if name == "online" else "views"
-            result = run(base.replace(seed=seed, teacher_targets=mode), data, target)
+            # Only the final score is read: the epochs before are not validated (12,000 images each).
+            result = run(base.replace(seed=seed, teacher_targets=mode), data, target, validate_epochs=())
             accuracy[name][seed] = result.metrics["val_acc"]
             epoch_s[name].extend(h["epoch_time_s"] for h in result.history)
             log(f"seed {seed} {name}: val_acc {result.metrics['val_acc']:.4f}")
@@ -130,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke pass (minutes), with an estimate of the full run")
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the whole machine)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     before, t0 = common.load_average(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdtune-views-k-") as folder:
         root = unpacked_fashion_mnist(args.source, Path(folder))
-        measured = measure(settings, root)
+        # The teacher and its views are cached under results/ so that a rerun skips them.
+        cache = common.RESULTS_DIR / ("views_k_cache_quick" if args.quick else "views_k_cache")
+        measured = measure(settings, root, threads=args.threads, cache=cache)
     report = Report("views_k", "Does K matter? Cached views vs the online teacher on Fashion-MNIST", quick=args.quick)
     accuracy = measured["accuracy"]
     seeds = sorted(accuracy["online"])

@@ -277,12 +277,15 @@ def report(results: Path, out: Path | None, as_html: bool) -> None:
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Fresh seeds per configuration.")
 @click.option("--race", "race", is_flag=True,
               help="Evaluate the race's winner of each size (after best-t --race) instead of the front.")
-def evaluate(results: Path, seeds: int, race: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Training processes at once [default: as many as the CPU cores hold at the search's threads "
+                   "per trial; 1 on a GPU].")
+def evaluate(results: Path, seeds: int, race: bool, workers: int | None) -> None:
     """Re-train the Pareto front (or the race's winners) and baselines with fresh seeds; test once; write final.csv."""
     from kdtune.results.evaluate import final_evaluation
     from kdtune.results.report import format_terminal_table
 
-    table = final_evaluation(results, seeds=seeds, log=click.echo, race=race)
+    table = final_evaluation(results, seeds=seeds, log=click.echo, race=race, workers=workers)
     shown = ["width", "params", *(["param", "recommended"] if race else []), "temperature", "alpha",
              "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "kd_gain_mean", "kd_gain_std", "latency_ms"]
     click.echo(format_terminal_table(table, [c for c in shown if c in table.columns]))

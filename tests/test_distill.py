@@ -97,6 +97,32 @@ def test_same_seed_gives_identical_metrics_and_other_seed_differs(digits, teache
     assert [row["val_loss"] for row in other] != [row["val_loss"] for row in first]
 
 
+def test_validating_only_the_last_epoch_trains_the_same_student(digits, teacher) -> None:
+    """validate_epochs=() (what kdtune evaluate asks) skips scoring the epochs before the
+    last; the training is untouched: same losses, same final student, same final score."""
+    config = RunConfig(width=8, temperature=3.0, alpha=0.3, noise=0.2, lr=1e-2, batch_size=32,
+                       epochs=4, seed=3, train_subset=150)
+    every = run(config, digits, teacher.targets)
+    last = run(config, digits, teacher.targets, validate_epochs=())
+    some = run(config, digits, teacher.targets, validate_epochs={2})
+    assert [h["train_loss"] for h in last.history] == [h["train_loss"] for h in every.history]
+    assert last.metrics["val_acc"] == every.metrics["val_acc"]
+    assert last.metrics["val_loss"] == every.metrics["val_loss"]
+    assert last.metrics["status"] == "completed"
+    assert all(math.isnan(h["val_acc"]) and math.isnan(h["val_loss"]) for h in last.history[:-1])
+    assert [math.isnan(h["val_acc"]) for h in some.history] == [True, False, True, False]
+    assert some.history[1]["val_acc"] == every.history[1]["val_acc"]
+    for a, b in zip(last.student.state_dict().values(), every.student.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_huge_learning_rate_diverges_when_only_the_last_epoch_is_validated(digits) -> None:
+    config = RunConfig(width=16, alpha=1.0, optimizer="sgd", lr=1e6, epochs=10, train_subset=150, batch_size=32)
+    result = run(config, digits, None, validate_epochs=())
+    assert result.metrics["status"] == "diverged"
+    assert len(result.history) < config.epochs
+
+
 # ---------------------------------------------------------------- the point of it all
 
 

@@ -56,7 +56,7 @@ def trials(study) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def evaluated(study):
     lines: list[str] = []
-    table = final_evaluation(study, seeds=2, log=lines.append, device="cpu")
+    table = final_evaluation(study, seeds=2, log=lines.append, device="cpu", workers=2)
     return table, lines
 
 
@@ -103,7 +103,22 @@ def test_final_csv_has_one_row_per_front_point_with_fresh_seeds(study, trials, e
     for trial_id, point in front.set_index("trial_id").iterrows():
         assert by_trial.loc[trial_id, "val_acc"] == pytest.approx(point["val_acc"])
         assert by_trial.loc[trial_id, "params"] == point["params"]
-    assert any(line.startswith("retraining 1/") for line in lines)
+    assert any(line.startswith("retrained 1/") for line in lines)
+
+
+def test_runs_in_two_processes_give_the_numbers_of_one_process(study, evaluated, tmp_path):
+    """Each run is seeded by its config: trained two at a time in spawned processes (the
+    fixture) or one after another in this process, every run scores the same."""
+    _, lines = evaluated
+    assert any("in 2 processes" in line for line in lines)
+    copy = copy_study(study, tmp_path)
+    final_evaluation(copy, seeds=2, log=lambda m: None, device="cpu", workers=1)
+    keys = ["trial_id", "role", "seed"]
+    parallel = pd.read_csv(study / "final_runs.csv").sort_values(keys).reset_index(drop=True)
+    sequential = pd.read_csv(copy / "final_runs.csv").sort_values(keys).reset_index(drop=True)
+    assert len(parallel) == len(sequential) > 0
+    pd.testing.assert_frame_equal(parallel[keys + ["test_acc", "val_acc", "epochs"]],
+                                  sequential[keys + ["test_acc", "val_acc", "epochs"]])
 
 
 def test_per_run_file_reproduces_the_summary(study, evaluated):

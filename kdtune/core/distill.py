@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import numpy as np
 import torch
@@ -458,6 +458,7 @@ def run(
     on_checkpoint: CheckpointFn | None = None,
     checkpoint_every: int = 0,
     resume_state: dict[str, Any] | None = None,
+    validate_epochs: Container[int] | None = None,
 ) -> RunResult:
     """Train one student for ``config.epochs`` epochs and return its final metrics.
 
@@ -469,6 +470,10 @@ def run(
     every ``checkpoint_every`` epochs, and on the last epoch the student without
     the optimizer state (a finished run is not resumed); ``resume_state``
     continues from such a state. The same config and seed give the same numbers on the CPU.
+    ``validate_epochs`` limits scoring the validation split to those epochs and the
+    last (which always scores): a caller that reads only the final student, such as
+    ``kdtune evaluate``, passes ``()``. The other epochs report ``val_acc`` and
+    ``val_loss`` as NaN. The default scores every epoch, for the per-epoch history.
     """
     config.validate()
     needs_teacher = config.needs_teacher
@@ -608,8 +613,10 @@ def run(
             total_loss += value * len(batch_idx)
             seen += len(batch_idx)
         elapsed = time.perf_counter() - started
-        val_acc, val_loss = evaluate(student, data.val, device)
-        if diverged or not math.isfinite(val_loss):
+        # An epoch the caller does not read is not scored: the training is the same without it.
+        scored = validate_epochs is None or diverged or epoch == config.epochs or epoch in validate_epochs
+        val_acc, val_loss = evaluate(student, data.val, device) if scored else (math.nan, math.nan)
+        if diverged or (scored and not math.isfinite(val_loss)):
             status = "diverged"
         else:
             status = "completed" if epoch == config.epochs else "running"
