@@ -464,9 +464,8 @@ def _train_and_test_in_processes(
                         student.eval()
                     done += 1
                     _keep(records, students, trial_id, config, record, student, first_seed, done, len(planned), log)
-        except BaseException:
-            for future in pending:
-                future.cancel()
+        except BaseException:  # a failed run or Ctrl-C: start no other run (the runs in progress end first)
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
     return records, students
 
