@@ -10,9 +10,9 @@ wall time of each step. Targets (low-label setting): the teacher scores ≥ 0.90
 on the test split, and at every width the distilled students beat the
 hard-label ones by more than the seed-to-seed spread.
 
-Not part of ``make bench``: on 2 idle cores it takes about 30-40 minutes (the
-teacher's 10 epochs about 9, the search about 20, the evaluation the rest); on
-a shared machine several times that. Writes results/bench/real_task.md.
+Not part of ``make bench``: measured at 76 minutes on a shared 2-core machine
+(the teacher's 10 epochs 11, the rest of the search 35, the evaluation 30, two
+runs at a time). Writes results/bench/real_task.md.
 """
 
 from __future__ import annotations
