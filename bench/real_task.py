@@ -114,7 +114,7 @@ def main() -> None:
     report = run(args.spec, args.results, args.seeds, args.existing)
     report.wall_s = time.perf_counter() - started
     report.load_before, report.load_after = before, common.load_average()
-    command = "python bench/real_task.py"
+    command = "python bench/real_task.py" + (" --existing" if args.existing else "")
     path = report.write(command, common.RESULTS_DIR)
     print(report.to_markdown(command))
     print(f"-> {path}")
