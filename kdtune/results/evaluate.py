@@ -342,8 +342,6 @@ def default_workers(planned: list[tuple[str, str, Any]], device: torch.device) -
     many as the cores hold at the runs' thread count (the search's placement), never more
     than there are runs. A loss registered in ``__main__`` (a notebook) cannot be found by
     a fresh process, so such runs stay in this one."""
-    import os
-
     from kdtune.core.objectives import LOSSES
 
     if device.type != "cpu" or not planned:
@@ -352,8 +350,13 @@ def default_workers(planned: list[tuple[str, str, Any]], device: torch.device) -
            for _, _, config in planned if config.soft_loss in LOSSES):
         return 1
     threads = max(int(config.threads or 1) for _, _, config in planned)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(len(planned), cores // threads))
+    return max(1, min(len(planned), _cores() // threads))
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _train_one(config: Any, role: str, data: Any, teacher: Any, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
@@ -410,9 +413,11 @@ def _train_and_test(
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_start(study_dir: str, device: str) -> None:
+def _worker_start(study_dir: str, device: str, threads: int) -> None:
     """Load the study's data and teacher targets in a worker process (from the caches the
-    parent prepared: nothing is trained here)."""
+    parent prepared: nothing is trained here). ``threads``: torch threads of this process,
+    for runs whose config does not set its own (the workers share the cores)."""
+    torch.set_num_threads(threads)
     from kdtune.core.teacher import prepare_teachers
     from kdtune.spec import load_spec, load_spec_data, spec_teacher_targets, teacher_configs
 
@@ -445,7 +450,8 @@ def _train_and_test_in_processes(
     students: dict[str, nn.Module] = {}
     first_seed = planned[0][2].seed  # every front trial's runs start with the first fresh seed
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_start, initargs=(str(study_dir), str(device))) as pool:
+                             initializer=_worker_start,
+                             initargs=(str(study_dir), str(device), max(1, _cores() // workers))) as pool:
         pending = {pool.submit(_worker_run, config, role): (trial_id, role, config)
                    for trial_id, role, config in planned}
         log(f"retraining {len(planned)} runs in {workers} processes ...")
