@@ -181,7 +181,7 @@ def _spec(**changes):
 def test_spec_defaults_to_views_with_augmentation_and_logits_without():
     assert _spec().targets_mode() == "logits"
     spec = _spec(data={**TINY_SPEC["data"], "augment": "standard"})
-    assert spec.targets_mode() == "views" and spec.teacher_targets.k == 4
+    assert spec.targets_mode() == "views" and spec.teacher_targets.k == 1
 
 
 @pytest.mark.parametrize("changes, needle", [
