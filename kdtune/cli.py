@@ -279,7 +279,7 @@ def report(results: Path, out: Path | None, as_html: bool) -> None:
               help="Evaluate the race's winner of each size (after best-t --race) instead of the front.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Training processes at once [default: as many as the CPU cores hold at the search's threads "
-                   "per trial; 1 on a GPU].")
+                   "per trial, when a run takes 10 s or more; 1 on a GPU].")
 def evaluate(results: Path, seeds: int, race: bool, workers: int | None) -> None:
     """Re-train the Pareto front (or the race's winners) and baselines with fresh seeds; test once; write final.csv."""
     from kdtune.results.evaluate import final_evaluation

@@ -67,6 +67,9 @@ FINAL_COLUMNS = [
     "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "baseline_test_acc_std",
     "kd_gain_mean", "kd_gain_std", "n_seeds", "seeds", "latency_ms", "throughput_per_s", "device", "threads",
 ]
+#: With the default workers, runs go to parallel processes only when the first run took at
+#: least this long: starting a worker (torch imports, the dataset, the teacher targets) takes seconds.
+PROCESS_WORTHWHILE_S = 10.0
 #: The race's evaluation adds which hyperparameter was raced and the winner.
 RACE_FINAL_COLUMNS = [*FINAL_COLUMNS, "param", "recommended"]
 RUN_COLUMNS = ["trial_id", "role", "seed", "width", "test_acc", "val_acc", "status", "epochs", "train_time_s"]
@@ -232,8 +235,10 @@ def final_evaluation(
     caller's thread count is restored afterwards).
 
     The runs are independent and seeded, so they train ``workers`` at a time in
-    separate processes (default: as many as the CPU cores hold at the trials'
-    thread count; one on a GPU), with the same numbers as one after another.
+    separate processes, with the same numbers as one after another. By default
+    (``workers=None``) as many as the CPU cores hold at the trials' thread count
+    (one on a GPU), and only when the first run, trained here, took at least
+    :data:`PROCESS_WORTHWHILE_S` (a process takes seconds to start).
     Each scores the validation split once, after its last epoch: nothing reads
     the epochs before (on Fashion-MNIST, scoring 6,000 validation images every
     epoch cost as much as training on 3,000).
@@ -283,25 +288,37 @@ def final_evaluation(
             f"the data or teacher changed since the search, so the re-trained students learn from other targets")
 
     planned = _plan_runs(configs, seed_list)
-    workers = int(workers) if workers else default_workers(planned, torch_device)
-    workers = min(workers, len(planned))
+    chosen = workers is not None
+    workers = min(int(workers) if chosen else default_workers(planned, torch_device), len(planned))
     what = "race winner(s)" if race else "front configuration(s)"
     log(f"final evaluation of study '{meta['study']}': {len(front)} {what} × {len(seed_list)} "
         f"fresh seed(s) ({', '.join(map(str, seed_list))}) → {len(planned)} training runs on {torch_device}"
-        + (f", {workers} at a time" if workers > 1 else ""))
+        + (f", {'' if chosen else 'up to '}{workers} at a time" if workers > 1 else ""))
     # run() applies each trial's thread count (the search's placement, usually one
     # thread per trial) process-wide; give the caller its own setting back afterwards.
     caller_threads = torch.get_num_threads()
     try:
         # The targets the search used: cached logits, replayed augmented views, or the online teacher.
         targets = spec_teacher_targets(spec, prepared, data, log)
-        if workers > 1:
+        records: dict[str, dict[str, Any]] = {}
+        students: dict[str, nn.Module] = {}
+        rest = planned
+        if workers > 1 and not chosen:
+            # A worker process costs seconds to start (imports, data, targets): worth it only
+            # when a run takes longer. The first run, here, tells.
+            _train_and_test(planned[:1], data, targets, torch_device, log, seed_list[0], records, students,
+                            len(planned))
+            rest = planned[1:]
+            if records[_config_key(planned[0][2])]["train_time_s"] < PROCESS_WORTHWHILE_S:
+                workers = 1
+        if workers > 1 and rest:
             del targets  # each worker process loads its own from the caches just prepared
-            records, students = _train_and_test_in_processes(planned, study_dir, data, torch_device, workers, log)
+            _train_and_test_in_processes(rest, study_dir, data, torch_device, workers, log, seed_list[0],
+                                         records, students, len(planned))
             if planned[0][2].threads:  # the latency is measured at the runs' thread count, as in one process
                 torch.set_num_threads(int(planned[0][2].threads))
         else:
-            records, students = _train_and_test(planned, data, targets, torch_device, log)
+            _train_and_test(rest, data, targets, torch_device, log, seed_list[0], records, students, len(planned))
         table = _summarise(front, configs, seed_list, records, students, tuple(data.input_shape), torch_device, log)
     finally:
         torch.set_num_threads(caller_threads)
@@ -378,8 +395,7 @@ def _train_one(config: Any, role: str, data: Any, teacher: Any, device: torch.de
 
 
 def _keep(records: dict[str, dict[str, Any]], students: dict[str, nn.Module], trial_id: str, config: Any,
-          record: dict[str, Any], student: nn.Module | None, first_seed: int, done: int, total: int,
-          log: Log) -> None:
+          record: dict[str, Any], student: nn.Module | None, first_seed: int, total: int, log: Log) -> None:
     """Record one finished run, keep the first seed's student of each front trial (its
     latency is measured), and say so."""
     what = f"trial {trial_id}" if record["role"] == "distilled" else "baseline, alpha=1"
@@ -388,25 +404,23 @@ def _keep(records: dict[str, dict[str, Any]], students: dict[str, nn.Module], tr
     records[_config_key(config)] = {"trial_id": trial_id, **record}
     if record["role"] == "distilled" and config.seed == first_seed and student is not None:
         students[trial_id] = student
-    log(f"retrained {done}/{total}: width {config.width:g}, seed {config.seed} ({what}): "
+    log(f"retrained {len(records)}/{total}: width {config.width:g}, seed {config.seed} ({what}): "
         f"test {record['test_acc']:.4f} in {record['train_time_s']:.0f} s")
 
 
 def _train_and_test(
-    planned: list[tuple[str, str, Any]], data: Any, teacher: Any, device: torch.device, log: Log
-) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
+    planned: list[tuple[str, str, Any]], data: Any, teacher: Any, device: torch.device, log: Log,
+    first_seed: int, records: dict[str, dict[str, Any]], students: dict[str, nn.Module], total: int,
+) -> None:
     """Train every planned run in this process, one after another, and test each student once.
 
-    Returns the run records keyed by config and the first-seed student of each
-    front trial (for the latency measurement)."""
-    records: dict[str, dict[str, Any]] = {}
-    students: dict[str, nn.Module] = {}
-    for number, (trial_id, role, config) in enumerate(planned, start=1):
+    Adds the run records, keyed by config, to ``records``, and the ``first_seed`` student
+    of each front trial (for the latency measurement) to ``students``."""
+    for trial_id, role, config in planned:
         what = f"trial {trial_id}" if role == "distilled" else "baseline, alpha=1"
-        log(f"retraining {number}/{len(planned)}: width {config.width:g}, seed {config.seed} ({what}) ...")
+        log(f"retraining: width {config.width:g}, seed {config.seed} ({what}) ...")
         record, student = _train_one(config, role, data, teacher, device)
-        _keep(records, students, trial_id, config, record, student, planned[0][2].seed, number, len(planned), log)
-    return records, students
+        _keep(records, students, trial_id, config, record, student, first_seed, total, log)
 
 
 #: A worker process's dataset and teacher targets, loaded once by :func:`_worker_start`.
@@ -436,8 +450,9 @@ def _worker_run(config: Any, role: str) -> tuple[dict[str, Any], dict[str, torch
 
 
 def _train_and_test_in_processes(
-    planned: list[tuple[str, str, Any]], study_dir: Path, data: Any, device: torch.device, workers: int, log: Log
-) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
+    planned: list[tuple[str, str, Any]], study_dir: Path, data: Any, device: torch.device, workers: int, log: Log,
+    first_seed: int, records: dict[str, dict[str, Any]], students: dict[str, nn.Module], total: int,
+) -> None:
     """:func:`_train_and_test` with ``workers`` processes training at once (spawned: a
     forked torch runtime can deadlock). Runs are seeded by their config, so the numbers
     are those of one process; the order of completion is not."""
@@ -446,16 +461,12 @@ def _train_and_test_in_processes(
 
     from kdtune.core.models import build_model
 
-    records: dict[str, dict[str, Any]] = {}
-    students: dict[str, nn.Module] = {}
-    first_seed = planned[0][2].seed  # every front trial's runs start with the first fresh seed
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_start,
                              initargs=(str(study_dir), str(device), max(1, _cores() // workers))) as pool:
         pending = {pool.submit(_worker_run, config, role): (trial_id, role, config)
                    for trial_id, role, config in planned}
         log(f"retraining {len(planned)} runs in {workers} processes ...")
-        done = 0
         try:
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -468,12 +479,10 @@ def _train_and_test_in_processes(
                                               **config.model_options)
                         student.load_state_dict(state)
                         student.eval()
-                    done += 1
-                    _keep(records, students, trial_id, config, record, student, first_seed, done, len(planned), log)
+                    _keep(records, students, trial_id, config, record, student, first_seed, total, log)
         except BaseException:  # a failed run or Ctrl-C: start no other run (the runs in progress end first)
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return records, students
 
 
 def _summarise(
