@@ -222,7 +222,10 @@ def _ram_gib() -> float:
 
 def machine_info() -> dict[str, str]:
     """CPU model, cores, RAM and OS of this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    make_kdtune_importable()
+    from kdtune.core.distill import usable_cores
+
+    cores = usable_cores()
     return {
         "CPU": _cpu_model(),
         "cores": str(cores),

@@ -371,6 +371,13 @@ def select_device(requested: str = "auto", cuda_available: bool | None = None) -
     raise ConfigError("device", f"unknown device {requested!r}; allowed: auto, cpu, cuda, cuda:N")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it, else all)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def autocast_context(device: torch.device, amp: bool):
     """bfloat16 autocast on CUDA when ``amp`` is set; a no-op context otherwise."""
     enabled = amp and device.type == "cuda"

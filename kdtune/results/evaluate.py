@@ -366,14 +366,10 @@ def default_workers(planned: list[tuple[str, str, Any]], device: torch.device) -
     if any(getattr(LOSSES.get(config.soft_loss).soft_term, "__module__", "") == "__main__"
            for _, _, config in planned if config.soft_loss in LOSSES):
         return 1
+    from kdtune.core.distill import usable_cores
+
     threads = max(int(config.threads or 1) for _, _, config in planned)
-    return max(1, min(len(planned), _cores() // threads))
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(len(planned), usable_cores() // threads))
 
 
 def _train_one(config: Any, role: str, data: Any, teacher: Any, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
@@ -459,11 +455,12 @@ def _train_and_test_in_processes(
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from kdtune.core.distill import usable_cores
     from kdtune.core.models import build_model
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_start,
-                             initargs=(str(study_dir), str(device), max(1, _cores() // workers))) as pool:
+                             initargs=(str(study_dir), str(device), max(1, usable_cores() // workers))) as pool:
         pending = {pool.submit(_worker_run, config, role): (trial_id, role, config)
                    for trial_id, role, config in planned}
         log(f"retraining {len(planned)} runs in {workers} processes ...")
