@@ -19,8 +19,20 @@ method matters beyond T: the spread of means across temperatures (race 1)
 against the spread across methods (race 2), and whether the best method's
 interval against KD at its best T excludes zero.
 
+On a costly task, ``--kd-study`` reuses a finished search of the spec as shipped
+(e.g. the study of ``bench/real_task.py``: it is copied, then raced) and its
+teacher cache; ``--widths`` searches and races only those sizes (the methods
+search gets the same number of trials per size as the KD search had), ``--grid``
+sets the number of temperatures raced and ``--max-seeds`` the rounds:
+
+    PYTHONPATH=. python bench/methods_race.py --spec search_spaces/fashion_mnist.yaml \
+        --kd-study results/real_task/fashion_mnist --widths 0.25 0.5 --grid 4 --max-seeds 6
+
+The methods search scores validation only at its rungs and last epoch
+(``early_stopping.validate_at: rungs``): the same decisions, less time.
+
 Not part of ``make bench`` (about 10 minutes on 2 cores for digits). Writes
-results/bench/methods_race.md.
+results/bench/methods_race.md (``methods_race_<study>.md`` for another spec).
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import Report, markdown_table  # noqa: E402
+
+from kdtune.racing import DEFAULT_MAX_SEEDS  # noqa: E402
 
 METHODS_SPACE = {"method": {"choice": ["kd", "dkd", "dist"]}, "dkd_beta": {"loguniform": [1.0, 10.0]}}
 
@@ -56,7 +70,7 @@ def _write(spec: dict[str, Any], folder: Path) -> Path:
 
 
 def search_and_race(spec: dict[str, Any], results: Path, param: str, widths: list[float] | None,
-                    log: Any) -> tuple[Path, float]:
+                    log: Any, grid: int = 8, max_seeds: int = DEFAULT_MAX_SEEDS) -> tuple[Path, float]:
     """Search ``spec`` (resuming a finished study is a no-op) and race ``param``; the study and seconds."""
     from kdtune.search import search
     from kdtune.search.race import run_race
@@ -68,7 +82,8 @@ def search_and_race(spec: dict[str, Any], results: Path, param: str, widths: lis
     if not (study / "trials.parquet").exists():
         search(spec_path, results_root=results, log=log)
     if not (study / RACE_TABLE).exists():  # a race cut short continues from its records
-        run_race(study, param=param, widths=widths, resume=bool(load_records(study, "race")), log=log)
+        run_race(study, param=param, widths=widths, resume=bool(load_records(study, "race")), grid=grid,
+                 max_seeds=max_seeds, log=log)
     return study, time.perf_counter() - started
 
 
@@ -108,24 +123,53 @@ def spread(contenders: Any, size: float) -> float:
     return float(rows["mean"].max() - rows["mean"].min()) if len(rows) else math.nan
 
 
-def run(spec_path: Path, results: Path) -> Report:
+def reuse_study(source: Path, target: Path) -> None:
+    """Copy a finished KD study (searched from the same spec) to ``target``, once."""
+    import shutil
+
+    if not (source / "trials.parquet").exists():
+        raise SystemExit(f"--kd-study {source}: no finished study there (trials.parquet is missing)")
+    if not target.exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("race", "final*.csv"))
+
+
+def methods_spec(base: dict[str, Any], widths: list[float] | None) -> dict[str, Any]:
+    """The spec with the method searched; over ``widths`` only, with as many trials per size."""
+    space = {**base["space"], **METHODS_SPACE}
+    spec = {**base, "study": f"{base['study']}_methods", "space": space,
+            "early_stopping": {**base.get("early_stopping", {}), "validate_at": "rungs"}}
+    sizes = (base["space"].get("width") or {}).get("choice") if isinstance(base["space"].get("width"), dict) else None
+    if widths and sizes:
+        space["width"] = {"choice": [w for w in sizes if float(w) in widths]}
+        spec["num_samples"] = max(1, round(base.get("num_samples", 40) * len(space["width"]["choice"]) / len(sizes)))
+    return spec
+
+
+def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: list[float] | None = None,
+        grid: int = 8, max_seeds: int = DEFAULT_MAX_SEEDS) -> Report:
     import pandas as pd
 
-    from kdtune.study import RACE_CONTENDERS_TABLE, RACE_TABLE
+    from kdtune.spec import parse_spec
+    from kdtune.study import RACE_CONTENDERS_TABLE, RACE_TABLE, TEACHER_DIR
 
     log = print
     base = _spec_dict(spec_path)
     kd_spec = {**base, "study": f"{base['study']}_kd"}
-    kd_study, kd_s = search_and_race(kd_spec, results, "temperature", None, log)
+    if kd_source is not None:
+        reuse_study(kd_source.resolve(), results / kd_spec["study"])
+    kd_study, kd_s = search_and_race(kd_spec, results, "temperature", widths, log, grid, max_seeds)
     kd_best = pd.read_csv(kd_study / RACE_TABLE, dtype={"recommended": str})
     sizes = [float(w) for w in kd_best["width"]]
-    all_spec = {**base, "study": f"{base['study']}_methods", "space": {**base["space"], **METHODS_SPACE}}
-    trials_path = results / all_spec["study"] / "trials.parquet"
-    widths = None
+    all_spec = methods_spec(base, widths)
+    all_dir = results / all_spec["study"]
+    if (kd_study / TEACHER_DIR).exists():  # the same teacher on the same data: its cache entry is reused
+        common.TeacherCache(kd_study / TEACHER_DIR).seed(parse_spec(all_spec, "methods spec"), all_dir)
+    trials_path = all_dir / "trials.parquet"
+    raced = widths
     if trials_path.exists():  # a rerun: race the sizes both studies completed
         done = pd.read_parquet(trials_path)
-        widths = [w for w in sizes if w in set(done.loc[done["status"] == "completed", "width"])]
-    all_study, all_s = search_and_race(all_spec, results, "soft_loss", widths, log)
+        raced = [w for w in sizes if w in set(done.loc[done["status"] == "completed", "width"])]
+    all_study, all_s = search_and_race(all_spec, results, "soft_loss", raced, log, grid, max_seeds)
     all_best = pd.read_csv(all_study / RACE_TABLE, dtype={"recommended": str})
     kd_contenders = pd.read_csv(kd_study / RACE_CONTENDERS_TABLE)
     all_contenders = pd.read_csv(all_study / RACE_CONTENDERS_TABLE)
@@ -153,7 +197,8 @@ def run(spec_path: Path, results: Path) -> Report:
                          ("the method matters beyond T" if beyond else "no measurable gain over KD at its best T")
                          + ("; T matters more than the method" if t_spread > m_spread else
                             "; the method matters more than T")])
-    report = Report("methods_race", f"Methods vs vanilla KD at its best T ({spec_path.name})")
+    name = "methods_race" if base["study"] == "digits" else f"methods_race_{base['study']}"
+    report = Report(name, f"Methods vs vanilla KD at its best T ({spec_path.name})")
     report.add("Each method at each size (race 2), against vanilla KD at its best T (race 1), paired by round",
                markdown_table(["width", "method", "mean val acc", "seeds", "status", "KD's best T",
                                "diff vs KD at best T (95% CI)", "paired rounds"], rows))
@@ -171,13 +216,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=common.DEFAULT_SPEC)
     parser.add_argument("--results", type=Path, default=common.REPO / "results" / "methods_race")
+    parser.add_argument("--kd-study", type=Path, default=None,
+                        help="a finished search of SPEC as shipped to reuse (copied) instead of searching again")
+    parser.add_argument("--widths", type=float, nargs="+", default=None, help="search and race only these sizes")
+    parser.add_argument("--grid", type=int, default=8, help="temperatures raced (default 8)")
+    parser.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS, help="most rounds of each race")
     args = parser.parse_args()
     common.make_kdtune_importable()
     before, started = common.load_average(), time.perf_counter()
-    report = run(args.spec, args.results.resolve())
+    report = run(args.spec, args.results.resolve(), args.kd_study, args.widths, args.grid, args.max_seeds)
     report.wall_s = time.perf_counter() - started
     report.load_before, report.load_after = before, common.load_average()
-    command = f"python bench/methods_race.py --spec {args.spec.relative_to(common.REPO) if args.spec.is_absolute() else args.spec}"
+    command = " ".join(["python bench/methods_race.py", *sys.argv[1:]])
     path = report.write(command, common.RESULTS_DIR)
     print(report.to_markdown(command))
     print(f"-> {path}")

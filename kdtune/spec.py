@@ -35,6 +35,7 @@ from kdtune.core.schedules import parse_schedule
 from kdtune.core.teacher import PreparedTeachers, TeacherConfig, online_targets, prepare_views
 from kdtune.core.teacher_files import check_logits_without_augmentation
 from kdtune.errors import ConfigError, KdtuneError
+from kdtune.study import VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -384,6 +385,13 @@ class EarlyStoppingSpec(_Strict):
     #: pareto_asha: the hv_epsilon bound never stops a trial more than this far ahead, in
     #: accuracy, of every smaller trial at its rung (about the seed-to-seed spread).
     min_gain: float = Field(0.01, ge=0, le=1)
+    #: Which epochs of a search trial score the validation split: ``every_epoch`` (the
+    #: per-epoch history is complete), or ``rungs``: only the epochs the rule decides at,
+    #: checkpoint epochs and the last, which every decision and table reads. The other
+    #: epochs' val_acc/val_loss are NaN in the history. Where scoring costs as much as
+    #: training (a large validation split, a small train_subset) ``rungs`` cuts a trial's
+    #: time with the same decisions and the same final scores.
+    validate_at: Literal[VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS] = VALIDATE_EVERY_EPOCH  # type: ignore[valid-type]
 
 
 class ResourcesSpec(_Strict):

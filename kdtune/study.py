@@ -108,7 +108,12 @@ def trial_status(last: Mapping[str, Any] | None, budget: int | None, *, ended: b
 
 #: Keys of a trial's config that steer the trial rather than the run: every other
 #: key is a RunConfig setting or hyperparameter (a misspelt one is an error).
-TRIAL_KEYS = ("phase", "report_epochs", "fault", "checkpoint_every", "overrides", "race")
+TRIAL_KEYS = ("phase", "report_epochs", "validate_at", "fault", "checkpoint_every", "overrides", "race")
+
+#: Which epochs of a trial score the validation split (a trial config's ``validate_at``):
+#: every epoch, for the per-epoch history; or only the epochs someone acts on, the
+#: rungs (``report_epochs``), the checkpoint epochs and the last.
+VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS = "every_epoch", "rungs"
 
 
 def trial_config(config: Mapping[str, Any]) -> dict[str, Any]:

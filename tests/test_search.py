@@ -157,3 +157,58 @@ def test_explicit_max_concurrent_trials_wins():
 def test_gpus_missing_on_a_joined_cluster_is_an_error_not_a_cpu_fallback():
     with pytest.raises(ConfigError, match="no GPU registered"):
         plan_placement(_spec(cpus=1, gpus=1), {"CPU": 64.0}, num_samples=5, joined_cluster=True)
+
+
+@pytest.mark.slow
+def test_validating_at_rungs_only_makes_the_same_decisions_and_scores(ray_session, tmp_path):
+    # Two searches that differ only in early_stopping.validate_at, one trial at a time
+    # with a seeded random sampler: the same trials, stopped at the same rungs, with
+    # the same final scores; the rungs search leaves the epochs nobody reads unscored.
+    from kdtune.search import search
+
+    base = {**TINY_SPEC, "num_samples": 4, "sampler": {"name": "random"},
+            "resources": {"cpus": 1, "max_concurrent_trials": 1},
+            "space": {**TINY_SPEC["space"], "epochs": 6}}
+    studies = {}
+    for mode in ("every_epoch", "rungs"):
+        spec = {**base, "study": f"validate_{mode}",
+                "early_stopping": {**TINY_SPEC["early_stopping"], "validate_at": mode}}
+        studies[mode] = search(write_spec(tmp_path, spec, f"{mode}.yaml"), results_root=tmp_path / "results",
+                               log=lambda m: None)
+    rungs = json.loads((studies["rungs"].study_dir / "study.json").read_text())["rungs"]
+    assert rungs == [1, 2, 4]  # grace 1, η = 2, 6 epochs
+
+    def outcomes(result):
+        trials = result.trials.sort_values(["phase", "width", "temperature"], na_position="first")
+        return trials[["phase", "width", "temperature", "status", "epochs_run", "val_acc"]].reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(outcomes(studies["every_epoch"]), outcomes(studies["rungs"]))
+    history = studies["rungs"].history
+    last = history.groupby("trial_id")["epoch"].transform("max")
+    search_rows = history["phase"] == "search"
+    scored = history["val_acc"].notna()
+    # Search trials: scored at the rungs and at their last epoch, at no other epoch.
+    expected = (history["epoch"].isin(rungs) | (history["epoch"] == last))
+    assert (scored[search_rows] == expected[search_rows]).all()
+    assert (~scored[search_rows]).any()  # epochs 3 and 5 of the trials that ran on
+    # Baselines and race runs are read at their end only, in either mode.
+    for result in studies.values():
+        rows = result.history[result.history["phase"] == "baseline"]
+        rows_last = rows.groupby("trial_id")["epoch"].transform("max")
+        assert len(rows) and (rows["val_acc"].notna() == (rows["epoch"] == rows_last)).all()
+    # The training itself is the same: the per-epoch training losses agree.
+    every = studies["every_epoch"].history
+    key = ["phase", "width", "temperature", "epoch"]
+    merged = every[key + ["train_loss"]].merge(history[key + ["train_loss"]], on=key, suffixes=("_every", "_rungs"))
+    assert len(merged) == len(history)
+    assert (merged["train_loss_every"] == merged["train_loss_rungs"]).all()
+
+
+def test_a_trial_validating_at_rungs_scores_its_rungs_and_checkpoint_epochs():
+    from kdtune.search.trainable import validated_epochs
+
+    assert validated_epochs({"report_epochs": [1, 3]}, 0) is None  # every epoch, the default
+    epochs = validated_epochs({"validate_at": "rungs", "report_epochs": [1, 3, 9]}, checkpoint_every=4)
+    # The run itself always scores the last epoch; these are the ones before it.
+    assert [e for e in range(1, 13) if e in epochs] == [1, 3, 4, 8, 9, 12]
+    assert [e for e in range(1, 6) if e in validated_epochs({"validate_at": "rungs"}, 0)] == []

@@ -55,6 +55,7 @@ from kdtune.study import (
     META_FILE,
     PHASES,
     TEACHER_DIR,
+    VALIDATE_RUNGS,
     check_not_locked,
     experiment_path,
     load_records,
@@ -385,7 +386,9 @@ def _run_trials(spec: SearchSpec, study: str, study_dir: Path, experiment_root: 
         return False, trials, history
     log(f"baselines: {len(overrides)} no-distillation runs (alpha=1) of widths "
         + ", ".join(f"{o['width']:g}" for o in overrides))
-    baseline_space = {**config, "phase": "baseline", "report_epochs": [], "overrides": tune.grid_search(overrides)}
+    # A baseline is read at its end only (its final accuracy is the one kd_gain compares with).
+    baseline_space = {**config, "phase": "baseline", "report_epochs": [], "validate_at": VALIDATE_RUNGS,
+                      "overrides": tune.grid_search(overrides)}
     baseline_space.pop("fault", None)
 
     def new_baseline_tuner():

@@ -251,6 +251,7 @@ def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
         "seed": spec.seed,
         "phase": "search",
         "checkpoint_every": spec.checkpoint_every,
+        "validate_at": spec.early_stopping.validate_at,
     }
 
 def max_epochs(spec: SearchSpec) -> int:

@@ -44,6 +44,7 @@ from kdtune.study import (
     RACE_PHASE,
     RACE_TABLE,
     TRIAL_KEYS,
+    VALIDATE_RUNGS,
     load_records,
     recorded_trial_config,
     trial_config,
@@ -148,6 +149,7 @@ class RaceSearcher(Searcher):
         values = dict(baseline_values()) if contender == BASELINE else {self.param: contender}
         return {**entry.base, **values, "seed": self.seed + RACE_SEED_OFFSET + round_index,
                 **({"score_pool": True} if self.score_pool else {}), "phase": RACE_PHASE, "report_epochs": [],
+                "validate_at": VALIDATE_RUNGS,  # a run is scored at its end only
                 "race": {"size": entry.size, "contender": contender, "round": round_index}}
 
     def suggest(self, trial_id: str) -> dict | None:

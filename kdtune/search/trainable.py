@@ -31,6 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ from kdtune.core.data import DatasetSplits, TensorSplit
 from kdtune.core.distill import TeacherTargets, run
 from kdtune.core.objectives import LOSSES, Objective
 from kdtune.core.plugins import Plugin, import_plugins
-from kdtune.study import trial_config, trial_run_config
+from kdtune.study import VALIDATE_RUNGS, trial_config, trial_run_config
 
 STATE_FILE = "state.pt"
 
@@ -219,6 +220,7 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
     }
     pending: dict[int, Any] = {}
     reporter = SparseReporter(config.get("report_epochs") or (), REPORT_INTERVAL_S)
+    checkpoint_every = int(config.get("checkpoint_every", 0) or 0)
 
     def on_checkpoint(epoch: int, state: dict[str, Any]) -> None:
         # Staged in the trial's working directory (inside Ray's temp dir), not in
@@ -247,6 +249,26 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
         teacher if run_config.needs_teacher else None,
         report,
         on_checkpoint=on_checkpoint,
-        checkpoint_every=int(config.get("checkpoint_every", 0) or 0),
+        checkpoint_every=checkpoint_every,
         resume_state=resume_state,
+        validate_epochs=validated_epochs(config, checkpoint_every),
     )
+
+
+def validated_epochs(config: dict[str, Any], checkpoint_every: int) -> Container[int] | None:
+    """The epochs a trial scores the validation split at (None: every epoch). With
+    ``validate_at: rungs``: its rungs and checkpoint epochs (the run adds the last), so
+    every result a scheduler or a resumed trial reads is scored."""
+    if config.get("validate_at") != VALIDATE_RUNGS:
+        return None
+    return _RungsAndCheckpoints(frozenset(int(e) for e in config.get("report_epochs") or ()), checkpoint_every)
+
+
+@dataclass(frozen=True)
+class _RungsAndCheckpoints:
+    rungs: frozenset[int]
+    checkpoint_every: int
+
+    def __contains__(self, epoch: object) -> bool:
+        return epoch in self.rungs or bool(self.checkpoint_every and isinstance(epoch, int)
+                                           and epoch % self.checkpoint_every == 0)
