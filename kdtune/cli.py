@@ -17,7 +17,7 @@ from kdtune import __version__
 from kdtune.errors import KdtuneError
 from kdtune.results.export_formats import DEFAULT_FORMAT, DEPRECATED_FORMATS, FORMATS
 from kdtune.results.tracking import DEFAULT_TRACKER, TRACKER_PACKAGES
-from kdtune.study import FINAL_FILE, HISTORY_TABLE, META_FILE, RACE_FINAL_FILE, TRIALS_TABLE
+from kdtune.study import HISTORY_TABLE, META_FILE, TRIALS_TABLE, final_files
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -280,16 +280,22 @@ def report(results: Path, out: Path | None, as_html: bool) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Training processes at once [default: as many as the CPU cores hold at the search's threads "
                    "per trial, when a run takes 10 s or more; 1 on a GPU].")
-def evaluate(results: Path, seeds: int, race: bool, workers: int | None) -> None:
+@click.option("--full-data", "full_data", is_flag=True,
+              help="Train every run on the whole training split (a study searched on data.train_subset); "
+                   "writes final_full.csv.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="With --full-data: epochs of each run [default: the trial's].")
+def evaluate(results: Path, seeds: int, race: bool, workers: int | None, full_data: bool, epochs: int | None) -> None:
     """Re-train the Pareto front (or the race's winners) and baselines with fresh seeds; test once; write final.csv."""
     from kdtune.results.evaluate import final_evaluation
     from kdtune.results.report import format_terminal_table
 
-    table = final_evaluation(results, seeds=seeds, log=click.echo, race=race, workers=workers)
+    table = final_evaluation(results, seeds=seeds, log=click.echo, race=race, workers=workers, full_data=full_data,
+                             epochs=epochs)
     shown = ["width", "params", *(["param", "recommended"] if race else []), "temperature", "alpha",
              "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "kd_gain_mean", "kd_gain_std", "latency_ms"]
     click.echo(format_terminal_table(table, [c for c in shown if c in table.columns]))
-    click.echo(f"all columns in {results}/{RACE_FINAL_FILE if race else FINAL_FILE}")
+    click.echo(f"all columns in {results}/{final_files(race, full_data)[0]}")
 
 
 @main.command()

@@ -79,6 +79,11 @@ RACE_CONTENDERS_TABLE = f"{RACE_DIR}/contenders.csv"
 RACE_PLOT = f"{RACE_DIR}/best_t.png"
 RACE_FINAL_FILE = f"{RACE_DIR}/final.csv"
 RACE_FINAL_RUNS_FILE = f"{RACE_DIR}/final_runs.csv"
+#: ``kdtune evaluate --full-data``: the same configurations re-trained on the whole training split.
+FULL_FINAL_FILE = "final_full.csv"
+FULL_FINAL_RUNS_FILE = "final_full_runs.csv"
+RACE_FULL_FINAL_FILE = f"{RACE_DIR}/{FULL_FINAL_FILE}"
+RACE_FULL_FINAL_RUNS_FILE = f"{RACE_DIR}/{FULL_FINAL_RUNS_FILE}"
 #: What a study folder must hold for the results commands to work, and why.
 REQUIRED_FILES = {META_FILE: "what the study is", SPEC_FILE: "the spec it was run with"}
 
@@ -114,6 +119,14 @@ TRIAL_KEYS = ("phase", "report_epochs", "validate_at", "fault", "checkpoint_ever
 #: every epoch, for the per-epoch history; or only the epochs someone acts on, the
 #: rungs (``report_epochs``), the checkpoint epochs and the last.
 VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS = "every_epoch", "rungs"
+
+
+def final_files(race: bool = False, full_data: bool = False) -> tuple[str, str]:
+    """The (table, runs) files ``kdtune evaluate`` writes, relative to the study folder."""
+    return {(False, False): (FINAL_FILE, FINAL_RUNS_FILE),
+            (True, False): (RACE_FINAL_FILE, RACE_FINAL_RUNS_FILE),
+            (False, True): (FULL_FINAL_FILE, FULL_FINAL_RUNS_FILE),
+            (True, True): (RACE_FULL_FINAL_FILE, RACE_FULL_FINAL_RUNS_FILE)}[(bool(race), bool(full_data))]
 
 
 def trial_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,52 @@ def test_per_run_file_reproduces_the_summary(study, evaluated):
         assert row["kd_gain_std"] == pytest.approx(statistics.stdev(gains), abs=1e-12)
 
 
+def test_full_data_retrains_the_front_on_the_whole_training_split(study, evaluated, digits, tmp_path):
+    """--full-data: each run is the front trial's config without its train_subset, for
+    --epochs; its test accuracy is that of the same run trained here by the core."""
+    from kdtune.core.distill import run
+    from kdtune.study import recorded_trial_config, trial_run_config
+
+    copy = copy_study(study, tmp_path)
+    before = (copy / "final.csv").read_text()
+    outcome = CliRunner().invoke(main, ["evaluate", str(copy), "--full-data", "--epochs", "2", "--seeds", "1",
+                                        "--workers", "1"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "on the whole training split" in outcome.output and "final_full.csv" in outcome.output
+    assert (copy / "final.csv").read_text() == before  # the low-label evaluation is kept
+    runs = pd.read_csv(copy / "final_full_runs.csv")
+    assert (runs["epochs"] == 2).all() and set(runs["role"]) == {"distilled", "baseline"}
+    first = runs[runs["role"] == "distilled"].iloc[0]
+    config = trial_run_config(recorded_trial_config(copy, first["trial_id"]))
+    assert config.train_subset == TINY_SPEC["data"]["train_subset"]
+    alone = config.replace(train_subset=None, epochs=2, seed=int(first["seed"]), device="cpu")
+    from kdtune.core.teacher import prepare_teachers
+    from kdtune.spec import spec_teacher_targets, teacher_configs
+
+    spec = load_spec(copy / "spec.yaml")  # the targets the evaluation used
+    prepared = prepare_teachers(teacher_configs(spec), digits, copy / "teacher", log=lambda m: None)
+    student = run(alone, digits, spec_teacher_targets(spec, prepared, digits, lambda m: None)).student
+    with torch.no_grad():
+        test_acc = (student(digits.test.x).argmax(1) == digits.test.y).float().mean().item()
+    assert first["test_acc"] == pytest.approx(test_acc, abs=1e-9)
+    # On the subset alone, the same seed and epochs score otherwise: the whole split was used.
+    subset = run(config.replace(epochs=2, seed=int(first["seed"]), device="cpu"), digits,
+                 spec_teacher_targets(spec, prepared, digits, lambda m: None)).student
+    with torch.no_grad():
+        assert not torch.equal(subset(digits.test.x), student(digits.test.x))
+
+
+def test_full_data_needs_a_study_searched_on_a_subset_and_epochs_need_full_data(study, tmp_path):
+    outcome = CliRunner().invoke(main, ["evaluate", str(study), "--epochs", "2"])
+    assert outcome.exit_code == 2 and "--full-data" in outcome.output and "Traceback" not in outcome.output
+    copy = copy_study(study, tmp_path)
+    spec_path = copy / "spec.yaml"
+    spec_path.write_text(spec_path.read_text().replace("train_subset: 150", "train_subset: null"))
+    with pytest.raises(ResultsError, match="already trained on the whole training split"):
+        final_evaluation(copy, seeds=1, log=lambda m: None, full_data=True)
+    assert not (copy / "final_full.csv").exists()
+
+
 def test_evaluate_on_a_folder_that_is_not_a_study(tmp_path):
     (tmp_path / "notes.txt").write_text("not a study")
     with pytest.raises(ResultsError, match=r"notes\.txt.*missing study\.json"):

@@ -43,14 +43,11 @@ from torch import nn
 from kdtune.core.objectives import baseline_values
 from kdtune.errors import ResultsError
 from kdtune.study import (
-    FINAL_FILE,
-    FINAL_RUNS_FILE,
-    RACE_FINAL_FILE,
-    RACE_FINAL_RUNS_FILE,
     RACE_PHASE,
     RACE_TABLE,
     SPEC_FILE,
     TEACHER_DIR,
+    final_files,
     load_records,
     recorded_trial_config,
     require_study,
@@ -207,7 +204,7 @@ def race_winners(study_dir: Path, trials: pd.DataFrame) -> tuple[pd.DataFrame, d
 
 def final_evaluation(
     study_dir: str | Path, seeds: int = 3, log: Log = print, device: str = "auto", race: bool = False,
-    workers: int | None = None,
+    workers: int | None = None, full_data: bool = False, epochs: int | None = None,
 ) -> pd.DataFrame:
     """Re-train the validation Pareto front (or, with ``race``, the race's winners)
     and their baselines with fresh seeds; test once.
@@ -247,9 +244,18 @@ def final_evaluation(
     size (:func:`race_winners`), and the files are ``race/final.csv`` (with the
     extra columns ``param`` and ``recommended``) and ``race/final_runs.csv``.
 
+    With ``full_data``, for a study searched on a ``train_subset``, every run (distilled
+    and baseline) trains on the whole training split instead, for ``epochs`` epochs
+    when given (default: the trial's): the students a team ships once the search on a
+    few thousand images has chosen their hyperparameters. The files are then
+    ``final_full.csv`` and ``final_full_runs.csv`` (under ``race/`` with ``race``);
+    the columns are the same, and ``val_acc`` stays the search's.
+
     Raises :class:`ResultsError` when ``study_dir`` is not a study folder or has
     no completed search trial (with ``race``: no finished race), and
-    :class:`~kdtune.errors.ConfigError` for ``seeds < 1``, ``workers < 1`` or an unknown device.
+    :class:`~kdtune.errors.ConfigError` for ``seeds < 1``, ``workers < 1``, ``epochs < 1``,
+    ``epochs`` without ``full_data`` or an unknown device, and :class:`ResultsError` for
+    ``full_data`` on a study whose students already saw the whole training split.
     """
     from kdtune.core.distill import select_device
     from kdtune.core.teacher import prepare_teachers
@@ -261,6 +267,11 @@ def final_evaluation(
         raise ConfigError("seeds", f"must be >= 1 fresh seeds per configuration, got {seeds}")
     if workers is not None and int(workers) < 1:
         raise ConfigError("workers", f"must be >= 1 training processes, got {workers}")
+    if epochs is not None and not full_data:
+        raise ConfigError("epochs", "sets the epochs of the --full-data runs; without --full-data the front is "
+                          "re-trained for the epochs it was searched with")
+    if epochs is not None and int(epochs) < 1:
+        raise ConfigError("epochs", f"must be >= 1, got {epochs}")
     study_dir = Path(study_dir)
     meta = require_study(study_dir)
     trials = load_results(study_dir)
@@ -273,12 +284,20 @@ def final_evaluation(
     torch_device = select_device(device)
 
     spec = load_spec(study_dir / SPEC_FILE)
+    if full_data and spec.data.train_subset is None:
+        raise ResultsError(f"--full-data: the students of study '{meta['study']}' already trained on the whole "
+                           f"training split (its spec sets no data.train_subset); evaluate it without --full-data")
     used = {int(s) for s in pd.to_numeric(trials["seed"], errors="coerce").dropna()}
     if race:  # the race's own seeds are not fresh either
         used |= {int(r["config"]["seed"]) for r in load_records(study_dir, RACE_PHASE).values()
                  if (r.get("config") or {}).get("seed") is not None}
     seed_list = fresh_seeds(int(seeds), spec.seed, used)
-    configs = {trial_id: config.replace(device=str(torch_device)) for trial_id, config in raced.items()}
+    changes: dict[str, Any] = {"device": str(torch_device)}
+    if full_data:
+        changes["train_subset"] = None
+    if epochs is not None:
+        changes["epochs"] = int(epochs)
+    configs = {trial_id: config.replace(**changes) for trial_id, config in raced.items()}
 
     data = load_spec_data(spec)
     prepared = prepare_teachers(teacher_configs(spec), data, study_dir / TEACHER_DIR,
@@ -293,6 +312,8 @@ def final_evaluation(
     what = "race winner(s)" if race else "front configuration(s)"
     log(f"final evaluation of study '{meta['study']}': {len(front)} {what} × {len(seed_list)} "
         f"fresh seed(s) ({', '.join(map(str, seed_list))}) → {len(planned)} training runs on {torch_device}"
+        + (f", on the whole training split ({len(data.train):,} images"
+           + (f", {epochs} epochs each)" if epochs else ")") if full_data else "")
         + (f", {'' if chosen else 'up to '}{workers} at a time" if workers > 1 else ""))
     # run() applies each trial's thread count (the search's placement, usually one
     # thread per trial) process-wide; give the caller its own setting back afterwards.
@@ -324,7 +345,7 @@ def final_evaluation(
         torch.set_num_threads(caller_threads)
 
     runs = pd.DataFrame([records[_config_key(config)] for _, _, config in planned], columns=RUN_COLUMNS)
-    final_file, runs_file = (RACE_FINAL_FILE, RACE_FINAL_RUNS_FILE) if race else (FINAL_FILE, FINAL_RUNS_FILE)
+    final_file, runs_file = final_files(race, full_data)
     if race:
         table = table.merge(front[["trial_id", "param", "recommended"]], on="trial_id")[RACE_FINAL_COLUMNS]
     write_csv_atomic(runs, study_dir / runs_file)
