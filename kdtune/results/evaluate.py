@@ -482,8 +482,11 @@ def _train_and_test_in_processes(
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_start,
                              initargs=(str(study_dir), str(device), max(1, usable_cores() // workers))) as pool:
+        # Widest students first: the longest runs start early, and short ones fill the
+        # gaps at the end instead of one long run finishing alone.
+        ordered = sorted(planned, key=lambda run: -float(run[2].width) * int(run[2].epochs))
         pending = {pool.submit(_worker_run, config, role): (trial_id, role, config)
-                   for trial_id, role, config in planned}
+                   for trial_id, role, config in ordered}
         log(f"retraining {len(planned)} runs in {workers} processes ...")
         try:
             while pending:
