@@ -162,3 +162,57 @@ def test_a_temperature_curriculum_follows_its_schedule_and_keeps_the_fused_path_
                    TeacherTargets(logits=teacher_logits.numpy()))
     assert fused.metrics["train_loss"] == pytest.approx(reference.metrics["train_loss"], rel=1e-3)
     assert fused.metrics["train_loss"] != pytest.approx(constant.metrics["train_loss"], rel=1e-3)
+
+
+#: The published settings, as the papers' configs give them (mdistiller KD and DKD,
+#: logit-standardization-KD, DIST_KD), written out here independently of kdtune's table.
+PUBLISHED = {
+    "kd": {"soft_loss": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False},
+    "kd+standardize": {"soft_loss": "kd", "temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0,
+                       "standardize": True},
+    "dkd": {"soft_loss": "dkd", "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "dkd_alpha": 1.0,
+            "dkd_beta": 8.0, "dkd_warmup": 20},
+    "dist": {"soft_loss": "dist", "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "dist_beta": 1.0,
+             "dist_gamma": 1.0},
+}
+
+
+def test_a_recipe_race_trains_each_method_as_published_at_the_best_trial_s_budget(tiny_study, tmp_path):
+    import shutil
+
+    study = tmp_path / "tiny"
+    shutil.copytree(tiny_study[0], study, ignore=shutil.ignore_patterns(".lock", "race", "race_runs", "final*.csv"))
+    raced = CliRunner().invoke(main, ["best-t", str(study), "--race", "--param", "recipe", "--widths", "8",
+                                      "--max-seeds", "3"])
+    assert raced.exit_code == 0, raced.output
+    contenders = pd.read_csv(study / "race" / "contenders.csv")
+    assert set(contenders["contender"]) == {*PUBLISHED, "no distillation (α=1)"}
+    trials = pd.read_parquet(study / "trials.parquet")
+    search = trials[(trials["phase"] == "search") & (trials["status"] == "completed") & (trials["width"] == 8)]
+    held = search.sort_values("val_acc", ascending=False).iloc[0]
+    seen = set()
+    for record in load_records(study, "race").values():
+        config = record["config"]
+        label = config["race"]["contender"]
+        if label in PUBLISHED:
+            seen.add(label)
+            for key, value in PUBLISHED[label].items():
+                assert config[key] == value, (label, key)
+            assert config["beta"] == 0.0 and config["noise"] == 0.0
+            # The size's own budget and optimisation, from its best trial.
+            assert (config["width"], config["lr"], config["epochs"]) == (8, held["lr"], held["epochs_run"])
+    assert seen == set(PUBLISHED)
+    # The race's winner is evaluated as it was raced (recipe included).
+    evaluated = CliRunner().invoke(main, ["evaluate", str(study), "--race", "--seeds", "1", "--workers", "1"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert (study / "race" / "final.csv").exists()
+
+
+def test_a_recipe_must_set_declared_hyperparameters_to_allowed_values():
+    from kdtune.core.objectives import LOSSES, register_objective
+
+    with pytest.raises(ValueError, match="recipe 'bad' sets temperature=-1"):
+        register_objective("bad_recipe_loss", recipes={"bad": {"temperature": -1.0}})(lambda s, t, y, p: s.sum())
+    assert "bad_recipe_loss" not in LOSSES
+    with pytest.raises(ValueError, match="not soft_loss"):
+        register_objective("bad_recipe_loss", recipes={"x": {"soft_loss": "kd"}})(lambda s, t, y, p: s.sum())

@@ -91,7 +91,16 @@ def _kl_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
 # Vanilla KD under both names: "kl" (kdtune's first name for it) and "kd" (the field's).
 register_objective("kl", description="T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batchmean (vanilla KD)",
                    fused=True, cached="kd")(_kl_objective)
-register_objective("kd", description="vanilla KD, the same objective as kl", fused=True, cached="kd")(_kl_objective)
+#: Published recipes are logit-only: no feature term, no logit noise.
+_LOGITS_ONLY = {"beta": 0.0, "noise": 0.0}
+
+register_objective("kd", description="vanilla KD, the same objective as kl", fused=True, cached="kd", recipes={
+    # mdistiller's KD config (CE 0.1, KD 0.9, T 4), the RepDistiller setting of the CIFAR-100 tables.
+    "kd": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False, **_LOGITS_ONLY},
+    # logit-standardization-KD's KD + ls: base T 2, KD weight 9, CE weight 0.1.
+    "kd+standardize": {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0, "standardize": True,
+                       **_LOGITS_ONLY},
+})(_kl_objective)
 
 
 @register_objective("logit_mse", description="squared distance of zero-meaned logits (the large-T limit of T²·KL)")
@@ -456,6 +465,9 @@ def _warmup(params: Mapping[str, Any], key: str) -> float:
     ),
     description="decoupled KD: dkd_alpha·T²·TCKD + dkd_beta·T²·NCKD (Zhao et al. 2022)",
     cached="dkd", cached_args={"alpha": "dkd_alpha", "beta": "dkd_beta"}, warmup="dkd_warmup",
+    # mdistiller's DKD config for CIFAR-100: CE 1, α 1, β 8, T 4, 20 warm-up epochs (of its 240).
+    recipes={"dkd": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0,
+                     "dkd_warmup": 20, "standardize": False, **_LOGITS_ONLY}},
 )
 def _dkd_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
                    params: Mapping[str, Any]) -> Tensor:
@@ -471,6 +483,9 @@ def _dkd_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
     ),
     description="DIST: T²·(dist_beta·inter-class + dist_gamma·intra-class Pearson distance) (Huang et al. 2022)",
     cached="dist", cached_args={"beta": "dist_beta", "gamma": "dist_gamma"},
+    # DIST_KD's CIFAR-100 setting: CE 1, T 4, β = γ = 1 with the DIST term weighted 2.
+    recipes={"dist": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "dist_beta": 1.0, "dist_gamma": 1.0,
+                      "standardize": False, **_LOGITS_ONLY}},
 )
 def _dist_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
                     params: Mapping[str, Any]) -> Tensor:

@@ -159,6 +159,7 @@ LOSSES: Registry[Objective] = Registry("loss", origin=lambda objective: definiti
 
 
 def register_objective(name: str, hyperparameters: Sequence[Hyperparameter] = (), description: str = "",
+                       recipes: Mapping[str, Mapping[str, Any]] | None = None,
                        **options: Any) -> Callable[[SoftTerm], SoftTerm]:
     """Decorator registering a soft term as the objective ``name`` with its own hyperparameters.
 
@@ -167,22 +168,48 @@ def register_objective(name: str, hyperparameters: Sequence[Hyperparameter] = ()
     A name already registered is an error unless ``fn`` is the same function or the
     same definition imported again (:meth:`~kdtune.registry.Registry.is_reregistration`),
     which then replaces the objective with its hyperparameters.
+
+    ``recipes`` maps a label to the hyperparameter values a paper's code trains this
+    objective with (its T, weights and own hyperparameters): what
+    ``kdtune best-t --race --param recipe`` races (:func:`recipes`). Each value is
+    checked against its declaration here.
     """
 
     def decorator(fn: SoftTerm) -> SoftTerm:
         objective = Objective(name, fn, tuple(hyperparameters), description or (fn.__doc__ or "").strip(),
-                              dict(options))
-        taken = set(hyperparameter_table())
+                              {**options, "recipes": {k: dict(v) for k, v in (recipes or {}).items()}})
+        table = hyperparameter_table()
+        taken = set(table)
         if LOSSES.is_reregistration(name, objective):
             # Its own earlier declarations are replaced, not clashed with.
             taken -= {hp.name for hp in LOSSES.get(name).hyperparameters}
         clash = [hp.name for hp in hyperparameters if hp.name in taken]
         if clash:
             raise ValueError(f"loss {name!r}: hyperparameter name(s) {clash} already declared; choose new names")
+        table.update({hp.name: hp for hp in hyperparameters})
+        for label, values in objective.options["recipes"].items():
+            for key, value in values.items():
+                if key == "soft_loss" or key not in table or not table[key].allows(value):
+                    raise ValueError(f"loss {name!r}: recipe {label!r} sets {key}={value!r}; a recipe sets "
+                                     f"this loss's or the core hyperparameters to allowed values (not soft_loss)")
         LOSSES.register(name)(objective)
         return fn
 
     return decorator
+
+
+#: The ``--param`` of a race whose contenders are the registered objectives' published recipes.
+RECIPE = "recipe"
+
+
+def recipes() -> dict[str, dict[str, Any]]:
+    """Every registered objective's published recipes, by label, in registration order:
+    ``soft_loss`` and the values the paper's code trains with (see :func:`register_objective`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for name in LOSSES.registration_order():
+        for label, values in LOSSES.get(name).options.get("recipes", {}).items():
+            found[label] = {"soft_loss": name, **values}
+    return found
 
 
 def _loss_names() -> list[str]:

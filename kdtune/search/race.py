@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 from ray.tune.search import Searcher
 
-from kdtune.core.objectives import baseline_values, hyperparameter
+from kdtune.core.objectives import RECIPE, baseline_values, hyperparameter, recipes
 from kdtune.errors import KdtuneError
 from kdtune.pareto import pareto_front
 from kdtune.racing import BASELINE, DEFAULT_MAX_SEEDS, Race, contender_grid
@@ -74,8 +74,15 @@ class SizeRace:
 def contenders_for(spec: SearchSpec, param: str, n: int = 8) -> list[Any]:
     """The contenders of a race on ``param``: a grid over the spec's range of it
     (log-spaced for a log-uniform range, with T = 1 for the temperature; linear for a
-    uniform one; every value of a choice or a short int range), then the baseline."""
-    hyperparameter(param)  # unknown names raise, listing the known ones
+    uniform one; every value of a choice or a short int range), then the baseline.
+    ``param`` :data:`~kdtune.core.objectives.RECIPE` races every registered
+    objective's published recipe (:func:`~kdtune.core.objectives.recipes`) instead."""
+    if param == RECIPE:
+        return [*recipes(), BASELINE]
+    try:
+        hyperparameter(param)
+    except KdtuneError as exc:  # unknown names raise, listing the known ones and the recipes
+        raise KdtuneError(f"{exc}; or {RECIPE} (each method's published recipe)") from None
     searched = spec.space.searched()
     if param not in searched:
         raise KdtuneError(f"--param {param}: the study did not search {param} (it was fixed at "
@@ -146,7 +153,10 @@ class RaceSearcher(Searcher):
     def run_config(self, index: int, contender: Any, round_index: int) -> dict[str, Any]:
         """The trial config of one run: the size's best config, the contender, the round's seed."""
         entry = self.races[index]
-        values = dict(baseline_values()) if contender == BASELINE else {self.param: contender}
+        if contender == BASELINE:
+            values = dict(baseline_values())
+        else:  # a recipe sets the method, T, the weights and the method's own values at once
+            values = recipes()[contender] if self.param == RECIPE else {self.param: contender}
         return {**entry.base, **values, "seed": self.seed + RACE_SEED_OFFSET + round_index,
                 **({"score_pool": True} if self.score_pool else {}), "phase": RACE_PHASE, "report_epochs": [],
                 "validate_at": VALIDATE_RUNGS,  # a run is scored at its end only
