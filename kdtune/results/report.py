@@ -298,8 +298,10 @@ def _plot_learning_curves(path: Path, study: str, history: pd.DataFrame, trial_b
         styles_used.add(style)
         if bucket is not None and not pd.isna(bucket) and bucket not in buckets_used:
             buckets_used.append(bucket)
+        # A dot at each scored epoch: a trial stopped at its first rung is one point, and a
+        # search with validate_at: rungs scores only at the rungs and the last epoch.
         ax.plot(rows["epoch"], rows["val_acc"], linestyle=style, linewidth=1.0, alpha=0.65,
-                color=palette.get(bucket, "0.5"))
+                color=palette.get(bucket, "0.5"), marker="o", markersize=2.5)
     if curves.empty:
         _empty_note(ax, "no per-epoch history yet")
     else:
@@ -321,8 +323,8 @@ def _plot_learning_curves(path: Path, study: str, history: pd.DataFrame, trial_b
         ax.legend(handles, names, fontsize=8, loc="lower right", framealpha=0.9)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{study}: learning curves of search trials (dotted: early-stopping rungs, at the epochs shown)",
-                 pad=14)
+    ax.set_title(f"{study}: learning curves of search trials\n(dotted: early-stopping rungs, at the epochs shown; "
+                 f"dots: scored epochs)", pad=14)
     ax.grid(True, alpha=0.3)
     fig.savefig(path, dpi=_DPI)
 
