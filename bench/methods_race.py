@@ -1,4 +1,4 @@
-"""Does the distillation method matter more than the temperature? Two races per task (issue 18).
+"""Does the distillation method matter more than the temperature? Two or three races per task (issue 18).
 
     PYTHONPATH=. python bench/methods_race.py [--spec search_spaces/digits.yaml] [--results DIR]
 
@@ -18,6 +18,11 @@ mean difference and 95% t-interval. The summary states per size whether the
 method matters beyond T: the spread of means across temperatures (race 1)
 against the spread across methods (race 2), and whether the best method's
 interval against KD at its best T excludes zero.
+
+3. **Published recipes** (``--recipes``). A copy of the KD study raced with
+   ``best-t --race --param recipe``: kd, kd+standardize, dkd and dist as their
+   papers' code trains them, at the same best trials and seeds as race 1, so each
+   recipe is compared with KD at its best T paired by round.
 
 On a costly task, ``--kd-study`` reuses a finished search of the spec as shipped
 (e.g. the study of ``bench/real_task.py``: it is copied, then raced) and its
@@ -130,7 +135,8 @@ def reuse_study(source: Path, target: Path) -> None:
     if not (source / "trials.parquet").exists():
         raise SystemExit(f"--kd-study {source}: no finished study there (trials.parquet is missing)")
     if not target.exists():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("race", "final*.csv"))
+        # Without its races (race/, records/race/, race_runs/) and evaluations: a study searched, not raced.
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("race", "race_runs", "final*.csv", ".lock"))
 
 
 def methods_spec(base: dict[str, Any], widths: list[float] | None) -> dict[str, Any]:
@@ -145,8 +151,38 @@ def methods_spec(base: dict[str, Any], widths: list[float] | None) -> dict[str, 
     return spec
 
 
+def recipes_section(report: Report, base: dict[str, Any], results: Path, kd_study: Path, kd_best: Any,
+                    kd_scores: dict, max_seeds: int, log: Any) -> float:
+    """Race 3: every method's published recipe (``--param recipe``) at the KD study's best trial
+    of each size, on a copy of that study, so the rounds share race 1's seeds and base configs;
+    each recipe against KD at its best T, paired by round. Returns the seconds it took."""
+    import pandas as pd
+
+    from kdtune.core.objectives import RECIPE
+    from kdtune.study import RACE_CONTENDERS_TABLE
+
+    spec = {**base, "study": f"{base['study']}_recipes"}
+    reuse_study(kd_study, results / spec["study"])
+    sizes = [float(w) for w in kd_best["width"]]
+    study, seconds = search_and_race(spec, results, RECIPE, sizes, log, max_seeds=max_seeds)
+    contenders = pd.read_csv(study / RACE_CONTENDERS_TABLE)
+    scores = round_scores(study)
+    rows = []
+    for _, entry in contenders.iterrows():
+        size = float(entry["width"])
+        best_t = kd_best.loc[kd_best["width"] == size, "recommended"].iloc[0]
+        diff, low, high, n = paired_ci(scores.get((size, str(entry["contender"])), {}), kd_scores.get((size, best_t), {}))
+        rows.append([f"{size:g}", entry["contender"], f"{entry['mean']:.4f}", int(entry["n_seeds"]),
+                     entry.get("status", ""), f"{best_t}", f"{diff:+.4f} ({low:+.4f}, {high:+.4f})", n])
+    report.add("Each method's published recipe (race 3, `--param recipe`), against vanilla KD at its best T "
+               "(race 1), paired by round",
+               markdown_table(["width", "recipe", "mean val acc", "seeds", "status", "KD's best T",
+                               "diff vs KD at best T (95% CI)", "paired rounds"], rows))
+    return seconds
+
+
 def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: list[float] | None = None,
-        grid: int = 8, max_seeds: int = DEFAULT_MAX_SEEDS) -> Report:
+        grid: int = 8, max_seeds: int = DEFAULT_MAX_SEEDS, with_recipes: bool = False) -> Report:
     import pandas as pd
 
     from kdtune.spec import parse_spec
@@ -205,8 +241,11 @@ def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: l
     report.add("Per size: does the method matter beyond T?",
                markdown_table(["width", "spread over T (race 1)", "spread over methods (race 2)", "best method",
                                "best method − KD at best T (95% CI)", "verdict"], verdicts))
-    report.add("Wall time", markdown_table(["step", "s"], [["KD search + T race", kd_s],
-                                                           ["methods search + method race", all_s]]))
+    times = [["KD search + T race", kd_s], ["methods search + method race", all_s]]
+    if with_recipes:
+        times.append(["recipe race", recipes_section(report, base, results, kd_study, kd_best, kd_scores,
+                                                     max_seeds, log)])
+    report.add("Wall time", markdown_table(["step", "s"], times))
     report.target("a verdict for every raced size", f"{len(verdicts)} of {len(all_best)} sizes",
                   len(verdicts) == len(all_best) and bool(verdicts))
     return report
@@ -221,10 +260,13 @@ def main() -> None:
     parser.add_argument("--widths", type=float, nargs="+", default=None, help="search and race only these sizes")
     parser.add_argument("--grid", type=int, default=8, help="temperatures raced (default 8)")
     parser.add_argument("--max-seeds", type=int, default=DEFAULT_MAX_SEEDS, help="most rounds of each race")
+    parser.add_argument("--recipes", action="store_true",
+                        help="race 3: each method's published recipe at the KD study's best trials")
     args = parser.parse_args()
     common.make_kdtune_importable()
     before, started = common.load_average(), time.perf_counter()
-    report = run(args.spec, args.results.resolve(), args.kd_study, args.widths, args.grid, args.max_seeds)
+    report = run(args.spec, args.results.resolve(), args.kd_study, args.widths, args.grid, args.max_seeds,
+                 args.recipes)
     report.wall_s = time.perf_counter() - started
     report.load_before, report.load_after = before, common.load_average()
     command = " ".join(["python bench/methods_race.py", *sys.argv[1:]])
