@@ -36,6 +36,26 @@ import common  # noqa: E402
 from common import Report, markdown_table  # noqa: E402
 
 TEACHER_TARGET = 0.90
+#: Seconds each step took when this script ran it, by study folder: ``--existing`` reads them
+#: back (a later step rewrites files, so the study folder's file times can mislead).
+TIMES_FILE = common.RESULTS_DIR / "real_task_times.json"
+
+
+def _times(study_dir: Path) -> dict[str, float]:
+    import json
+
+    every = json.loads(TIMES_FILE.read_text()) if TIMES_FILE.exists() else {}
+    return every.get(str(study_dir.resolve()), {})
+
+
+def _record_time(study_dir: Path, step: str, seconds: float) -> float:
+    import json
+
+    every = json.loads(TIMES_FILE.read_text()) if TIMES_FILE.exists() else {}
+    every.setdefault(str(study_dir.resolve()), {})[step] = seconds
+    TIMES_FILE.parent.mkdir(parents=True, exist_ok=True)
+    TIMES_FILE.write_text(json.dumps(every, indent=1))
+    return seconds
 
 
 def _kdtune(*args: str) -> float:
@@ -77,14 +97,16 @@ def full_data_section(report: Report, study_dir: Path, epochs: int, seeds: int, 
 
     table_file = study_dir / final_files(full_data=True)[0]
     if existing and table_file.exists():
-        full_s = table_file.stat().st_mtime - (study_dir / FINAL_FILE).stat().st_mtime
+        full_s = _times(study_dir).get("full_data_s") or (
+            table_file.stat().st_mtime - (study_dir / FINAL_FILE).stat().st_mtime)
     else:
         from kdtune.core.distill import usable_cores
 
         # Runs of many minutes each: every core trains from the start (the default would time
         # the first run alone before it starts the worker processes).
-        full_s = _kdtune("evaluate", str(study_dir), "--full-data", "--epochs", str(epochs), "--seeds", str(seeds),
-                         "--workers", str(usable_cores()))
+        full_s = _record_time(study_dir, "full_data_s", _kdtune(
+            "evaluate", str(study_dir), "--full-data", "--epochs", str(epochs), "--seeds", str(seeds),
+            "--workers", str(usable_cores())))
     full = pd.read_csv(table_file).sort_values("params")
     rows = [[row["width"], int(row["params"]), f"{row['test_acc_mean']:.4f}", f"{row['baseline_test_acc_mean']:.4f}",
              f"{row['kd_gain_mean']:+.4f}"] for _, row in full.iterrows()]
@@ -119,16 +141,19 @@ def run(spec_path: Path, results_root: Path, seeds: int, existing: bool = False)
     report = Report("real_task", "Real task: Fashion-MNIST search and final evaluation")
     study = load_spec(spec_path).study
     study_dir = results_root / study
+    recorded = _times(study_dir)
     if existing and (study_dir / "trials.parquet").exists():
-        # A finished search from an earlier run: its wall time from the study folder, spec.yaml
-        # (written when the study was created, before the teacher) to the last tables written.
-        search_s = (study_dir / "trials.parquet").stat().st_mtime - (study_dir / "spec.yaml").stat().st_mtime
+        # A finished search from an earlier run: its time as recorded then, else from the study
+        # folder, spec.yaml (written when the study was created) to the last tables written.
+        search_s = recorded.get("search_s") or (
+            (study_dir / "trials.parquet").stat().st_mtime - (study_dir / "spec.yaml").stat().st_mtime)
     else:
-        search_s = _kdtune("search", str(spec_path), "--results", str(results_root))
+        search_s = _record_time(study_dir, "search_s", _kdtune("search", str(spec_path), "--results", str(results_root)))
     if existing and (study_dir / "final.csv").exists():
-        evaluate_s = (study_dir / "final.csv").stat().st_mtime - (study_dir / "trials.parquet").stat().st_mtime
+        evaluate_s = recorded.get("evaluate_s") or (
+            (study_dir / "final.csv").stat().st_mtime - (study_dir / "trials.parquet").stat().st_mtime)
     else:
-        evaluate_s = _kdtune("evaluate", str(study_dir), "--seeds", str(seeds))
+        evaluate_s = _record_time(study_dir, "evaluate_s", _kdtune("evaluate", str(study_dir), "--seeds", str(seeds)))
     teacher_acc = _teacher_test_accuracy(spec_path, study_dir)
     final = pd.read_csv(study_dir / "final.csv").sort_values("params")
     rows, beats = [], []
