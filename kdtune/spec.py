@@ -35,7 +35,6 @@ from kdtune.core.schedules import parse_schedule
 from kdtune.core.teacher import PreparedTeachers, TeacherConfig, online_targets, prepare_views
 from kdtune.core.teacher_files import check_logits_without_augmentation
 from kdtune.errors import ConfigError, KdtuneError
-from kdtune.study import VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -358,6 +357,12 @@ class SamplerSpec(_Strict):
                 or any(v not in OBJECTIVE_MODES for v in value)):
             raise ValueError(f"must start with val_acc, optionally followed by {' or '.join(sizes)}, without repeats")
         return value
+
+
+#: Which epochs of a trial score the validation split (``early_stopping.validate_at``, and
+#: a trial config's ``validate_at``): every epoch, for the per-epoch history; or only the
+#: epochs someone acts on: the rungs (``report_epochs``), the checkpoint epochs and the last.
+VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS = "every_epoch", "rungs"
 
 
 class EarlyStoppingSpec(_Strict):

@@ -115,11 +115,6 @@ def trial_status(last: Mapping[str, Any] | None, budget: int | None, *, ended: b
 #: key is a RunConfig setting or hyperparameter (a misspelt one is an error).
 TRIAL_KEYS = ("phase", "report_epochs", "validate_at", "fault", "checkpoint_every", "overrides", "race")
 
-#: Which epochs of a trial score the validation split (a trial config's ``validate_at``):
-#: every epoch, for the per-epoch history; or only the epochs someone acts on, the
-#: rungs (``report_epochs``), the checkpoint epochs and the last.
-VALIDATE_EVERY_EPOCH, VALIDATE_RUNGS = "every_epoch", "rungs"
-
 
 def final_files(race: bool = False, full_data: bool = False) -> tuple[str, str]:
     """The (table, runs) files ``kdtune evaluate`` writes, relative to the study folder."""

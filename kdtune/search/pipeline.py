@@ -46,7 +46,16 @@ from kdtune.search.plan import (
     preflight,
     resumed_num_samples,
 )
-from kdtune.spec import Choice, SearchSpec, load_spec, parse_spec, spec_plugins, spec_teacher_targets, teacher_configs
+from kdtune.spec import (
+    VALIDATE_RUNGS,
+    Choice,
+    SearchSpec,
+    load_spec,
+    parse_spec,
+    spec_plugins,
+    spec_teacher_targets,
+    teacher_configs,
+)
 from kdtune.study import (
     EXPERIMENT_FOLDERS,
     FAULTS_DIR,
@@ -55,7 +64,6 @@ from kdtune.study import (
     META_FILE,
     PHASES,
     TEACHER_DIR,
-    VALIDATE_RUNGS,
     check_not_locked,
     experiment_path,
     load_records,

@@ -35,7 +35,7 @@ from kdtune.core.objectives import RECIPE, baseline_values, hyperparameter, reci
 from kdtune.errors import KdtuneError
 from kdtune.pareto import pareto_front
 from kdtune.racing import BASELINE, DEFAULT_MAX_SEEDS, Race, contender_grid
-from kdtune.spec import Choice, IntRange, LogUniform, SearchSpec, bounds
+from kdtune.spec import VALIDATE_RUNGS, Choice, IntRange, LogUniform, SearchSpec, bounds
 from kdtune.study import (
     COMPLETED,
     EXPERIMENT_FOLDERS,
@@ -44,7 +44,6 @@ from kdtune.study import (
     RACE_PHASE,
     RACE_TABLE,
     TRIAL_KEYS,
-    VALIDATE_RUNGS,
     load_records,
     recorded_trial_config,
     trial_config,

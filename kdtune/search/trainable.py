@@ -42,7 +42,8 @@ from kdtune.core.data import DatasetSplits, TensorSplit
 from kdtune.core.distill import TeacherTargets, run
 from kdtune.core.objectives import LOSSES, Objective
 from kdtune.core.plugins import Plugin, import_plugins
-from kdtune.study import VALIDATE_RUNGS, trial_config, trial_run_config
+from kdtune.spec import VALIDATE_RUNGS
+from kdtune.study import trial_config, trial_run_config
 
 STATE_FILE = "state.pt"
 
