@@ -162,8 +162,8 @@ def study_trials(study_dir: str | Path) -> list[TrialLog]:
             rows = by_trial.get(row.trial_id, pd.DataFrame(columns=["epoch"])).sort_values("epoch")
             # An epoch that was not scored (validate_at: rungs, a baseline before its end) has no
             # value: it is left out rather than logged as NaN.
-            epochs = {m: [(int(e), float(v)) for e, v in zip(rows["epoch"], rows[m]) if pd.notna(v) and math.isfinite(float(v))]
-                      for m in metrics}
+            epochs = {m: [(int(e), float(v)) for e, v in zip(rows["epoch"], rows[m])
+                          if pd.notna(v) and math.isfinite(float(v))] for m in metrics}
             summary = {c: float(getattr(row, c)) for c in _SUMMARY_COLUMNS
                        if _number(getattr(row, c, None)) is not None and math.isfinite(float(getattr(row, c)))}
             config = record.get("config") or {}

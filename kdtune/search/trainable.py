@@ -31,7 +31,6 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -252,24 +251,15 @@ def distill_trainable(config: dict[str, Any], data: DataArrays | None = None, te
         on_checkpoint=on_checkpoint,
         checkpoint_every=checkpoint_every,
         resume_state=resume_state,
-        validate_epochs=validated_epochs(config, checkpoint_every),
+        validate_epochs=validated_epochs(config, checkpoint_every, run_config.epochs),
     )
 
 
-def validated_epochs(config: dict[str, Any], checkpoint_every: int) -> Container[int] | None:
+def validated_epochs(config: dict[str, Any], checkpoint_every: int, epochs: int) -> frozenset[int] | None:
     """The epochs a trial scores the validation split at (None: every epoch). With
     ``validate_at: rungs``: its rungs and checkpoint epochs (the run adds the last), so
     every result a scheduler or a resumed trial reads is scored."""
     if config.get("validate_at") != VALIDATE_RUNGS:
         return None
-    return _RungsAndCheckpoints(frozenset(int(e) for e in config.get("report_epochs") or ()), checkpoint_every)
-
-
-@dataclass(frozen=True)
-class _RungsAndCheckpoints:
-    rungs: frozenset[int]
-    checkpoint_every: int
-
-    def __contains__(self, epoch: object) -> bool:
-        return epoch in self.rungs or bool(self.checkpoint_every and isinstance(epoch, int)
-                                           and epoch % self.checkpoint_every == 0)
+    checkpoints = range(checkpoint_every, int(epochs) + 1, checkpoint_every) if checkpoint_every else ()
+    return frozenset(int(e) for e in config.get("report_epochs") or ()) | frozenset(checkpoints)
