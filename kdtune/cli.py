@@ -281,7 +281,7 @@ def report(results: Path, out: Path | None, as_html: bool) -> None:
               help="Evaluate the race's winner of each size (after best-t --race) instead of the front.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Training processes at once [default: as many as the CPU cores hold at the search's threads "
-                   "per trial, when a run takes 10 s or more; 1 on a GPU].")
+                   "per trial, when a run takes 10 s or more (estimated from the search's epoch times); 1 on a GPU].")
 @click.option("--full-data", "full_data", is_flag=True,
               help="Train every run on the whole training split (a study searched on data.train_subset); "
                    "writes final_full.csv.")

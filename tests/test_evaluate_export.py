@@ -22,7 +22,7 @@ from conftest import TINY_SPEC
 from kdtune.analysis import pareto_front
 from kdtune.cli import main
 from kdtune.errors import KdtuneError, ResultsError
-from kdtune.evaluate import final_evaluation
+from kdtune.evaluate import PROCESS_WORTHWHILE_S, baseline_of, estimated_run_seconds, final_evaluation
 from kdtune.export import export_student
 from kdtune.models import build_model
 from kdtune.search import load_spec_data
@@ -173,6 +173,90 @@ def test_full_data_retrains_the_front_on_the_whole_training_split(study, evaluat
                  spec_teacher_targets(spec, prepared, digits, lambda m: None)).student
     with torch.no_grad():
         assert not torch.equal(subset(digits.test.x), student(digits.test.x))
+
+
+def test_run_estimate_is_the_recorded_seconds_per_image_times_images_times_epochs(study, trials, digits):
+    """Written out from the study's history: a front trial's median over its epochs of
+    epoch_time_s / the images of a search epoch (its train_subset), × the run's images × epochs."""
+    from kdtune.study import recorded_trial_config, trial_run_config
+
+    history = pd.read_parquet(study / "history.parquet")
+    trial_id = pareto_front(trials)["trial_id"].iloc[0]
+    subset, epochs = TINY_SPEC["data"]["train_subset"], TINY_SPEC["space"]["epochs"]
+    recorded = history[history["trial_id"] == trial_id]
+    assert len(recorded) == epochs
+    per_image = statistics.median(t / subset for t in recorded["epoch_time_s"])
+    config = trial_run_config(recorded_trial_config(study, trial_id))
+    planned = [(trial_id, "distilled", config), (trial_id, "baseline", baseline_of(config)),
+               (trial_id, "distilled", config.replace(train_subset=None, epochs=2)),  # --full-data --epochs 2
+               ("not-a-trial", "distilled", config)]
+    estimates = estimated_run_seconds(history, planned, len(digits.train))
+    assert estimates[0] == pytest.approx(per_image * subset * epochs, rel=1e-9)
+    assert estimates[1] == estimates[0]  # a baseline takes its trial's timing
+    assert estimates[2] == pytest.approx(per_image * len(digits.train) * 2, rel=1e-9)
+    assert estimates[2] / estimates[0] == pytest.approx(len(digits.train) / subset * 2 / epochs, rel=1e-9)
+    assert estimates[3] is None
+    # A study of an older version recorded no speeds: nothing to estimate from.
+    assert estimated_run_seconds(history.drop(columns=["samples_per_s"]), planned[:1], len(digits.train)) == [None]
+
+
+def two_cores(monkeypatch) -> None:
+    """Two CPU cores for the default workers, whatever this machine has (the tiny runs use one thread each)."""
+    import kdtune.core.distill
+
+    monkeypatch.setattr(kdtune.core.distill, "usable_cores", lambda: 2)
+
+
+def test_short_runs_by_the_recorded_epoch_times_train_in_one_process_without_a_timing_run(
+        study, trials, monkeypatch, tmp_path):
+    """The tiny runs take a fraction of a second by the search's epoch times: one process,
+    decided and said before any run trains (no run is trained alone to time it)."""
+    two_cores(monkeypatch)
+    copy = copy_study(study, tmp_path)
+    lines: list[str] = []
+    final_evaluation(copy, seeds=1, log=lines.append, device="cpu")
+    history = pd.read_parquet(copy / "history.parquet")
+    subset, epochs = TINY_SPEC["data"]["train_subset"], TINY_SPEC["space"]["epochs"]
+    per_image = [statistics.median(t / subset for t in history[history["trial_id"] == trial_id]["epoch_time_s"])
+                 for trial_id in pareto_front(trials)["trial_id"]]
+    by_trial = [seconds * subset * epochs for seconds in per_image]
+    said = [line for line in lines if line.startswith("runs estimated at ~")]
+    assert len(said) == 1 and said[0].endswith("→ 1 process (a worker process is worth starting from 10 s a run)")
+    logged = float(said[0].removeprefix("runs estimated at ~").split(" s ")[0])
+    # The median over the runs lies among the front trials' estimates (logged to two digits).
+    assert min(by_trial) * 0.94 <= logged <= max(by_trial) * 1.06 and logged < PROCESS_WORTHWHILE_S
+    assert lines.index(said[0]) < min(i for i, line in enumerate(lines) if line.startswith("retraining"))
+    assert not any("time a run" in line or "processes" in line for line in lines)
+
+
+def test_long_runs_by_the_recorded_epoch_times_all_train_in_processes(study, monkeypatch, tmp_path):
+    """A history that says 30 images a second: 150 images × 4 epochs take 20 s a run, so
+    every run, the first included, goes to the worker processes."""
+    two_cores(monkeypatch)
+    copy = copy_study(study, tmp_path)
+    history = pd.read_parquet(copy / "history.parquet")
+    subset = TINY_SPEC["data"]["train_subset"]
+    history["samples_per_s"], history["epoch_time_s"] = 30.0, subset / 30.0
+    history.to_parquet(copy / "history.parquet", index=False)
+    lines: list[str] = []
+    final_evaluation(copy, seeds=1, log=lines.append, device="cpu")
+    runs = pd.read_csv(copy / "final_runs.csv")
+    assert "runs estimated at ~20 s each from the search's epoch times → 2 processes" in lines
+    assert f"retraining {len(runs)} runs in 2 processes ..." in lines
+    assert not any(line.startswith("retraining:") for line in lines)  # nothing trained in this process
+
+
+def test_without_recorded_epoch_times_the_first_run_times_a_run(study, monkeypatch, tmp_path):
+    """A study of an older version (no samples_per_s in its history): the first run trains here first."""
+    two_cores(monkeypatch)
+    copy = copy_study(study, tmp_path)
+    history = pd.read_parquet(copy / "history.parquet")
+    history.drop(columns=["samples_per_s"]).to_parquet(copy / "history.parquet", index=False)
+    lines: list[str] = []
+    final_evaluation(copy, seeds=1, log=lines.append, device="cpu")
+    said = lines.index("no epoch times recorded by the search: the first run trains here to time a run")
+    assert lines[said + 1].startswith("retraining:") and lines[said + 2].startswith("retrained 1/")
+    assert not any(line.startswith("runs estimated") for line in lines)
 
 
 def test_full_data_needs_a_study_searched_on_a_subset_and_epochs_need_full_data(study, tmp_path):

@@ -64,8 +64,9 @@ FINAL_COLUMNS = [
     "test_acc_mean", "test_acc_std", "baseline_test_acc_mean", "baseline_test_acc_std",
     "kd_gain_mean", "kd_gain_std", "n_seeds", "seeds", "latency_ms", "throughput_per_s", "device", "threads",
 ]
-#: With the default workers, runs go to parallel processes only when the first run took at
-#: least this long: starting a worker (torch imports, the dataset, the teacher targets) takes seconds.
+#: With the default workers, runs go to parallel processes only when a run takes at least this
+#: long (:func:`estimated_run_seconds`): starting a worker (torch imports, the dataset, the
+#: teacher targets) takes seconds.
 PROCESS_WORTHWHILE_S = 10.0
 #: The race's evaluation adds which hyperparameter was raced and the winner.
 RACE_FINAL_COLUMNS = [*FINAL_COLUMNS, "param", "recommended"]
@@ -234,8 +235,11 @@ def final_evaluation(
     The runs are independent and seeded, so they train ``workers`` at a time in
     separate processes, with the same numbers as one after another. By default
     (``workers=None``) as many as the CPU cores hold at the trials' thread count
-    (one on a GPU), and only when the first run, trained here, took at least
-    :data:`PROCESS_WORTHWHILE_S` (a process takes seconds to start).
+    (one on a GPU), and only when a run takes at least :data:`PROCESS_WORTHWHILE_S`
+    (a process takes seconds to start): the median of the runs' estimates from the
+    search's recorded epoch times (:func:`estimated_run_seconds`), scaled to each
+    run's images and epochs. A study whose history records no epoch times has its
+    first run trained here to time it instead.
     Each scores the validation split once, after its last epoch: nothing reads
     the epochs before (on Fashion-MNIST, scoring 6,000 validation images every
     epoch cost as much as training on 3,000).
@@ -260,7 +264,7 @@ def final_evaluation(
     from kdtune.core.distill import select_device
     from kdtune.core.teacher import prepare_teachers
     from kdtune.errors import ConfigError
-    from kdtune.results.analysis import load_results
+    from kdtune.results.analysis import load_history, load_results
     from kdtune.spec import load_spec, load_spec_data, spec_teacher_targets, teacher_configs
 
     if int(seeds) < 1:
@@ -309,12 +313,27 @@ def final_evaluation(
     planned = _plan_runs(configs, seed_list)
     chosen = workers is not None
     workers = min(int(workers) if chosen else default_workers(planned, torch_device), len(planned))
+    # A worker process costs seconds to start (imports, data, targets): worth it only when a
+    # run takes longer, which the search's epoch times tell without training anything.
+    estimated = None
+    if workers > 1 and not chosen:
+        known = [s for s in estimated_run_seconds(load_history(study_dir), planned, len(data.train)) if s is not None]
+        estimated = statistics.median(known) if known else None
+        if estimated is not None and estimated < PROCESS_WORTHWHILE_S:
+            workers = 1
+    timing_probe = workers > 1 and not chosen and estimated is None
     what = "race winner(s)" if race else "front configuration(s)"
     log(f"final evaluation of study '{meta['study']}': {len(front)} {what} × {len(seed_list)} "
         f"fresh seed(s) ({', '.join(map(str, seed_list))}) → {len(planned)} training runs on {torch_device}"
         + (f", on the whole training split ({len(data.train):,} images"
            + (f", {epochs} epochs each)" if epochs else ")") if full_data else "")
-        + (f", {'' if chosen else 'up to '}{workers} at a time" if workers > 1 else ""))
+        + (f", {'up to ' if timing_probe else ''}{workers} at a time" if workers > 1 else ""))
+    if estimated is not None:
+        log(f"runs estimated at ~{_seconds_text(estimated)} s each from the search's epoch times → "
+            + (f"{workers} processes" if workers > 1 else
+               f"1 process (a worker process is worth starting from {PROCESS_WORTHWHILE_S:g} s a run)"))
+    elif timing_probe:
+        log("no epoch times recorded by the search: the first run trains here to time a run")
     # run() applies each trial's thread count (the search's placement, usually one
     # thread per trial) process-wide; give the caller its own setting back afterwards.
     caller_threads = torch.get_num_threads()
@@ -324,9 +343,7 @@ def final_evaluation(
         records: dict[str, dict[str, Any]] = {}
         students: dict[str, nn.Module] = {}
         rest = planned
-        if workers > 1 and not chosen:
-            # A worker process costs seconds to start (imports, data, targets): worth it only
-            # when a run takes longer. The first run, here, tells.
+        if timing_probe:  # nothing to estimate from (a study of an older version): the first run tells
             _train_and_test(planned[:1], data, targets, torch_device, log, seed_list[0], records, students,
                             len(planned))
             rest = planned[1:]
@@ -352,6 +369,11 @@ def final_evaluation(
     write_csv_atomic(table, study_dir / final_file)
     log(f"wrote {study_dir / final_file} and {study_dir / runs_file}")
     return table
+
+
+def _seconds_text(seconds: float) -> str:
+    """Seconds for a log line: two significant digits below 10 s (a tiny run's 0.031), whole seconds above."""
+    return f"{seconds:.2g}" if seconds < 10 else f"{seconds:,.0f}"
 
 
 def _config_key(config: Any) -> str:
@@ -391,6 +413,34 @@ def default_workers(planned: list[tuple[str, str, Any]], device: torch.device) -
 
     threads = max(int(config.threads or 1) for _, _, config in planned)
     return max(1, min(len(planned), usable_cores() // threads))
+
+
+def estimated_run_seconds(
+    history: pd.DataFrame, planned: list[tuple[str, str, Any]], train_size: int
+) -> list[float | None]:
+    """Training seconds of each planned ``(trial_id, role, RunConfig)`` run, estimated from
+    the epoch times the search recorded for its trial, in ``planned``'s order.
+
+    A run is estimated at its trial's seconds per training image (the median over the
+    trial's epochs in ``history`` of ``1 / samples_per_s``, i.e. ``epoch_time_s`` over the
+    images of the epoch; a median, so that a slow first epoch weighs little) × the images of
+    one of the run's epochs (its ``train_subset``, or ``train_size``, the whole training
+    split, when it has none, as with ``full_data``) × the run's epochs. A baseline run
+    takes its front trial's timing: it trains without the teacher, so the estimate errs
+    long. The estimate is None where ``history`` records no speed for the trial (a study
+    of an older version, a trial missing from the history).
+    """
+    per_image: dict[str, float] = {}
+    if "samples_per_s" in history.columns:
+        speeds = pd.to_numeric(history["samples_per_s"], errors="coerce")
+        timed = np.isfinite(speeds) & (speeds > 0)
+        per_image = (1.0 / speeds[timed]).groupby(history.loc[timed, "trial_id"].astype(str)).median().to_dict()
+    estimates: list[float | None] = []
+    for trial_id, _, config in planned:
+        seconds = per_image.get(str(trial_id))
+        images = train_size if config.train_subset is None else int(config.train_subset)
+        estimates.append(None if seconds is None else seconds * images * int(config.epochs))
+    return estimates
 
 
 def _train_one(config: Any, role: str, data: Any, teacher: Any, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
