@@ -12,6 +12,8 @@ each method's loss computed on cached teacher logits:
 - dkd (``CachedDKD``: CE 1 + warm-up·(1·TCKD + 8·NCKD)·T², T 4), also with a
   temperature that changes every epoch (a new table per epoch);
 - dist (``CachedDIST``: CE 1 + 2·T²·(inter + intra), T 4);
+- dist and kd + standardize with the step's arithmetic in torch (``arrays="torch"``, the
+  code path of a GPU) instead of NumPy, the CPU's default (what NumPy saves);
 - the same dkd, dist and kd + standardize objectives with autograd through the reference
   functions of ``kdtune.losses`` (what the fused forms save).
 
@@ -49,6 +51,8 @@ KD_STD = "kd + standardize, CachedKD (CE 0.1 + 9·KD, T 2)"
 DKD = "dkd, CachedDKD (CE 1 + warm-up·(TCKD + 8·NCKD), T 4)"
 DKD_SCHEDULE = "dkd, CachedDKD, T changing every epoch (4 → 2)"
 DIST = "dist, CachedDIST (CE 1 + 2·(inter + intra), T 4)"
+KD_STD_TORCH = "kd + standardize, CachedKD, arithmetic in torch"
+DIST_TORCH = "dist, CachedDIST, arithmetic in torch"
 KD_STD_REF = "kd + standardize, autograd through kl_soft_loss"
 DKD_REF = "dkd, autograd through dkd_loss"
 DIST_REF = "dist, autograd through dist_loss"
@@ -78,6 +82,8 @@ def _steps(teacher_logits, labels) -> dict[str, Step]:
     dkd = CachedDKD(teacher_logits, labels, alpha=1.0, beta=8.0, ce_weight=1.0)
     dkd_schedule = CachedDKD(teacher_logits, labels, alpha=1.0, beta=8.0, ce_weight=1.0)
     dist = CachedDIST(teacher_logits, labels, beta=1.0, gamma=1.0, ce_weight=1.0)
+    kd_std_torch = CachedKD(teacher_logits, labels, ce_weight=0.1, standardize=True, arrays="torch")
+    dist_torch = CachedDIST(teacher_logits, labels, beta=1.0, gamma=1.0, ce_weight=1.0, arrays="torch")
     generator = torch.Generator().manual_seed(0)
     teacher_std = standardize_logits(teacher_logits)
 
@@ -112,6 +118,8 @@ def _steps(teacher_logits, labels) -> dict[str, Step]:
         DKD_SCHEDULE: lambda logits, y, idx, epoch: dkd_schedule.loss_and_grad(
             logits, idx, float(temperatures[epoch % len(temperatures)]), warmup(epoch)),
         DIST: lambda logits, y, idx, epoch: dist.loss_and_grad(logits, idx, 4.0, 2.0),
+        KD_STD_TORCH: lambda logits, y, idx, epoch: kd_std_torch.loss_and_grad(logits, idx, 2.0, 9.0),
+        DIST_TORCH: lambda logits, y, idx, epoch: dist_torch.loss_and_grad(logits, idx, 4.0, 2.0),
         KD_STD_REF: kd_std_ref,
         DKD_REF: dkd_ref,
         DIST_REF: dist_ref,
@@ -236,10 +244,13 @@ def run(quick: bool = False) -> Report:
         "KD: CE on s, KL(p ‖ q) on s/T and, for dkd, KL(p̂ ‖ q̂) on s/T with the target masked, weighted by "
         "α and c = β − α(1 − p_y) (α·TCKD + β·NCKD = α·KL + c·NCKD per sample). Standardization adds the z-score "
         "and its backward (about ten small operations); DIST needs the inter- and intra-class Pearson "
-        "correlations and their gradients (about forty). At batch 32 × 10 classes every operation costs a few "
-        "microseconds of dispatch whatever its size, so the tiny MLP students, whose whole step is a few hundred "
-        "microseconds, see those operations; the CNN does not. The 'T changing every epoch' row builds a new "
-        "table each epoch.")
+        "correlations and their gradients (about forty). At batch 32 × 10 classes every operation costs "
+        "microseconds of dispatch whatever its size: 1–6 µs in torch, about half that in NumPy, so on the CPU "
+        "the step's arithmetic runs in NumPy on views of the tensors (the 'arithmetic in torch' rows are the "
+        "same code on tensors, the path of a GPU). Inside a training step every call costs two to three times "
+        "what it costs in the loop of the 'loss alone' table (caches the student's forward and backward have "
+        "evicted), so the tiny MLP students, whose whole step is about 500 µs, see those operations; the CNN "
+        "does not. The 'T changing every epoch' row builds a new table each epoch.")
     return report
 
 

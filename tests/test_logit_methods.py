@@ -246,13 +246,15 @@ def test_every_method_has_a_cached_objective() -> None:
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("ce_weight", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
 def test_fused_loss_and_gradient_match_autograd_through_the_reference(method: str, standardize: bool,
-                                                                      ce_weight: float) -> None:
+                                                                      ce_weight: float, arrays: str) -> None:
+    # "torch" is the code path of a GPU (the same arithmetic on tensors), checked here on the CPU.
     temperature, weight, total = 3.0, 0.7, 40
     teacher, labels = _logits(20, total, C), _labels(21, total)
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(22))[:N]
     student = _logits(23).requires_grad_(True)
-    cache = _cache(method, teacher, labels, ce_weight=ce_weight, standardize=standardize)
+    cache = _cache(method, teacher, labels, ce_weight=ce_weight, standardize=standardize, arrays=arrays)
     loss, grad = cache.loss_and_grad(student, idx, temperature, weight)
     assert not loss.requires_grad
     expected = _reference(method, student, teacher[idx], labels[idx], temperature, ce_weight, weight, standardize)
@@ -278,9 +280,10 @@ class _Fused(torch.autograd.Function):
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("standardize", [False, True])
-def test_hand_written_gradient_passes_gradcheck(method: str, standardize: bool) -> None:
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+def test_hand_written_gradient_passes_gradcheck(method: str, standardize: bool, arrays: str) -> None:
     teacher, labels = _logits(24, 9, 5, scale=2.0), _labels(25, 9, 5)
-    cache = _cache(method, teacher, labels, ce_weight=0.3, standardize=standardize)
+    cache = _cache(method, teacher, labels, ce_weight=0.3, standardize=standardize, arrays=arrays)
     idx = torch.tensor([4, 0, 7, 2, 8, 3])
     student = _logits(26, 6, 5, scale=2.0).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda s: _Fused.apply(s, cache, idx, 2.0, 1.3), (student,), eps=1e-6, atol=1e-7)
@@ -328,11 +331,12 @@ def test_a_temperature_schedule_uses_the_table_of_the_current_temperature(method
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("standardize", [False, True])
-def test_per_step_teacher_logits_replace_the_cache(method: str, standardize: bool) -> None:
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+def test_per_step_teacher_logits_replace_the_cache(method: str, standardize: bool, arrays: str) -> None:
     # What the loop passes with logit noise: the batch's noisy teacher logits.
     teacher, labels, idx, student = _cached_case(33, start=3)
     noisy = teacher[idx] + 0.5 * _logits(36)
-    cache = _cache(method, teacher, labels, ce_weight=0.4, standardize=standardize)
+    cache = _cache(method, teacher, labels, ce_weight=0.4, standardize=standardize, arrays=arrays)
     loss, grad = cache.loss_and_grad(student, idx, 2.0, 0.9, teacher_logits=noisy)
     expected = _reference(method, student.clone().requires_grad_(True), noisy, labels[idx], 2.0, 0.4, 0.9, standardize)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
@@ -344,10 +348,11 @@ def test_per_step_teacher_logits_replace_the_cache(method: str, standardize: boo
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_float32_fused_step_is_close_to_float64(method: str) -> None:
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+def test_float32_fused_step_is_close_to_float64(method: str, arrays: str) -> None:
     teacher, labels, idx, student = _cached_case(37)
     exact, exact_grad = _cache(method, teacher, labels, ce_weight=1.0).loss_and_grad(student, idx, 4.0)
-    cache32 = _cache(method, teacher.float(), labels, ce_weight=1.0)
+    cache32 = _cache(method, teacher.float(), labels, ce_weight=1.0, arrays=arrays)
     loss, grad = cache32.loss_and_grad(student.float(), idx, 4.0)
     assert cache32.table(4.0).dtype == torch.float32 and grad.dtype == torch.float32
     assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
@@ -363,4 +368,33 @@ def test_cached_dkd_matches_dkd_loss_whatever_the_sign_of_its_non_target_weight(
     expected = dkd_loss(student, teacher[idx], labels[idx], 3.0, alpha, beta)
     (expected_grad,) = torch.autograd.grad(expected, student)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+def test_the_step_computes_in_numpy_on_the_cpu_and_refuses_numpy_elsewhere() -> None:
+    teacher, labels, idx, student = _cached_case(43)
+    cache = CachedDIST(teacher, labels)
+    assert cache.arrays == "numpy"
+    _, grad = cache.loss_and_grad(student.float(), idx, 2.0)  # float32 logits, float64 teacher: float32 back
+    assert grad.dtype == torch.float32
+    with pytest.raises(ConfigError) as info:
+        CachedKD(teacher, labels, device="cuda", arrays="numpy")  # refused before anything moves to the device
+    assert info.value.field == "arrays" and "cuda" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        CachedKD(teacher, labels, arrays="jax")
+    assert info.value.field == "arrays" and "numpy, torch" in str(info.value)
+
+
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+def test_dist_with_fewer_samples_than_classes_matches_the_reference(arrays: str) -> None:
+    # The fused DIST stacks the samples' rows and the classes' columns in one array as wide as the
+    # larger of B and C: here the classes'.
+    teacher, labels = _logits(44, 30, C), _labels(45, 30)
+    idx, student = torch.tensor([3, 17, 9, 25]), _logits(46, 4, C).requires_grad_(True)
+    cache = _cache("dist", teacher, labels, ce_weight=0.3, arrays=arrays)
+    for _ in range(2):  # the second step reuses the first one's buffers
+        loss, grad = cache.loss_and_grad(student, idx, 2.0, 1.1)
+    expected = _reference("dist", student, teacher[idx], labels[idx], 2.0, 0.3, 1.1, False)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)

@@ -25,6 +25,15 @@ autograd graph: backpropagate with ``s.backward(grad)``. They equal the referenc
 functions' (autograd through :mod:`kdtune.losses`) up to float rounding, which
 ``tests/test_logit_methods.py`` checks in float64 and with ``torch.autograd.gradcheck``.
 
+Which library computes a step: the step is a few dozen elementwise operations and
+reductions on a ``(B, C)`` batch, and on the CPU each torch operation costs 1–6 µs of
+dispatch whatever its size, about twice NumPy's; for a small student that is a tenth of
+its whole step. So the step's arithmetic is written once, with the operations and
+``axis=`` / ``keepdims=`` spellings torch and NumPy share, and runs on NumPy views of the
+tensors on the CPU (``arrays="numpy"``, the default there) and on torch tensors on an
+accelerator (``arrays="torch"``), where the tensors stay on the device. The tables are
+built with torch either way.
+
 Temperature: tables are keyed by T, and the ``keep`` most recently used are kept. A
 schedule that changes T once an epoch builds one table per epoch (one softmax over
 the training set); a T seen recently reuses its table; a T evicted is rebuilt.
@@ -34,9 +43,11 @@ are computed for that step instead of being looked up.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,6 +67,32 @@ from kdtune.core.losses import (
 #: Smallest norm or standard deviation divided by in a gradient; where the true value is 0 the
 #: vector it scales is 0 too, so this only turns 0/0 into 0 (autograd would give NaN there).
 _TINY = 1e-30
+#: The libraries a step's arithmetic can run in (see the module docstring).
+ARRAY_LIBRARIES = ("numpy", "torch")
+
+#: An array of either library: a step's code only uses what both provide.
+Array = Any
+
+
+def _row_max(x: Array) -> Array:
+    """The largest entry along the last axis, as a ``(…, 1)`` column (the one reduction whose
+    spelling differs: torch's ``max(axis)`` also returns the indices)."""
+    if isinstance(x, np.ndarray):
+        return x.max(axis=-1, keepdims=True)
+    return x.amax(dim=-1, keepdim=True)
+
+
+def _row_sum(x: Array, ones: Array) -> Array:
+    """Sum along the last axis, as a ``(…, 1)`` column, by a product with ``ones`` ``(C, 1)``: on the
+    small arrays of a step a matrix product costs less than a reduction over a short axis."""
+    if x.ndim == 2:
+        return x @ ones
+    return (x.reshape(-1, x.shape[-1]) @ ones).reshape(*x.shape[:-1], 1)
+
+
+def _total(a: Array, b: Array) -> Array:
+    """``Σ a·b`` over every entry (a scalar)."""
+    return a.reshape(-1) @ b.reshape(-1)
 
 
 class CachedLogitObjective:
@@ -64,14 +101,16 @@ class CachedLogitObjective:
     ``teacher_logits`` is ``(N, C)``, or ``(K, N, C)`` for K teachers whose probabilities
     are averaged at temperature T (as :func:`~kdtune.losses.soft_targets` does);
     ``labels`` ``(N,)``: row i belongs to training sample i. They stay on the CPU; the
-    tables are built there and moved to ``device``. Subclasses define the table's rows
-    (:meth:`rows`) and the step (:meth:`loss_and_grad`).
+    tables are built there and moved to ``device``. ``arrays`` is the library a step
+    computes in: ``"numpy"`` (CPU only) or ``"torch"``; by default NumPy on the CPU and torch
+    elsewhere. Subclasses define the table's rows (:meth:`rows`) and the step (:meth:`_step`).
     """
 
     name: ClassVar[str] = ""
 
     def __init__(self, teacher_logits: Tensor, labels: Tensor, *, ce_weight: float = 1.0,
-                 standardize: bool = False, device: torch.device | str = "cpu", keep: int = 2) -> None:
+                 standardize: bool = False, device: torch.device | str = "cpu", keep: int = 2,
+                 arrays: str | None = None) -> None:
         if teacher_logits.dim() not in (2, 3):
             raise ConfigError("teacher_logits", f"must be (N, C) or (K, N, C), got shape {tuple(teacher_logits.shape)}")
         if teacher_logits.shape[-2] != labels.shape[0]:
@@ -83,17 +122,30 @@ class CachedLogitObjective:
         self.dtype = _compute_dtype(teacher_logits)
         self.num_classes = int(teacher_logits.shape[-1])
         self.device = torch.device(device)
+        self.arrays = arrays or ("numpy" if self.device.type == "cpu" else "torch")
+        if self.arrays not in ARRAY_LIBRARIES:
+            raise ConfigError("arrays", f"must be one of {', '.join(ARRAY_LIBRARIES)}, got {arrays!r}")
+        if self.arrays == "numpy" and self.device.type != "cpu":
+            raise ConfigError("arrays", f"numpy computes on the CPU; the objective's device is {self.device}")
+        self.xp = np if self.arrays == "numpy" else torch
         with torch.no_grad():
             logits = teacher_logits.to(self.dtype)
             # Standardization does not depend on T: done once per run, before any table.
             self.teacher = standardize_logits(logits) if self.standardize else logits
         self.labels = labels.long()
         self.labels_on_device = self.labels.to(self.device)
-        self.tables: OrderedDict[float, Tensor] = OrderedDict()  # T → table, most recently used last
-        self._constants: dict[tuple, tuple[Tensor, ...]] = {}  # per (batch size, T, weight): small step constants
+        # T → (table, the same as a step's array), most recently used last
+        self.tables: OrderedDict[float, tuple[Tensor, Array]] = OrderedDict()
+        self._constants: dict[tuple, Any] = {}  # see _constant
+        self._last: tuple[float | None, Array] = (None, None)  # the most recently used T and its table
 
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-        """The table rows ``(N, R, C)`` of these (already standardized, if asked) teacher logits and labels."""
+        """The table rows ``(N, …)`` of these (already standardized, if asked) teacher logits and labels."""
+        raise NotImplementedError
+
+    def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
+        """The batch's objective and its gradient with respect to ``s`` (``(B, C)``, in the
+        compute dtype), from the batch's table ``rows``, in :attr:`xp`'s arrays."""
         raise NotImplementedError
 
     def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
@@ -105,79 +157,106 @@ class CachedLogitObjective:
         on the device, e.g. with logit noise added) replace the cached teacher for this step.
         Computed in float32 (float64 for a float64 teacher); the gradient has the logits' dtype.
         """
-        raise NotImplementedError
+        temperature, weight = float(temperature), float(weight)
+        # Detached, nothing here records a graph; only torch's arithmetic needs no_grad to not track.
+        s = student_logits.detach()
+        s = s if s.dtype == self.dtype else s.to(self.dtype)
+        if teacher_logits is None:
+            rows = self._table_array(temperature)[self._as_array(idx)]
+        else:
+            with torch.no_grad():
+                logits = teacher_logits.detach().to(self.dtype)
+                rows = self._as_array(self.rows(standardize_logits(logits) if self.standardize else logits,
+                                                self.labels_on_device.index_select(0, idx), temperature))
+        if self.arrays == "numpy":
+            loss, grad = self._step(s.numpy(), rows, temperature, weight)
+            loss, grad = torch.from_numpy(np.asarray(loss)), torch.from_numpy(grad)
+        else:
+            with torch.no_grad():
+                loss, grad = self._step(s, rows, temperature, weight)
+        return loss, grad if grad.dtype == student_logits.dtype else grad.to(student_logits.dtype)
 
     def table(self, temperature: float) -> Tensor:
         """The whole training split's rows at ``temperature``, on the device (built on first use)."""
-        _check_hyperparameters(temperature, 0.0)
+        return self._cached_table(temperature)[0]
+
+    def _table_array(self, temperature: float) -> Array:
+        # The most recently used table is the last step's (most steps): no need to reorder.
+        return self._last[1] if temperature == self._last[0] else self._cached_table(temperature)[1]
+
+    def _cached_table(self, temperature: float) -> tuple[Tensor, Array]:
         key = float(temperature)
-        table = self.tables.get(key)
-        if table is None:
+        found = self.tables.get(key)
+        if found is None:
+            _check_hyperparameters(temperature, 0.0)  # a T that has a table was checked when it was built
             with torch.no_grad():
-                table = self.rows(self.teacher, self.labels, key).to(self.device)
-            self.tables[key] = table
+                table = self.rows(self.teacher, self.labels, key).to(self.device).contiguous()
+            found = self.tables[key] = (table, self._as_array(table))
             while len(self.tables) > self.keep:
                 self.tables.popitem(last=False)
         else:
             self.tables.move_to_end(key)
-        return table
+        self._last = (key, found[1])
+        return found
 
-    def _inputs(self, student_logits: Tensor, idx: Tensor, temperature: float,
-                teacher_logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-        """A step's batch rows of the table (or of ``teacher_logits``) and :meth:`_student`'s ``(s, z, back)``;
-        call under ``torch.no_grad()``."""
-        if teacher_logits is None:
-            rows = self.table(temperature).index_select(0, idx)
-        else:
-            logits = teacher_logits.to(self.dtype)
-            rows = self.rows(standardize_logits(logits) if self.standardize else logits,
-                             self.labels_on_device.index_select(0, idx), float(temperature))
-        return (rows, *self._student(student_logits, temperature))
+    def _as_array(self, tensor: Tensor) -> Array:
+        """A step's array of ``tensor``: a zero-copy NumPy view, or the tensor itself."""
+        return tensor.numpy() if self.arrays == "numpy" else tensor
 
-    def _student(self, student_logits: Tensor, temperature: float
-                 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-        """``(s, z, back)``: the logits in the compute dtype, ``z = u / T``, and (standardizing)
-        what :meth:`_to_logits` needs to take a gradient from z back to s.
+    def _constant(self, key: tuple, build: Callable[[], Tensor | tuple[Tensor, ...]]) -> Any:
+        """What ``build`` makes (a tensor or a tuple of them, in the compute dtype, on the device) as
+        the step's arrays, made once per ``key`` (a batch size, T, weight) rather than every step."""
+        found = self._constants.get(key)
+        if found is None:
+            if len(self._constants) > 256:  # a schedule of many values: start over rather than grow
+                self._constants.clear()
+            built = build()
+            found = self._constants[key] = (tuple(map(self._as_array, built)) if isinstance(built, tuple)
+                                            else self._as_array(built))
+        return found
+
+    def _tensor(self, values: list) -> Tensor:
+        return torch.tensor(values, dtype=self.dtype, device=self.device)
+
+    def _ones(self, n: int) -> Array:
+        """An ``(n, 1)`` column of ones (for :func:`_row_sum`)."""
+        return self._constant(("ones", n), lambda: torch.ones(n, 1, dtype=self.dtype, device=self.device))
+
+    def _log_softmax(self, x: Array) -> tuple[Array, Array]:
+        """``(log_softmax(x), softmax(x))`` along the last axis, shifted by the row maximum."""
+        shifted = x - _row_max(x)
+        exp = self.xp.exp(shifted)
+        total = _row_sum(exp, self._ones(x.shape[-1]))
+        return shifted - self.xp.log(total), exp / total
+
+    def _student(self, s: Array, temperature: float) -> tuple[Array, tuple[Array, Array] | None]:
+        """``(z, back)``: ``z = u / T`` and (standardizing) what :meth:`_to_logits` needs to take a
+        gradient from z back to s.
 
         Standardizing, ``z = d·κ`` with ``d = s − mean(s)``, ``κ = 1 / (T·(σ + ε))`` and
         ``σ = ‖d‖ / √(C − 1)`` (torch's unbiased std), computed as such: fewer operations than
         :func:`~kdtune.losses.standardize_logits` followed by a division, the same numbers up to rounding.
         """
-        # Called under no_grad: no detach needed; no conversion when the dtype already matches.
-        s = student_logits if student_logits.dtype == self.dtype else student_logits.to(self.dtype)
         if not self.standardize:
-            return s, s / temperature, None
+            return s / temperature, None
         classes = s.shape[-1]
-        d = torch.sub(s, s.sum(dim=-1, keepdim=True), alpha=1.0 / classes)
-        norm = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
-        eps, sigma_scale = self._constant(("standardize", float(temperature)), lambda: tuple(
-            torch.tensor(x, dtype=self.dtype, device=self.device)
-            for x in (temperature * STANDARDIZE_EPS, temperature / (classes - 1) ** 0.5)))
-        kappa = torch.addcmul(eps, norm, sigma_scale).reciprocal_()
-        return s, d * kappa, (d, norm, kappa)
+        ones = self._ones(classes)
+        d = s - _row_sum(s, ones) * (1.0 / classes)
+        norm = self.xp.sqrt(_row_sum(d * d, ones))
+        sigma_scale = temperature / math.sqrt(classes - 1)  # T·σ = ‖d‖·sigma_scale
+        kappa = 1.0 / (norm * sigma_scale + temperature * STANDARDIZE_EPS)
+        return d * kappa, (kappa, sigma_scale / norm.clip(_TINY))
 
-    def _to_logits(self, grad_z: Tensor, temperature: float, back: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """``∂/∂s`` from ``∂/∂z`` when standardizing (``back`` from :meth:`_student`), in place where it can.
+    def _to_logits(self, grad_z: Array, z: Array, back: tuple[Array, Array]) -> Array:
+        """``∂/∂s`` from ``∂/∂z`` when standardizing (``back`` from :meth:`_student`).
 
-        Standardizing (see :meth:`_student`): ``∂/∂s = κ·(g − mean(g)) − d·⟨g, d⟩·κ²·T / (√(C − 1)·‖d‖)``,
-        computed without the ``mean(g)``: every method's gradient with respect to z sums to 0 over
-        the classes (each loss is unchanged by adding a constant to a sample's z), so it would
-        only move float rounding.
+        Standardizing (see :meth:`_student`): ``∂/∂s = κ·(g − mean(g)) − z·⟨g, z⟩·μ`` with
+        ``μ = T / (√(C − 1)·‖d‖)``, computed without the ``mean(g)``: every method's gradient with
+        respect to z sums to 0 over the classes (each loss is unchanged by adding a constant to a
+        sample's z), so it would only move float rounding.
         """
-        d, norm, kappa = back
-        scale = temperature / (d.shape[-1] - 1) ** 0.5
-        along_d = torch.linalg.vecdot(grad_z, d).unsqueeze(-1).mul_(kappa).mul_(kappa).div_(
-            norm.clamp_min(_TINY).mul_(1.0 / scale))
-        return grad_z.mul_(kappa).sub_(d * along_d)
-
-    def _constant(self, key: tuple, build) -> tuple[Tensor, ...]:
-        # Tensors of a few python numbers, made once per (batch size, T, weight) rather than every step.
-        found = self._constants.get(key)
-        if found is None:
-            if len(self._constants) > 256:  # a schedule of many values: start over rather than grow
-                self._constants.clear()
-            found = self._constants[key] = build()
-        return found
+        kappa, mu = back
+        return grad_z * kappa - z * (_row_sum(grad_z * z, self._ones(z.shape[-1])) * mu)
 
 
 class _LinearInLogProbs(CachedLogitObjective):
@@ -187,9 +266,9 @@ class _LinearInLogProbs(CachedLogitObjective):
     rows 1.. are the method's (``x_k = z + offset_k``, ``W_k = weight·T²/B·w_k``). The table
     holds, per sample, ``[w | log t | offset]`` for every row (``(N, 3, K, C)``), the unscaled
     weights ``w`` being the loss's gradient with respect to the log-probabilities. A step is then
-    one stacked log-softmax, the log-softmax backward kernel applied to the weights (the gradient
-    with respect to every ``x_k``), one dot product for the loss, and the sum of the rows'
-    gradients (rows 1.. divided by T): the form of :func:`~kdtune.losses.fused_kd_loss_and_grad`.
+    one stacked log-softmax, its backward applied to the weights (``W − softmax·ΣW``, the
+    gradient with respect to every ``x_k``), one weighted sum for the loss, and the sum of the
+    rows' gradients (rows 1.. divided by T): the form of :func:`~kdtune.losses.fused_kd_loss_and_grad`.
     """
 
     #: Whether some row's inputs are offset (otherwise the offsets are all 0 and not added).
@@ -199,6 +278,13 @@ class _LinearInLogProbs(CachedLogitObjective):
         """The method's ``(w, log t, offset)``, each ``(N, K − 1, C)``."""
         raise NotImplementedError
 
+    def _scales(self, batch: int, rows_k: int, temperature: float, weight: float) -> tuple[Array, Array]:
+        """The rows' loss weights (CE, then the method's) and their inputs' scales (s, then s / T), as
+        ``(K, 1)`` columns."""
+        return self._constant(("scales", batch, rows_k, temperature, weight), lambda: (
+            self._tensor([[self.ce_weight / batch]] + [[weight * temperature**2 / batch]] * (rows_k - 1)),
+            self._tensor([[1.0]] + [[1.0 / temperature]] * (rows_k - 1))))
+
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         log_p = teacher_log_probs(teacher_logits, temperature).to(self.dtype)
         onehot = F.one_hot(labels, self.num_classes).to(log_p.dtype)
@@ -207,28 +293,27 @@ class _LinearInLogProbs(CachedLogitObjective):
         return torch.stack((torch.cat((-onehot.unsqueeze(1), weights), dim=1),
                             torch.cat((zeros, log_targets), dim=1), torch.cat((zeros, offsets), dim=1)), dim=1)
 
-    def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
-                      teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            rows, s, z, back = self._inputs(student_logits, idx, temperature, teacher_logits)
-            weights, log_targets, offsets = rows.unbind(1)
-            rows_k, batch = weights.shape[1], s.shape[0]
-            scale, per_input = self._constant((batch, float(temperature), float(weight)), lambda: (
-                torch.tensor([self.ce_weight / batch] + [weight * temperature**2 / batch] * (rows_k - 1),
-                             dtype=self.dtype, device=self.device).unsqueeze(1),
-                torch.tensor([1.0] + [1.0 / temperature] * (rows_k - 1), dtype=self.dtype,
-                             device=self.device).unsqueeze(1)))
-            inputs = torch.stack((s,) + (z,) * (rows_k - 1), dim=1)
-            log_probs = torch.log_softmax(inputs.add_(offsets) if self.offsets else inputs, dim=-1)
-            weights = weights * scale  # ∂loss/∂log-probabilities
-            grads = torch._log_softmax_backward_data(weights, log_probs, -1, log_probs.dtype)
-            loss = torch.dot(weights.view(-1), log_probs.sub_(log_targets).view(-1))
-            if back is None:
-                grad = (grads * per_input).sum(dim=1)
-            else:  # rows 1.. are functions of z = standardize(s) / T, row 0 of s
-                method = grads[:, 1] if rows_k == 2 else grads[:, 1:].sum(dim=1)
-                grad = self._to_logits(method.contiguous(), temperature, back).add_(grads[:, 0])
-        return loss, grad.to(student_logits.dtype)
+    def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
+        xp, batch, rows_k = self.xp, s.shape[0], rows.shape[2]
+        weights, log_targets = rows[:, 0], rows[:, 1]
+        scale, per_input = self._scales(batch, rows_k, temperature, weight)
+        z, back = self._student(s, temperature)
+        if back is None:  # s, then s / T
+            inputs = s[:, None] * per_input
+        else:  # rows 1.. are functions of z = standardize(s) / T, row 0 of s
+            inputs = xp.concatenate((s[:, None],) + (z[:, None],) * (rows_k - 1), axis=1)
+        if self.offsets:
+            inputs = inputs + rows[:, 2]
+        log_probs, probs = self._log_softmax(inputs)
+        weights = weights * scale  # ∂loss/∂log-probabilities
+        grads = weights - probs * _row_sum(weights, self._ones(weights.shape[-1]))
+        loss = _total(weights, log_probs - log_targets)
+        method = grads[:, 1]  # the gradient with respect to z: the method's rows summed
+        for k in range(2, rows_k):
+            method = method + grads[:, k]
+        if back is None:
+            return loss, grads[:, 0] + method * (1.0 / temperature)
+        return loss, grads[:, 0] + self._to_logits(method, z, back)
 
 
 class CachedKD(_LinearInLogProbs):
@@ -280,13 +365,13 @@ class CachedDKD(_LinearInLogProbs):
 class CachedDIST(CachedLogitObjective):
     """``ce_weight·CE(s) + weight·T²·(β·(1 − mean_n ρ_n) + γ·(1 − mean_c ρ_c))`` (:func:`~kdtune.losses.dist_loss` on u).
 
-    Table rows ``(N, 3, C)``: the label's one-hot, the teacher's probabilities p and p centred over
-    the classes (b̃). The intra-class term centres each class over the
-    batch, so its teacher side is computed per step from the batch's p. With
-    ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for centred ã (student) and b̃ (teacher),
-    ``∂ρ/∂a = b̃ / D − ρ·‖b̃‖·ã / (‖ã‖·D)``; then through the softmax. The student's rows
-    sum to 1, so centring them over the classes is subtracting 1/C. DIST's CIFAR-100 recipe:
-    ``ce_weight = 1``, T = 4, β = γ = 1 with ``weight = 2`` (equivalently β = γ = 2, ``weight = 1``).
+    Table rows ``(N, 4, C)``: the label's one-hot, the teacher's probabilities p, p centred over
+    the classes (b̃) and ‖b̃‖ (repeated along the row). The intra-class term centres each class over the batch, so its teacher side
+    is computed per step from the batch's p. With ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for
+    centred ã (student) and b̃ (teacher), ``∂ρ/∂a = b̃ / D − ρ·‖b̃‖·ã / (‖ã‖·D)``; then through the
+    softmax. The student's rows sum to 1, so centring them over the classes is subtracting 1/C.
+    DIST's CIFAR-100 recipe: ``ce_weight = 1``, T = 4, β = γ = 1 with ``weight = 2``
+    (equivalently β = γ = 2, ``weight = 1``).
     """
 
     name = "dist"
@@ -299,67 +384,65 @@ class CachedDIST(CachedLogitObjective):
 
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         p = teacher_log_probs(teacher_logits, temperature).to(self.dtype).exp()
-        return torch.stack((F.one_hot(labels, self.num_classes).to(p.dtype), p, p - p.mean(dim=1, keepdim=True)), dim=1)
+        centred = p - p.mean(dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True).expand_as(p)
+        return torch.stack((F.one_hot(labels, self.num_classes).to(p.dtype), p, centred, norm), dim=1)
 
-    def _buffers(self, batch: int, classes: int, temperature: float, weight: float) -> tuple[Tensor, ...]:
-        """Per (batch size, T, weight): constants, and buffers whose first B entries hold the B samples'
-        inter-class statistics and last C entries the C classes' intra-class ones, so that the
-        arithmetic on them is done once for both terms; with their views shaped to broadcast
-        over a sample's row ``(B, 1)`` or a class's column ``(1, C)``."""
-        def build() -> tuple[Tensor, ...]:
-            options = {"dtype": self.dtype, "device": self.device}
-            # ρ's weight in the loss is T²·β / B (inter) and T²·γ / C (intra); these are divided by T
-            # so that r = weight / D gives the gradient with respect to q already divided by T.
-            per_rho = torch.tensor([weight * temperature * self.beta / batch] * batch
-                                   + [weight * temperature * self.gamma / classes] * classes, **options)
-            stats = torch.empty(5, batch + classes, **options)  # ⟨a, b⟩, ‖a‖, ‖b‖, r, coefficient of a
-            rows, columns = stats[:, :batch], stats[:, batch:]
-            constants = tuple(torch.tensor(x, **options) for x in (
-                DIST_EPS, 1.0 / classes, weight * temperature**2 * (self.beta + self.gamma)))
-            return (*constants, per_rho, *stats, *rows, *columns, rows[3].view(batch, 1), rows[4].view(batch, 1),
-                    columns[3].view(1, classes), columns[4].view(1, classes))
-        return self._constant((batch, float(temperature), float(weight)), build)
+    def _rho_weights(self, batch: int, classes: int, temperature: float, weight: float) -> Array:
+        """ρ's weight per row of the stacked correlations, ``(B + C, 1)``: T²·β / B for the samples'
+        and T²·γ / C for the classes', divided by T so that the gradient is with respect to q
+        already divided by T."""
+        return self._constant(("rho weights", batch, classes, temperature, weight), lambda: self._tensor(
+            [[weight * temperature * self.beta / batch]] * batch + [[weight * temperature * self.gamma / classes]] * classes))
 
-    def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
-                      teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            rows, s, z, back = self._inputs(student_logits, idx, temperature, teacher_logits)
-            onehot, p, b_inter = rows.unbind(1)
-            batch, classes = s.shape
-            (eps, centre, full, per_rho, dot, norm_a, norm_b, r, coef, dot_n, norm_a_n, norm_b_n, _, _,
-             dot_c, norm_a_c, norm_b_c, _, _, r_n, coef_n, r_c, coef_c) = self._buffers(
-                batch, classes, float(temperature), float(weight))
-            log_ce, log_q = torch.log_softmax(torch.stack((s, z), dim=1), dim=-1).unbind(1)
-            q = log_q.exp()
-            # Inter-class: each sample across the classes (teacher side from the table; a sample's
-            # probabilities sum to 1, so centring them is subtracting 1/C).
-            a_inter = q - centre
-            torch.linalg.vecdot(a_inter, b_inter, out=dot_n)
-            torch.linalg.vector_norm(a_inter, dim=1, out=norm_a_n)
-            torch.linalg.vector_norm(b_inter, dim=1, out=norm_b_n)
-            # Intra-class: each class across the batch (teacher side from this batch's rows).
-            a_intra = torch.sub(q, q.sum(dim=0, keepdim=True), alpha=1.0 / batch)
-            b_intra = torch.sub(p, p.sum(dim=0, keepdim=True), alpha=1.0 / batch)
-            torch.linalg.vecdot(a_intra, b_intra, dim=0, out=dot_c)
-            torch.linalg.vector_norm(a_intra, dim=0, out=norm_a_c)
-            torch.linalg.vector_norm(b_intra, dim=0, out=norm_b_c)
-            # Both at once: D = ‖a‖‖b‖ + ε, ρ = ⟨a, b⟩ / D, r = ρ's weight / D, and
-            # ∂(weight·ρ)/∂a = r·b − (r·⟨a, b⟩·‖b‖ / (‖a‖·D))·a.
-            denom = torch.addcmul(eps, norm_a, norm_b)
-            torch.div(per_rho, denom, out=r)
-            weighted = torch.linalg.vecdot(r, dot)  # Σ weight·ρ / T over samples and classes
-            torch.mul(r, dot, out=coef).mul_(norm_b).div_(norm_a.clamp_min_(_TINY).mul_(denom))
-            grad_q = a_inter.mul_(coef_n).addcmul_(b_inter, r_n, value=-1.0)
-            grad_q.addcmul_(a_intra, coef_c).addcmul_(b_intra, r_c, value=-1.0)
-            loss = torch.sub(full, weighted, alpha=temperature)
-            grad = torch._softmax_backward_data(grad_q, q, 1, q.dtype)
-            if back is not None:
-                grad = self._to_logits(grad.mul_(temperature), temperature, back)
-            if self.ce_weight:
-                ce = self.ce_weight / batch
-                loss = loss.sub_(torch.linalg.vecdot(onehot, log_ce).sum(), alpha=ce)
-                grad.add_(log_ce.exp().sub_(onehot), alpha=ce)
-        return loss, grad.to(student_logits.dtype)
+    def _buffers(self, batch: int, classes: int) -> tuple[Array, Array, Array]:
+        """Zeroed ``(B + C, max(B, C))`` buffers for a and b and ``(B + C, 1)`` for ‖b‖, reused every step."""
+        rows_n, width = batch + classes, max(batch, classes)
+        return self._constant(("buffers", batch, classes), lambda: tuple(
+            torch.zeros(rows_n, n, dtype=self.dtype, device=self.device) for n in (width, width, 1)))
+
+    def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
+        xp, (batch, classes) = self.xp, s.shape
+        onehot, p = rows[:, 0], rows[:, 1]
+        ones_b = self._ones(batch).T
+        z, back = self._student(s, temperature)
+        if self.ce_weight:  # one softmax for the CE on s and the method on z, stacked as (2B, C)
+            log_probs, probs = self._log_softmax(xp.concatenate((s, z), axis=0))
+            q = probs[batch:]
+        else:
+            _, q = self._log_softmax(z)
+        # Intra-class: each class across the batch, the student's and the teacher's columns centred at once.
+        columns = xp.concatenate((q, p), axis=1)
+        columns = columns - (ones_b @ columns) * (1.0 / batch)
+        # Every correlation in one pass: the rows of a and b are the B samples across the classes
+        # (inter-class; a sample's probabilities sum to 1, so centring them is subtracting 1/C), then
+        # the C classes across the batch (intra-class, transposed), zero-padded to a common width:
+        # zeros add nothing to a dot product or a norm. The padding is set once, with the buffers.
+        a, b, norm_b = self._buffers(batch, classes)
+        a[:batch, :classes] = q - 1.0 / classes
+        a[batch:, :batch] = columns[:, :classes].T
+        b[:batch, :classes] = rows[:, 2]
+        b[batch:, :batch] = columns[:, classes:].T
+        ones = self._ones(a.shape[1])
+        norm_a = xp.sqrt((a * a) @ ones)
+        norm_b[:batch] = rows[:, 3, :1]  # the samples' from the table, the classes' from this batch
+        norm_b[batch:] = xp.sqrt((b[batch:] * b[batch:]) @ ones)
+        # ρ = ⟨a, b⟩ / D with D = ‖a‖‖b‖ + ε; r = ρ's weight / D; ∂(weight·ρ)/∂a = r·b − (r·⟨a, b⟩·‖b‖ / (‖a‖·D))·a.
+        denom = norm_a * norm_b + DIST_EPS
+        r = self._rho_weights(batch, classes, temperature, weight) / denom
+        r_dot = r * ((a * b) @ ones)
+        grad_rows = a * (r_dot * norm_b / (norm_a.clip(_TINY) * denom)) - b * r
+        grad_q = grad_rows[:batch, :classes] + grad_rows[batch:, :batch].T
+        loss = weight * temperature**2 * (self.beta + self.gamma) - temperature * r_dot.sum()
+        ones_c = self._ones(classes)
+        grad = q * (grad_q - _row_sum(grad_q * q, ones_c))  # back through the softmax
+        if back is not None:
+            grad = self._to_logits(grad * temperature, z, back)
+        if self.ce_weight:
+            ce = self.ce_weight / batch
+            loss = loss - ce * _total(onehot, log_probs[:batch])
+            grad = grad + ce * (probs[:batch] - onehot)
+        return loss, grad
 
 
 #: The cached objective of each method, by the name the LOSSES registry gives it.
