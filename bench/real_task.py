@@ -99,14 +99,9 @@ def full_data_section(report: Report, study_dir: Path, epochs: int, seeds: int, 
     if existing and table_file.exists():
         full_s = _times(study_dir).get("full_data_s") or (
             table_file.stat().st_mtime - (study_dir / FINAL_FILE).stat().st_mtime)
-    else:
-        from kdtune.core.distill import usable_cores
-
-        # Runs of many minutes each: every core trains from the start (the default would time
-        # the first run alone before it starts the worker processes).
+    else:  # runs of many minutes each: the default workers, estimated from the search, use every core
         full_s = _record_time(study_dir, "full_data_s", _kdtune(
-            "evaluate", str(study_dir), "--full-data", "--epochs", str(epochs), "--seeds", str(seeds),
-            "--workers", str(usable_cores())))
+            "evaluate", str(study_dir), "--full-data", "--epochs", str(epochs), "--seeds", str(seeds)))
     full = pd.read_csv(table_file).sort_values("params")
     rows = [[row["width"], int(row["params"]), f"{row['test_acc_mean']:.4f}", f"{row['baseline_test_acc_mean']:.4f}",
              f"{row['kd_gain_mean']:+.4f}"] for _, row in full.iterrows()]

@@ -158,7 +158,7 @@ class CachedLogitObjective:
         Computed in float32 (float64 for a float64 teacher); the gradient has the logits' dtype.
         """
         temperature, weight = float(temperature), float(weight)
-        # Detached, nothing here records a graph; only torch's arithmetic needs no_grad to not track.
+        # Detached: nothing below records an autograd graph (torch's arithmetic runs under no_grad too).
         s = student_logits.detach()
         s = s if s.dtype == self.dtype else s.to(self.dtype)
         if teacher_logits is None:
