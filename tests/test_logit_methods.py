@@ -10,6 +10,7 @@ and their fused forms on cached teacher logits (kdtune.core.method_cache) agains
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -398,3 +399,19 @@ def test_dist_with_fewer_samples_than_classes_matches_the_reference(arrays: str)
     (expected_grad,) = torch.autograd.grad(expected, student)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_diverged_student_gives_a_nan_loss_without_warnings(method: str) -> None:
+    # What the training loop needs to report a diverged run: a non-finite loss, and no
+    # floating-point warnings from the NumPy arithmetic on the way (torch gives none).
+    import warnings
+
+    teacher, labels, idx, student = _cached_case(47)
+    student = student.float()
+    student[0, 0] = float("inf")  # then inf − inf: NaN
+    cache = _cache(method, teacher.float(), labels, ce_weight=0.5, standardize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grad = cache.loss_and_grad(student, idx, 2.0)
+    assert cache.arrays == "numpy" and not math.isfinite(loss.item()) and not torch.isfinite(grad).all()

@@ -169,7 +169,10 @@ class CachedLogitObjective:
                 rows = self._as_array(self.rows(standardize_logits(logits) if self.standardize else logits,
                                                 self.labels_on_device.index_select(0, idx), temperature))
         if self.arrays == "numpy":
-            loss, grad = self._step(s.numpy(), rows, temperature, weight)
+            # As in torch, a NaN or inf (a diverging student) propagates without a warning: the
+            # training loop reads the loss and reports the run as diverged.
+            with np.errstate(all="ignore"):
+                loss, grad = self._step(s.numpy(), rows, temperature, weight)
             loss, grad = torch.from_numpy(np.asarray(loss)), torch.from_numpy(grad)
         else:
             with torch.no_grad():
