@@ -16,9 +16,9 @@ fresh seeds, 1 by default) and sets the test front beside the published
 hand-designed Fashion-MNIST networks (bench/data/fashion_mnist_published.json):
 the second setting of issue 14, on a CPU, reported once.
 
-Not part of ``make bench``: measured at 76 minutes on a shared 2-core machine
-(the teacher's 10 epochs 11, the rest of the search 35, the evaluation 30, two
-runs at a time); the full-data step adds about an hour at 10 epochs. Writes
+Not part of ``make bench``: measured at 56 minutes on a quiet 2-core machine
+(the search 26 with the teacher's 10 epochs, the evaluation 30, two runs at a
+time); the full-data step adds about an hour at 10 epochs. Writes
 results/bench/real_task.md.
 """
 
