@@ -41,17 +41,20 @@ TEACHER_TARGET = 0.90
 TIMES_FILE = common.RESULTS_DIR / "real_task_times.json"
 
 
-def _times(study_dir: Path) -> dict[str, float]:
+def _all_times() -> dict[str, dict[str, float]]:
     import json
 
-    every = json.loads(TIMES_FILE.read_text()) if TIMES_FILE.exists() else {}
-    return every.get(str(study_dir.resolve()), {})
+    return json.loads(TIMES_FILE.read_text()) if TIMES_FILE.exists() else {}
+
+
+def _times(study_dir: Path) -> dict[str, float]:
+    return _all_times().get(str(study_dir.resolve()), {})
 
 
 def _record_time(study_dir: Path, step: str, seconds: float) -> float:
     import json
 
-    every = json.loads(TIMES_FILE.read_text()) if TIMES_FILE.exists() else {}
+    every = _all_times()
     every.setdefault(str(study_dir.resolve()), {})[step] = seconds
     TIMES_FILE.parent.mkdir(parents=True, exist_ok=True)
     TIMES_FILE.write_text(json.dumps(every, indent=1))

@@ -53,7 +53,7 @@ from kdtune.study import (
     require_study,
     trial_run_config,
 )
-from kdtune.tables import write_frame_atomic
+from kdtune.tables import load_tables, write_frame_atomic
 
 Log = Callable[[str], None]
 
@@ -264,7 +264,6 @@ def final_evaluation(
     from kdtune.core.distill import select_device
     from kdtune.core.teacher import prepare_teachers
     from kdtune.errors import ConfigError
-    from kdtune.results.analysis import load_history, load_results
     from kdtune.spec import load_spec, load_spec_data, spec_teacher_targets, teacher_configs
 
     if int(seeds) < 1:
@@ -278,7 +277,7 @@ def final_evaluation(
         raise ConfigError("epochs", f"must be >= 1, got {epochs}")
     study_dir = Path(study_dir)
     meta = require_study(study_dir)
-    trials = load_results(study_dir)
+    trials, history = load_tables(study_dir)  # both at once: the history times the runs (below)
     if race:
         front, raced = race_winners(study_dir, trials)
     else:
@@ -317,7 +316,7 @@ def final_evaluation(
     # run takes longer, which the search's epoch times tell without training anything.
     estimated = None
     if workers > 1 and not chosen:
-        known = [s for s in estimated_run_seconds(load_history(study_dir), planned, len(data.train)) if s is not None]
+        known = [s for s in estimated_run_seconds(history, planned, len(data.train)) if s is not None]
         estimated = statistics.median(known) if known else None
         if estimated is not None and estimated < PROCESS_WORTHWHILE_S:
             workers = 1
