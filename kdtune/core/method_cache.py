@@ -300,11 +300,12 @@ class _LinearInLogProbs(CachedLogitObjective):
         xp, batch, rows_k = self.xp, s.shape[0], rows.shape[2]
         weights, log_targets = rows[:, 0], rows[:, 1]
         scale, per_input = self._scales(batch, rows_k, temperature, weight)
-        z, back = self._student(s, temperature)
-        if back is None:  # s, then s / T
-            inputs = s[:, None] * per_input
-        else:  # rows 1.. are functions of z = standardize(s) / T, row 0 of s
+        if self.standardize:  # rows 1.. are functions of z = standardize(s) / T, row 0 of s
+            z, back = self._student(s, temperature)
             inputs = xp.concatenate((s[:, None],) + (z[:, None],) * (rows_k - 1), axis=1)
+        else:  # s, then s / T in one product (z itself is not needed)
+            z, back = None, None
+            inputs = s[:, None] * per_input
         if self.offsets:
             inputs = inputs + rows[:, 2]
         log_probs, probs = self._log_softmax(inputs)
