@@ -186,7 +186,9 @@ def _trials_with_finished_search(results: Path) -> Any:
 @click.option("--race", is_flag=True, help="Race the contenders with seeded runs per size (the evidence-based answer).")
 @click.option("--param", default="temperature", show_default=True,
               help="The hyperparameter to race (a searched one, e.g. soft_loss for the methods at the best trial's "
-                   "T), or recipe: each method's published recipe (kd, kd+standardize, dkd, dist).")
+                   "T); two joined by a comma for their cross product (soft_loss,temperature: every method at every "
+                   "T of the grid, and whether the method matters beyond T); or recipe: each method's published "
+                   "recipe (kd, kd+standardize, dkd, dist).")
 @click.option("--widths", help="Comma-separated sizes to race (default: the sizes on the validation front).")
 @click.option("--max-seeds", type=click.IntRange(min=3), default=10, show_default=True, help="Rounds at most.")
 @click.option("--alpha", "alpha_level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,

@@ -18,7 +18,7 @@ class ConfigError(KdtuneError):
     """A value in a spec or run configuration that is not allowed."""
 
     def __init__(self, field: str, message: str, source: str | None = None) -> None:
-        self.field = field
+        self.field, self.message = field, message
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {message}")

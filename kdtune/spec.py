@@ -139,10 +139,23 @@ class DataSpec(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=0.9)
     image_size: int | None = Field(None, ge=4, le=1024)
     train_subset: int | None = Field(None, ge=1)
+    #: A transfer set: this many more training images, or "all" the rest, that distilled students
+    #: learn from through the teacher alone (their labels never read); needs train_subset.
+    unlabelled: int | Literal["all"] | None = None
     split_seed: int = 0
     #: A policy (none, standard) or explicit settings {policy, crop, padding, flip}
     #: (see kdtune.core.augment); standard flips only where a mirror keeps the class.
     augment: Any = None
+
+    @field_validator("unlabelled")
+    @classmethod
+    def _unlabelled_needs_subset(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("train_subset") is None:
+            raise ValueError("needs train_subset: the labelled images a student sees; the unlabelled ones are "
+                             "drawn from the rest of the training split")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be an integer >= 1, 'all' or null, got {value}")
+        return value
 
     @field_validator("augment")
     @classmethod

@@ -121,6 +121,13 @@ BAD_SPECS = [
      ["early_stopping.rule", "size_aware_asha"]),
     ("study-name-escapes-results", changed("study", "../elsewhere"), ["study", "letters, digits"]),
     ("val-fraction-above-1", changed("data.val_fraction", 1.5), ["data.val_fraction", "less than"]),
+    ("unlabelled-without-subset", changed("data", {"dataset": "digits", "unlabelled": "all"}),
+     ["data.unlabelled", "needs train_subset"]),
+    ("unlabelled-zero", changed("data.unlabelled", 0), ["data.unlabelled", "integer >= 1, 'all' or null"]),
+    ("unlabelled-word", changed("data.unlabelled", "most"), ["data.unlabelled", "'all'"]),
+    # digits has 1,077 training images at these fractions: 150 labelled leave 927 to draw from.
+    ("unlabelled-too-many", changed("data.unlabelled", 5000), ["data.unlabelled", "from 1 to 927", "outside"]),
+    ("subset-too-large", changed("data.train_subset", 5000), ["data.train_subset", "from 1 to 1077"]),
     # An empty or truncated file is an accident, not a request for the defaults.
     ("empty-file", lambda tmp: "", ["spec is empty", "study: my_study"]),
     ("only-comments", lambda tmp: "# study: digits\n# space: ...\n", ["spec is empty", "defaults on purpose"]),

@@ -4,6 +4,7 @@ their own hyperparameters, drawn only when their method is (a conditional space)
 from __future__ import annotations
 
 import math
+import shutil
 
 import optuna
 import pandas as pd
@@ -133,6 +134,22 @@ def test_a_search_over_methods_end_to_end(ray_session, tmp_path):
         if config["race"]["contender"] in ("kd", "dkd", "dist"):
             assert config["soft_loss"] == config["race"]["contender"]
             assert config["temperature"] == pytest.approx(held["temperature"])
+    # Every method at every T of a 2-point grid (T = 1 and 10), through the CLI, on a copy of the study.
+    pair = tmp_path / "pair" / "methods"
+    shutil.copytree(tmp_path / "r" / "methods", pair, ignore=shutil.ignore_patterns(".lock", "race", "race_runs"))
+    raced = CliRunner().invoke(main, ["best-t", str(pair), "--race", "--param", "soft_loss,temperature",
+                                      "--grid", "2", "--max-seeds", "3"])
+    assert raced.exit_code == 0, raced.output
+    contenders = pd.read_csv(pair / "race" / "contenders.csv")
+    assert set(contenders["contender"]) == {f"{m}, T={t}" for m in ("kd", "dkd", "dist") for t in (1, 10)} | {
+        "no distillation (α=1)"}
+    best = pd.read_csv(pair / "race" / "best_t.csv")
+    assert best["beyond"].str.startswith("soft_loss ").all() and best["beyond"].str.contains("beyond T").all()
+    for record in load_records(pair, "race").values():
+        config, label = record["config"], record["config"]["race"]["contender"]
+        if label != "no distillation (α=1)":
+            assert label == f"{config['soft_loss']}, T={config['temperature']:g}"
+            assert config["alpha"] == pytest.approx(held["alpha"])  # the best trial's other values
 
 
 def test_a_temperature_curriculum_follows_its_schedule_and_keeps_the_fused_path_exact(digits, one_torch_thread):
@@ -178,7 +195,6 @@ PUBLISHED = {
 
 
 def test_a_recipe_race_trains_each_method_as_published_at_the_best_trial_s_budget(tiny_study, tmp_path):
-    import shutil
 
     study = tmp_path / "tiny"
     shutil.copytree(tiny_study[0], study, ignore=shutil.ignore_patterns(".lock", "race", "race_runs", "final*.csv"))

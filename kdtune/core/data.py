@@ -213,6 +213,37 @@ def subset_indices(
     return torch.from_numpy(np.sort(chosen).astype(np.int64))
 
 
+def unlabelled_indices(n: int, labelled: np.ndarray | torch.Tensor, size: int | str | None, seed: int) -> np.ndarray:
+    """The transfer set's unlabelled images: ``size`` training indices outside ``labelled`` (the
+    student's ``train_subset``), or all of them for ``"all"``, sorted; empty for None.
+
+    A plain seeded sample, not stratified: stratifying would read the labels the student may
+    not see. The draw uses its own stream (``seed`` + 1), so the labelled subset of a seed is
+    the same with or without a transfer set. Raises ``ConfigError("unlabelled", ...)`` unless
+    ``size`` is None, ``"all"`` or an integer from 1 to the images outside the subset.
+    """
+    rest = np.setdiff1d(np.arange(n), np.asarray(labelled))
+    if size is None:
+        return rest[:0]
+    if size == "all":
+        return rest
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= len(rest):
+        raise ConfigError("unlabelled", f"must be an integer from 1 to {len(rest)} (the training images outside "
+                                        f"train_subset), 'all' or null, got {size!r}")
+    _check_seed(seed)
+    chosen = np.random.default_rng(seed + 1).choice(len(rest), size=int(size), replace=False)
+    return np.sort(rest[chosen])
+
+
+def student_images(n: int, train_subset: int | None, unlabelled: int | str | None, seed: int,
+                   labels: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The training images a student learns from: ``(labelled, unlabelled)`` sorted indices, the
+    :func:`subset_indices` of ``train_subset`` (stratified by ``labels``) and the
+    :func:`unlabelled_indices` of the transfer set outside it (empty without one)."""
+    labelled = subset_indices(n, train_subset, seed, labels=labels).numpy()
+    return labelled, unlabelled_indices(n, labelled, unlabelled, seed)
+
+
 def check_dataset_root(name: str, root: str | None, download: bool = False) -> None:
     """Check cheaply that ``root`` holds dataset ``name``'s files; never loads data.
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.core.augment import apply_views, draw_view_params, padding_for, resolve_augment, view_indices
-from kdtune.core.data import DatasetSplits, TensorSplit, subset_indices
+from kdtune.core.data import DatasetSplits, TensorSplit, student_images
 from kdtune.core.method_cache import CACHED_OBJECTIVES
 from kdtune.core.objectives import LOSSES, hyperparameter_table, loss_weights
 from kdtune.core.schedules import Schedule, parse_schedule
@@ -33,6 +33,7 @@ from kdtune.core.losses import (
     kd_log_targets,
     kd_loss_scales,
     kd_loss_weights,
+    UNLABELLED,
     perturb_teacher_logits,
     soft_targets,
 )
@@ -69,6 +70,9 @@ RUN_SETTINGS: dict[str, Any] = {
     "view_pick": "cycle",
     "seed": 0,
     "train_subset": None,
+    # A transfer set: this many more training images (or "all" the rest) that a student with a
+    # teacher term learns from through the teacher alone; their labels are never read.
+    "unlabelled": None,
     "data_seed": 0,
     "device": "auto",
     "amp": False,
@@ -90,6 +94,11 @@ class RunConfig:
     ``train_subset`` is the number of labelled training images the student sees
     (a seeded, class-stratified subset chosen with ``data_seed`` so that every trial
     of a search sees the same images); ``None`` uses the whole training split.
+    ``unlabelled`` (with ``train_subset``) adds a transfer set (Hinton et al. 2015, §2): that
+    many more training images (``"all"``: the rest of the split), seeded, whose labels are never
+    read; they have only the teacher's terms (:data:`~kdtune.core.losses.UNLABELLED`). An epoch
+    stays as many images as ``train_subset``, drawn from both sets, so a run takes the same
+    steps with or without it; a run without a teacher term (a hard-label baseline) ignores it.
     An unknown key is an error (a misspelt key would otherwise be silently ignored).
     """
 
@@ -151,6 +160,11 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"allowed: {', '.join(OPTIMIZERS)}"),
             ("family", self.family in MODELS, f"allowed: {', '.join(MODELS.names())}"),
             ("train_subset", self.train_subset is None or int(self.train_subset) >= 1, "must be >= 1 or null"),
+            ("unlabelled", self.unlabelled is None or self.unlabelled == "all"
+             or (isinstance(self.unlabelled, int) and not isinstance(self.unlabelled, bool) and self.unlabelled >= 1),
+             "must be an integer >= 1, 'all' or null"),
+            ("unlabelled", self.unlabelled is None or self.train_subset is not None,
+             "needs train_subset (the labelled images; the unlabelled ones are the others)"),
             ("teacher_targets", self.teacher_targets in TARGET_MODES, f"allowed: {', '.join(TARGET_MODES)}"),
             ("view_pick", self.view_pick in VIEW_PICKS, f"allowed: {', '.join(VIEW_PICKS)}"),
             ("nesterov", not (self.nesterov and self.optimizer == "sgd" and self.momentum <= 0),
@@ -434,8 +448,8 @@ def _check_targets(config: RunConfig, teacher: TeacherTargets | None) -> int:
 
 def _pool_scores(student: nn.Module, data: DatasetSplits, indices: np.ndarray, device: torch.device,
                  val_acc: float) -> dict[str, Any]:
-    """Accuracy on the training images outside the student's ``train_subset`` (``indices``),
-    and pooled with the validation accuracy, weighted by image counts."""
+    """Accuracy on the training images the student never saw (outside ``indices``: its
+    ``train_subset`` and transfer set), and pooled with the validation accuracy, weighted by image counts."""
     unseen = np.setdiff1d(np.arange(len(data.train)), indices)
     if not len(unseen):
         return {"pool_acc": float("nan"), "pool_n": 0, "val_pool_acc": val_acc}
@@ -508,8 +522,17 @@ def run(
     if teacher is not None and teacher.online_model is not None:
         teacher.online_model.to(device).eval()
 
-    indices = subset_indices(len(data.train), config.train_subset, config.data_seed, labels=data.train.y).numpy()
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    # The transfer set: images learnt from through the teacher only, their labels replaced by
+    # UNLABELLED (no cross-entropy). A run without a teacher term has nothing to learn from them.
+    indices, unlabelled = student_images(len(data.train), config.train_subset,
+                                         config.unlabelled if needs_teacher else None, config.data_seed,
+                                         labels=data.train.y)
+    run_labels = data.train.y
+    if len(unlabelled):
+        run_labels = run_labels.clone()
+        run_labels[torch.from_numpy(unlabelled)] = UNLABELLED
+    seen_images = np.union1d(indices, unlabelled) if len(unlabelled) else indices
+    train_x, train_y = data.train.x.to(device), run_labels.to(device)
     # Separate random streams: initialisation (the global seed above), data order,
     # teacher noise, and augmentation (seeded per epoch by the run seed, so it
     # keeps no state; see kdtune.core.augment). Turning augmentation on leaves the
@@ -545,7 +568,7 @@ def run(
     if (teacher is not None and loss_weights(config.hyperparameters)[1] > 0
             and teacher.online_model is None and teacher.logits is not None):
         # Cached views are K·N rows: view k of image i is row k·N + i.
-        labels = data.train.y.repeat(views) if views else data.train.y
+        labels = run_labels.repeat(views) if views else run_labels
         if objective.options.get("fused") and not explicit and not config.temperature_schedule:
             cached_kd = _CachedKD(teacher, labels, config, device)
         elif objective.options.get("cached"):
@@ -560,7 +583,10 @@ def run(
         if config.lr_schedule:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        order = indices[torch.randperm(len(indices), generator=shuffle).numpy()]
+        if len(unlabelled):  # as many images as the labelled subset, drawn from both sets
+            order = seen_images[torch.randperm(len(seen_images), generator=shuffle).numpy()[:len(indices)]]
+        else:
+            order = indices[torch.randperm(len(indices), generator=shuffle).numpy()]
         epoch_params, teacher_rows = None, None
         if augment and views:
             picks = view_indices(views, n_train, epoch, config.view_pick, config.seed)
@@ -642,7 +668,7 @@ def run(
         }
         final = status != "running"
         if final and config.score_pool:
-            metrics.update(_pool_scores(student, data, indices, device, val_acc))
+            metrics.update(_pool_scores(student, data, seen_images, device, val_acc))
         history.append(metrics)
         if on_checkpoint is not None and (final or (checkpoint_every and epoch % checkpoint_every == 0)):
             on_checkpoint(epoch, {

@@ -7,6 +7,12 @@ kdtune's one loss convention (α is the weight of the *hard-label* term)::
     soft = T²·KL(softmax(teacher/T) ‖ softmax(student/T))    (soft_loss="kl", batchmean)
     soft = mean_n Σ_c (ẑ_s − ẑ_t)² / (2C)                     (soft_loss="logit_mse")
 
+An image whose label the student may not read (an unlabelled image of a transfer set,
+``data.unlabelled``) has the label :data:`UNLABELLED` (−1): its cross-entropy is 0, the batch
+mean still divides by the whole batch B (the loss is Σ over the batch's labelled images of
+α·CE + Σ over all of its images of (1 − α)·soft, over B), and a method that splits on the
+target class (DKD) takes the teacher's top class instead (:func:`fill_unlabelled`).
+
 The T² factor is always applied to the KL term, α = 0 included, so that the soft
 gradient keeps the same scale whatever T is (Hinton et al. 2015, §2). ``logit_mse``
 matches zero-meaned logits ẑ; it is the large-T limit of T²·KL (Hinton §2.1) and
@@ -44,6 +50,25 @@ from torch import Tensor
 
 from kdtune.core.objectives import LOSSES, Hyperparameter, check_values, loss_weights, register_objective
 from kdtune.errors import ConfigError
+
+
+#: The label of an image whose label the student may not read (see the module docstring).
+UNLABELLED = -1
+
+
+def fill_unlabelled(labels: Tensor, teacher_logits: Tensor) -> Tensor:
+    """``labels`` with each :data:`UNLABELLED` entry replaced by the teacher's top class: the
+    argmax of ``teacher_logits`` ``(N, C)`` (of their sum over teachers for ``(K, N, C)``).
+    The target class of a method that splits on it (DKD) for an image without a label."""
+    top = (teacher_logits.sum(dim=0) if teacher_logits.dim() == 3 else teacher_logits).argmax(dim=-1)
+    return torch.where(labels >= 0, labels, top.to(labels.device))
+
+
+def hard_label_onehot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``onehot(labels)`` ``(N, C)``, a row of zeros for an :data:`UNLABELLED` image (no cross-entropy)."""
+    labels = labels.long()
+    onehot = F.one_hot(labels.clamp(min=0), num_classes).to(dtype)
+    return onehot * (labels >= 0).unsqueeze(-1).to(dtype)
 
 
 def _check_hyperparameters(temperature: float, alpha: float, beta: float = 0.0) -> None:
@@ -183,7 +208,7 @@ def kd_loss_weights(
 ) -> Tensor:
     """Per-sample weights ``(N, 2, C)`` of :func:`fused_kd_loss_and_grad` for batches of ``batch_size`` B.
 
-    Row 0 is ``−(α/B)·onehot(labels)``, the weight of ``log_softmax(s)``; row 1 is
+    Row 0 is ``−(α/B)·onehot(labels)`` (0 for an :data:`UNLABELLED` image), the weight of ``log_softmax(s)``; row 1 is
     ``−((1 − α)·T²/B)·p_t``, that of ``log_softmax(s/T)``, with ``p_t`` the ``(N, C)``
     :func:`soft_targets` at the same ``temperature``. They are the gradient of the
     loss with respect to those log-probabilities, rounded exactly as autograd rounds
@@ -193,7 +218,7 @@ def kd_loss_weights(
     _check_hyperparameters(temperature, alpha)
     hard, soft = kd_loss_scales(temperature, alpha, batch_size)
     targets = soft_targets_.float()
-    onehot = F.one_hot(labels.long(), targets.shape[-1]).to(targets.dtype)
+    onehot = hard_label_onehot(labels, targets.shape[-1], targets.dtype)
     return torch.stack((onehot * -hard, targets * -soft), dim=1)
 
 
@@ -279,19 +304,28 @@ def distillation_loss(
     and teacher's logits before the objective (never before the cross-entropy). ``teacher_logits`` may be
     ``None`` only when ``α == 1`` (plain hard-label training). ``feature_loss`` is a
     precomputed :func:`feature_matching_loss`; it is required when ``β > 0``.
+    A label :data:`UNLABELLED` marks an image without one: no cross-entropy (the mean still
+    over the whole batch), and the teacher's top class as DKD's target (:func:`fill_unlabelled`).
     """
     _check_hyperparameters(temperature, alpha, beta)
     settings = dict(params or {})
     ce_weight, kd_weight = loss_weights({**settings, "alpha": alpha})
-    loss = ce_weight * F.cross_entropy(student_logits.float(), labels) if ce_weight > 0 \
-        else student_logits.new_zeros(())
+    unlabelled = bool((labels < 0).any())
+    if ce_weight == 0:
+        loss = student_logits.new_zeros(())
+    elif unlabelled:  # Σ over the labelled images, over the whole batch
+        loss = ce_weight * F.cross_entropy(student_logits.float(), labels, ignore_index=UNLABELLED,
+                                           reduction="sum") / labels.shape[0]
+    else:
+        loss = ce_weight * F.cross_entropy(student_logits.float(), labels)
     if kd_weight > 0:
         if teacher_logits is None:
             raise ConfigError("alpha", f"alpha={alpha} (objective weight {kd_weight:g}) needs teacher logits")
         student, teacher = student_logits, teacher_logits
         if settings.get("standardize"):
             student, teacher = standardize_logits(student), standardize_logits(teacher)
-        loss = loss + kd_weight * soft_loss(student, teacher, temperature, soft_loss_kind, settings, labels)
+        targets = fill_unlabelled(labels, teacher) if unlabelled else labels
+        loss = loss + kd_weight * soft_loss(student, teacher, temperature, soft_loss_kind, settings, targets)
     if beta > 0:
         if feature_loss is None:
             raise ConfigError("beta", f"beta={beta} > 0 needs a feature loss")

@@ -39,6 +39,11 @@ schedule that changes T once an epoch builds one table per epoch (one softmax ov
 the training set); a T seen recently reuses its table; a T evicted is rebuilt.
 Logit noise: pass the batch's noisy teacher logits as ``teacher_logits`` and its rows
 are computed for that step instead of being looked up.
+
+Unlabelled images (a transfer set): a label :data:`~kdtune.core.losses.UNLABELLED` gives
+its row a zero one-hot, so the image adds nothing to the cross-entropy, and DKD splits on
+the teacher's top class (:func:`~kdtune.core.losses.fill_unlabelled`), as
+:func:`~kdtune.core.losses.distillation_loss` does.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from kdtune.core.losses import (
     STANDARDIZE_EPS,
     _check_hyperparameters,
     _check_nonnegative,
+    fill_unlabelled,
+    hard_label_onehot,
     _compute_dtype,
     standardize_logits,
     target_split,
@@ -133,6 +140,8 @@ class CachedLogitObjective:
             # Standardization does not depend on T: done once per run, before any table.
             self.teacher = standardize_logits(logits) if self.standardize else logits
         self.labels = labels.long()
+        #: Whether some image has no label (then the CE's gradient is ``softmax·Σ onehot − onehot``).
+        self.unlabelled = bool((self.labels < 0).any())
         self.labels_on_device = self.labels.to(self.device)
         # T → (table, the same as a step's array), most recently used last
         self.tables: OrderedDict[float, tuple[Tensor, Array]] = OrderedDict()
@@ -290,8 +299,10 @@ class _LinearInLogProbs(CachedLogitObjective):
 
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         log_p = teacher_log_probs(teacher_logits, temperature).to(self.dtype)
-        onehot = F.one_hot(labels, self.num_classes).to(log_p.dtype)
-        weights, log_targets, offsets = self._teacher_rows(log_p, onehot)
+        targets = fill_unlabelled(labels, teacher_logits) if self.unlabelled else labels
+        target = F.one_hot(targets, self.num_classes).to(log_p.dtype)
+        weights, log_targets, offsets = self._teacher_rows(log_p, target)
+        onehot = hard_label_onehot(labels, self.num_classes, log_p.dtype) if self.unlabelled else target
         zeros = torch.zeros_like(onehot).unsqueeze(1)
         return torch.stack((torch.cat((-onehot.unsqueeze(1), weights), dim=1),
                             torch.cat((zeros, log_targets), dim=1), torch.cat((zeros, offsets), dim=1)), dim=1)
@@ -369,7 +380,7 @@ class CachedDKD(_LinearInLogProbs):
 class CachedDIST(CachedLogitObjective):
     """``ce_weight·CE(s) + weight·T²·(β·(1 − mean_n ρ_n) + γ·(1 − mean_c ρ_c))`` (:func:`~kdtune.losses.dist_loss` on u).
 
-    Table rows ``(N, 4, C)``: the label's one-hot, the teacher's probabilities p, p centred over
+    Table rows ``(N, 4, C)``: the label's one-hot (zeros for an unlabelled image), the teacher's probabilities p, p centred over
     the classes (b̃) and ‖b̃‖ (repeated along the row). The intra-class term centres each class over the batch, so its teacher side
     is computed per step from the batch's p. With ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for
     centred ã (student) and b̃ (teacher), ``∂ρ/∂a = b̃ / D − ρ·‖b̃‖·ã / (‖ã‖·D)``; then through the
@@ -390,7 +401,7 @@ class CachedDIST(CachedLogitObjective):
         p = teacher_log_probs(teacher_logits, temperature).to(self.dtype).exp()
         centred = p - p.mean(dim=1, keepdim=True)
         norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True).expand_as(p)
-        return torch.stack((F.one_hot(labels, self.num_classes).to(p.dtype), p, centred, norm), dim=1)
+        return torch.stack((hard_label_onehot(labels, self.num_classes, p.dtype), p, centred, norm), dim=1)
 
     def _rho_weights(self, batch: int, classes: int, temperature: float, weight: float) -> Array:
         """ρ's weight per row of the stacked correlations, ``(B + C, 1)``: T²·β / B for the samples'
@@ -445,7 +456,10 @@ class CachedDIST(CachedLogitObjective):
         if self.ce_weight:
             ce = self.ce_weight / batch
             loss = loss - ce * _total(onehot, log_probs[:batch])
-            grad = grad + ce * (probs[:batch] - onehot)
+            if self.unlabelled:  # an image without a label has a zero one-hot and no CE gradient
+                grad = grad + ce * (probs[:batch] * _row_sum(onehot, ones_c) - onehot)
+            else:
+                grad = grad + ce * (probs[:batch] - onehot)
         return loss, grad
 
 

@@ -253,7 +253,8 @@ def final_evaluation(
     when given (default: the trial's): the students a team ships once the search on a
     few thousand images has chosen their hyperparameters. The files are then
     ``final_full.csv`` and ``final_full_runs.csv`` (under ``race/`` with ``race``);
-    the columns are the same, and ``val_acc`` stays the search's.
+    the columns are the same, and ``val_acc`` stays the search's. A transfer set
+    (``data.unlabelled``) is dropped with the subset: every image has its label then.
 
     Raises :class:`ResultsError` when ``study_dir`` is not a study folder or has
     no completed search trial (with ``race``: no finished race), and
@@ -296,8 +297,9 @@ def final_evaluation(
                  if (r.get("config") or {}).get("seed") is not None}
     seed_list = fresh_seeds(int(seeds), spec.seed, used)
     changes: dict[str, Any] = {"device": str(torch_device)}
-    if full_data:
+    if full_data:  # every label read: no transfer set either
         changes["train_subset"] = None
+        changes["unlabelled"] = None
     if epochs is not None:
         changes["epochs"] = int(epochs)
     configs = {trial_id: config.replace(**changes) for trial_id, config in raced.items()}

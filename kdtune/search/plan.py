@@ -20,7 +20,7 @@ import yaml
 
 from kdtune import __version__
 from kdtune.atomic import write_text_atomic
-from kdtune.core.data import DatasetSplits, check_dataset_root
+from kdtune.core.data import DatasetSplits, check_dataset_root, student_images
 from kdtune.core.data import DATASETS
 from kdtune.core.model_checks import check_family_input
 from kdtune.core.models import build_model, check_family_options
@@ -173,6 +173,7 @@ def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = N
     Returns the data; raises :class:`KdtuneError` naming ``source`` and the key."""
     try:
         data = load_spec_data(spec)
+        check_student_images(spec, data)
         check_input_shapes(spec, data)
         check_teacher_checkpoints(spec, data)
         known = known_cluster_resources(address)
@@ -181,6 +182,15 @@ def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = N
     except ConfigError as exc:
         raise KdtuneError(f"{source}: {exc}") from None
     return data
+
+def check_student_images(spec: SearchSpec, data: DatasetSplits) -> None:
+    """``data.train_subset`` and ``data.unlabelled`` fit this training split (the images the
+    students learn from are drawn exactly as every trial draws them)."""
+    try:
+        student_images(len(data.train), spec.data.train_subset, spec.data.unlabelled, spec.seed, labels=data.train.y)
+    except ConfigError as exc:
+        raise ConfigError(f"data.{exc.field}", exc.message) from None
+
 
 def family_warnings(spec: SearchSpec, data: DatasetSplits) -> list[str]:
     """Warnings about the student's and teachers' families on this data's inputs (e.g. the
@@ -247,6 +257,7 @@ def base_config(spec: SearchSpec, placement: Placement) -> dict[str, Any]:
         "device": placement.device,
         "threads": placement.threads,
         "train_subset": spec.data.train_subset,
+        "unlabelled": spec.data.unlabelled,
         "data_seed": spec.seed,
         "seed": spec.seed,
         "phase": "search",

@@ -17,6 +17,12 @@ done. Runs use the search's trainable, resources, failure rules and records
 the recorded runs into the races, so no finished run is repeated, and the seeds
 (``spec.seed + RACE_SEED_OFFSET + round``) make the outcome that of an
 uninterrupted race.
+
+Two hyperparameters joined by a comma (``--param soft_loss,temperature``) race their
+cross product: every method at every T of the grid, each contender named
+``"dkd, T=2.7"``. The summary then says, per size, whether the first (the method)
+matters beyond the second (T): each method at its best T, and whether every
+contender of some method was dropped.
 """
 
 from __future__ import annotations
@@ -68,6 +74,41 @@ class SizeRace:
     epochs: int
     #: round → contender → score, rounds not yet added to the race.
     partial: dict[int, dict[Any, float]] = field(default_factory=dict)
+    #: contender → the hyperparameter values its runs set over ``base`` (:func:`contender_values`).
+    values: dict[Any, dict[str, Any]] = field(default_factory=dict)
+
+
+def race_params(param: str) -> list[str]:
+    """The hyperparameters a race's ``--param`` names: one, or two joined by a comma."""
+    names = [name.strip() for name in str(param).split(",")]
+    if len(names) > 2 or not all(names) or len(set(names)) != len(names) or (RECIPE in names and len(names) > 1):
+        raise KdtuneError(f"--param {param}: race one hyperparameter, two distinct ones joined by a comma "
+                          f"(e.g. soft_loss,temperature: every method at every T), or {RECIPE}")
+    return names
+
+
+def contender_values(spec: SearchSpec, param: str, n: int = 8) -> dict[Any, dict[str, Any]]:
+    """Each contender of a race on ``param`` and the values its runs set: a grid over the
+    spec's range of ``param`` (see :func:`contenders_for`), ``{param: value}`` each; for two
+    hyperparameters joined by a comma, their grids' cross product, named ``"dkd, T=2.7"``;
+    for :data:`~kdtune.core.objectives.RECIPE`, each published recipe. The baseline last."""
+    names = race_params(param)
+    if names == [RECIPE]:
+        found: dict[Any, dict[str, Any]] = dict(recipes())
+    elif len(names) == 1:
+        found = {value: {param: value} for value in _grid(spec, param, n)}
+    else:
+        first, second = (_grid(spec, name, n) for name in names)
+        found = {f"{_named(names[0], a)}, {_named(names[1], b)}": {names[0]: a, names[1]: b}
+                 for a in first for b in second}
+    return {**found, BASELINE: dict(baseline_values())}
+
+
+def _named(param: str, value: Any) -> str:
+    """A value as a pair contender's label shows it: a method by name, a number as ``T=2.7``."""
+    if isinstance(value, str):
+        return value
+    return f"{'T' if param == 'temperature' else param}={float(value):g}"
 
 
 def contenders_for(spec: SearchSpec, param: str, n: int = 8) -> list[Any]:
@@ -75,9 +116,14 @@ def contenders_for(spec: SearchSpec, param: str, n: int = 8) -> list[Any]:
     (log-spaced for a log-uniform range, with T = 1 for the temperature; linear for a
     uniform one; every value of a choice or a short int range), then the baseline.
     ``param`` :data:`~kdtune.core.objectives.RECIPE` races every registered
-    objective's published recipe (:func:`~kdtune.core.objectives.recipes`) instead."""
-    if param == RECIPE:
-        return [*recipes(), BASELINE]
+    objective's published recipe (:func:`~kdtune.core.objectives.recipes`) instead;
+    two hyperparameters joined by a comma race their grids' cross product
+    (:func:`contender_values`)."""
+    return list(contender_values(spec, param, n))
+
+
+def _grid(spec: SearchSpec, param: str, n: int) -> list[Any]:
+    """The grid over the spec's range of one searched hyperparameter (see :func:`contenders_for`)."""
     try:
         hyperparameter(param)
     except KdtuneError as exc:  # unknown names raise, listing the known ones and the recipes
@@ -99,7 +145,7 @@ def contenders_for(spec: SearchSpec, param: str, n: int = 8) -> list[Any]:
                               include=(1.0,) if param == "temperature" else ())
         if isinstance(value, IntRange):
             grid = sorted({int(round(v)) for v in grid})
-    return [*grid, BASELINE]
+    return grid
 
 
 def plan_races(study_dir: Path, spec: SearchSpec, trials: pd.DataFrame, param: str, widths: list[float] | None,
@@ -117,14 +163,16 @@ def plan_races(study_dir: Path, spec: SearchSpec, trials: pd.DataFrame, param: s
         sizes = sorted(widths)
     else:
         sizes = sorted(set(pareto_front(search)["width"]))
-    contenders = contenders_for(spec, param, grid)
+    values = contender_values(spec, param, grid)
+    names = race_params(param)
+    label = " × ".join("T" if name == "temperature" else name for name in names)
     races = []
     for size in sizes:
         best = search[search["width"] == size].sort_values("val_acc", ascending=False).iloc[0]
         config = trial_config(recorded_trial_config(study_dir, best["trial_id"]))
         base = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
-        race = Race(contenders, alpha=alpha, max_seeds=max_seeds, param="T" if param == "temperature" else param)
-        races.append(SizeRace(float(size), str(best["trial_id"]), base, race, int(base["epochs"])))
+        race = Race(list(values), alpha=alpha, max_seeds=max_seeds, param=label)
+        races.append(SizeRace(float(size), str(best["trial_id"]), base, race, int(base["epochs"]), values=values))
     return races
 
 
@@ -152,10 +200,8 @@ class RaceSearcher(Searcher):
     def run_config(self, index: int, contender: Any, round_index: int) -> dict[str, Any]:
         """The trial config of one run: the size's best config, the contender, the round's seed."""
         entry = self.races[index]
-        if contender == BASELINE:
-            values = dict(baseline_values())
-        else:  # a recipe sets the method, T, the weights and the method's own values at once
-            values = recipes()[contender] if self.param == RECIPE else {self.param: contender}
+        # A recipe sets the method, T, the weights and the method's own values at once; a pair, both.
+        values = entry.values[contender]
         return {**entry.base, **values, "seed": self.seed + RACE_SEED_OFFSET + round_index,
                 **({"score_pool": True} if self.score_pool else {}), "phase": RACE_PHASE, "report_epochs": [],
                 "validate_at": VALIDATE_RUNGS,  # a run is scored at its end only
@@ -223,16 +269,50 @@ def run_score(result: Mapping[str, Any] | None, error: bool, score_pool: bool = 
     return float(value) if value is not None and math.isfinite(float(value)) else 0.0
 
 
+def beyond_clause(entry: SizeRace, names: list[str]) -> str:
+    """For a race of two hyperparameters (``names``, e.g. the method and T): whether the first
+    matters beyond the second at this size, with each first value at its best second value, e.g.
+    "soft_loss matters beyond T: every contender of dkd dropped (best of each: kd 0.842 at T=2.7;
+    dkd 0.811 at T=4, all dropped)". Empty before the first round."""
+    race = entry.race
+    if race.rounds == 0:
+        return ""
+    means = race.table().set_index("contender")["mean"]
+    groups: dict[Any, list[Any]] = {}
+    for contender, values in entry.values.items():
+        if contender != BASELINE:
+            groups.setdefault(values[names[0]], []).append(contender)
+    parts, out = [], []
+    for key, members in groups.items():
+        best = max(members, key=lambda c: means[c])
+        alive = any(c not in race.dropped for c in members)
+        parts.append(f"{_named(names[0], key)} {means[best]:.3f} at {_named(names[1], entry.values[best][names[1]])}"
+                     + ("" if alive else ", all dropped"))
+        if not alive:
+            out.append(_named(names[0], key))
+    second = "T" if names[1] == "temperature" else names[1]
+    if out and len(out) < len(groups):
+        head = f"{names[0]} matters beyond {second}: every contender of {', '.join(out)} dropped"
+    else:
+        head = (f"{names[0]} not shown to matter beyond {second}: " +
+                ("each keeps a contender in the race" if not out else "every contender dropped"))
+    return f"{head} (best of each: {'; '.join(parts)})"
+
+
 def race_tables(races: list[SizeRace], param: str, scored_on: str = "the validation split"
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(best_t: one row per size, contenders: one row per size and contender); ``scored_on``
     says which images scored the runs, in the verdicts and the ``scored_on`` column."""
     summaries, tables = [], []
+    names = race_params(param)
     for entry in races:
         context = (f"at width {entry.size:g}'s other hyperparameters (its best search trial {entry.trial_id}); "
                    f"scored on {scored_on}")
         summary = entry.race.summary(context)
         runs = entry.race.runs
+        if len(names) == 2:
+            summary["beyond"] = beyond_clause(entry, names)
+            summary["verdict"] = f"{summary['verdict']}; {summary['beyond']}" if summary["beyond"] else summary["verdict"]
         summaries.append({"width": entry.size, "param": param, "best_trial": entry.trial_id, **summary,
                           "epochs": runs * entry.epochs, "scored_on": scored_on})
         table = entry.race.table()
@@ -274,11 +354,12 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
              score_pool: bool = False, log: Log = print) -> RaceResult:
     """Race ``param`` per student size of a finished study; write ``race/best_t.csv`` and
     ``race/contenders.csv``. ``score_pool`` scores every run on the validation images
-    and the training images outside the spec's ``train_subset``, which no student
-    saw: more images, less noise per run. Bad input raises :class:`KdtuneError`
+    and the training images outside the spec's ``train_subset`` (and transfer set), which no
+    student saw: more images, less noise per run. Bad input raises :class:`KdtuneError`
     before Ray starts."""
     from ray import tune
 
+    from kdtune.core.data import student_images
     from kdtune.core.teacher import prepare_teachers
     from kdtune.search.callbacks import progress_callback, recording_callback
     from kdtune.search.cluster import ray_session
@@ -319,7 +400,9 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
     data = load_spec_data(spec)
     scored_on = f"the {len(data.val):,} validation images"
     if score_pool:
-        scored_on += f" and the {len(data.train) - int(spec.data.train_subset):,} training images no student saw"
+        seen = sum(map(len, student_images(len(data.train), spec.data.train_subset, spec.data.unlabelled,
+                                           spec.seed, labels=data.train.y)))
+        scored_on += f" and the {len(data.train) - seen:,} training images no student saw"
     log(f"the race scores on {scored_on}")
     with ray_session(None, False, log), study_lock(study_dir):
         import ray
