@@ -380,9 +380,9 @@ class CachedDKD(_LinearInLogProbs):
 class CachedDIST(CachedLogitObjective):
     """``ce_weight·CE(s) + weight·T²·(β·(1 − mean_n ρ_n) + γ·(1 − mean_c ρ_c))`` (:func:`~kdtune.losses.dist_loss` on u).
 
-    Table rows ``(N, 4, C)``: the label's one-hot (zeros for an unlabelled image), the teacher's probabilities p, p centred over
-    the classes (b̃) and ‖b̃‖ (repeated along the row). The intra-class term centres each class over the batch, so its teacher side
-    is computed per step from the batch's p. With ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for
+    Table rows ``(N, 3, C)``: the label's one-hot (zeros for an unlabelled image), the teacher's
+    probabilities p and p centred over the classes (b̃). The intra-class term centres each class
+    over the batch, so its teacher side is computed per step from the batch's p. With ``ρ = ⟨ã, b̃⟩ / D``, ``D = ‖ã‖‖b̃‖ + ε``, for
     centred ã (student) and b̃ (teacher), ``∂ρ/∂a = b̃ / D − ρ·‖b̃‖·ã / (‖ã‖·D)``; then through the
     softmax. The student's rows sum to 1, so centring them over the classes is subtracting 1/C.
     DIST's CIFAR-100 recipe: ``ce_weight = 1``, T = 4, β = γ = 1 with ``weight = 2``
@@ -400,8 +400,7 @@ class CachedDIST(CachedLogitObjective):
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         p = teacher_log_probs(teacher_logits, temperature).to(self.dtype).exp()
         centred = p - p.mean(dim=1, keepdim=True)
-        norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True).expand_as(p)
-        return torch.stack((hard_label_onehot(labels, self.num_classes, p.dtype), p, centred, norm), dim=1)
+        return torch.stack((hard_label_onehot(labels, self.num_classes, p.dtype), p, centred), dim=1)
 
     def _rho_weights(self, batch: int, classes: int, temperature: float, weight: float) -> Array:
         """ρ's weight per row of the stacked correlations, ``(B + C, 1)``: T²·β / B for the samples'
@@ -410,16 +409,16 @@ class CachedDIST(CachedLogitObjective):
         return self._constant(("rho weights", batch, classes, temperature, weight), lambda: self._tensor(
             [[weight * temperature * self.beta / batch]] * batch + [[weight * temperature * self.gamma / classes]] * classes))
 
-    def _buffers(self, batch: int, classes: int) -> tuple[Array, Array, Array]:
-        """Zeroed ``(B + C, max(B, C))`` buffers for a and b and ``(B + C, 1)`` for ‖b‖, reused every step."""
-        rows_n, width = batch + classes, max(batch, classes)
-        return self._constant(("buffers", batch, classes), lambda: tuple(
-            torch.zeros(rows_n, n, dtype=self.dtype, device=self.device) for n in (width, width, 1)))
+    def _buffers(self, batch: int, classes: int) -> tuple[Array, Array]:
+        """A zeroed ``(2, B + C, max(B, C))`` buffer holding a and b (one pass takes both norms),
+        reused every step, and the ``(1, B)`` row that averages over the batch."""
+        return self._constant(("buffers", batch, classes), lambda: (
+            torch.zeros(2, batch + classes, max(batch, classes), dtype=self.dtype, device=self.device),
+            torch.full((1, batch), 1.0 / batch, dtype=self.dtype, device=self.device)))
 
     def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
         xp, (batch, classes) = self.xp, s.shape
         onehot, p = rows[:, 0], rows[:, 1]
-        ones_b = self._ones(batch).T
         z, back = self._student(s, temperature)
         if self.ce_weight:  # one softmax for the CE on s and the method on z, stacked as (2B, C)
             log_probs, probs = self._log_softmax(xp.concatenate((s, z), axis=0))
@@ -427,21 +426,22 @@ class CachedDIST(CachedLogitObjective):
         else:
             _, q = self._log_softmax(z)
         # Intra-class: each class across the batch, the student's and the teacher's columns centred at once.
+        ab, mean_row = self._buffers(batch, classes)
         columns = xp.concatenate((q, p), axis=1)
-        columns = columns - (ones_b @ columns) * (1.0 / batch)
+        columns = columns - mean_row @ columns
         # Every correlation in one pass: the rows of a and b are the B samples across the classes
         # (inter-class; a sample's probabilities sum to 1, so centring them is subtracting 1/C), then
         # the C classes across the batch (intra-class, transposed), zero-padded to a common width:
-        # zeros add nothing to a dot product or a norm. The padding is set once, with the buffers.
-        a, b, norm_b = self._buffers(batch, classes)
+        # zeros add nothing to a dot product or a norm. The padding is set once, with the buffers;
+        # a and b share one buffer, so that one product takes every norm of both.
+        a, b = ab[0], ab[1]
         a[:batch, :classes] = q - 1.0 / classes
         a[batch:, :batch] = columns[:, :classes].T
         b[:batch, :classes] = rows[:, 2]
         b[batch:, :batch] = columns[:, classes:].T
         ones = self._ones(a.shape[1])
-        norm_a = xp.sqrt((a * a) @ ones)
-        norm_b[:batch] = rows[:, 3, :1]  # the samples' from the table, the classes' from this batch
-        norm_b[batch:] = xp.sqrt((b[batch:] * b[batch:]) @ ones)
+        norms = xp.sqrt(_row_sum(ab * ab, ones))
+        norm_a, norm_b = norms[0], norms[1]
         # ρ = ⟨a, b⟩ / D with D = ‖a‖‖b‖ + ε; r = ρ's weight / D; ∂(weight·ρ)/∂a = r·b − (r·⟨a, b⟩·‖b‖ / (‖a‖·D))·a.
         denom = norm_a * norm_b + DIST_EPS
         r = self._rho_weights(batch, classes, temperature, weight) / denom
