@@ -187,6 +187,7 @@ def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: l
 
     from kdtune.spec import parse_spec
     from kdtune.study import RACE_CONTENDERS_TABLE, RACE_TABLE, TEACHER_DIR
+    from kdtune.tables import read_csv_table
 
     log = print
     base = _spec_dict(spec_path)
@@ -194,7 +195,7 @@ def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: l
     if kd_source is not None:
         reuse_study(kd_source.resolve(), results / kd_spec["study"])
     kd_study, kd_s = search_and_race(kd_spec, results, "temperature", widths, log, grid, max_seeds)
-    kd_best = pd.read_csv(kd_study / RACE_TABLE, dtype={"recommended": str})
+    kd_best = read_csv_table(kd_study / RACE_TABLE)
     sizes = [float(w) for w in kd_best["width"]]
     all_spec = methods_spec(base, widths)
     all_dir = results / all_spec["study"]
@@ -206,7 +207,7 @@ def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: l
         done = pd.read_parquet(trials_path)
         raced = [w for w in sizes if w in set(done.loc[done["status"] == "completed", "width"])]
     all_study, all_s = search_and_race(all_spec, results, "soft_loss", raced, log, grid, max_seeds)
-    all_best = pd.read_csv(all_study / RACE_TABLE, dtype={"recommended": str})
+    all_best = read_csv_table(all_study / RACE_TABLE)
     kd_contenders = pd.read_csv(kd_study / RACE_CONTENDERS_TABLE)
     all_contenders = pd.read_csv(all_study / RACE_CONTENDERS_TABLE)
     kd_scores, all_scores = round_scores(kd_study), round_scores(all_study)

@@ -94,9 +94,8 @@ def full_data_section(report: Report, study_dir: Path, epochs: int, seeds: int, 
     the published networks: for each, the smallest student of at most its size."""
     import json
 
-    import pandas as pd
-
     from kdtune.study import FINAL_FILE, final_files
+    from kdtune.tables import read_csv_table
 
     table_file = study_dir / final_files(full_data=True)[0]
     if existing and table_file.exists():
@@ -105,7 +104,7 @@ def full_data_section(report: Report, study_dir: Path, epochs: int, seeds: int, 
     else:  # runs of many minutes each: the default workers, estimated from the search, use every core
         full_s = _record_time(study_dir, "full_data_s", _kdtune(
             "evaluate", str(study_dir), "--full-data", "--epochs", str(epochs), "--seeds", str(seeds)))
-    full = pd.read_csv(table_file).sort_values("params")
+    full = read_csv_table(table_file).sort_values("params")
     rows = [[row["width"], int(row["params"]), f"{row['test_acc_mean']:.4f}", f"{row['baseline_test_acc_mean']:.4f}",
              f"{row['kd_gain_mean']:+.4f}"] for _, row in full.iterrows()]
     report.add(f"Full training set: the front re-trained on every training image for {epochs} epochs "
@@ -132,9 +131,8 @@ def full_data_section(report: Report, study_dir: Path, epochs: int, seeds: int, 
 
 def run(spec_path: Path, results_root: Path, seeds: int, existing: bool = False) -> Report:
     """Search, evaluate and report."""
-    import pandas as pd
-
     from kdtune.spec import load_spec
+    from kdtune.tables import read_csv_table
 
     report = Report("real_task", "Real task: Fashion-MNIST search and final evaluation")
     study = load_spec(spec_path).study
@@ -153,7 +151,7 @@ def run(spec_path: Path, results_root: Path, seeds: int, existing: bool = False)
     else:
         evaluate_s = _record_time(study_dir, "evaluate_s", _kdtune("evaluate", str(study_dir), "--seeds", str(seeds)))
     teacher_acc = _teacher_test_accuracy(spec_path, study_dir)
-    final = pd.read_csv(study_dir / "final.csv").sort_values("params")
+    final = read_csv_table(study_dir / "final.csv").sort_values("params")
     rows, beats = [], []
     for _, row in final.iterrows():
         spread = max(float(row.get("test_acc_std", 0.0)), float(row.get("baseline_test_acc_std", 0.0)))

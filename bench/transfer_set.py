@@ -35,7 +35,6 @@ def _mean_sd(values: list[float]) -> str:
 
 def build(study: Path, widths: list[float], seeds: int) -> Report:
     common.make_kdtune_importable()
-    import pandas as pd
     import torch
 
     from kdtune.core.distill import run
@@ -43,6 +42,7 @@ def build(study: Path, widths: list[float], seeds: int) -> Report:
     from kdtune.core.teacher import prepare_teachers
     from kdtune.spec import load_spec, load_spec_data, spec_teacher_targets, teacher_configs
     from kdtune.study import SPEC_FILE, TEACHER_DIR, recorded_trial_config, trial_run_config
+    from kdtune.tables import read_csv_table
 
     torch.set_num_threads(1)
     if not (study / "final.csv").exists():
@@ -51,7 +51,7 @@ def build(study: Path, widths: list[float], seeds: int) -> Report:
     data = load_spec_data(spec)
     prepared = prepare_teachers(teacher_configs(spec), data, study / TEACHER_DIR, log=lambda m: None)
     targets = spec_teacher_targets(spec, prepared, data, log=lambda m: None)
-    front = pd.read_csv(study / "final.csv")
+    front = read_csv_table(study / "final.csv")
     report = Report("transfer_set", "A transfer set on the real task: KD with and without unlabelled images")
     rows, notes = [], []
     for width in widths:

@@ -221,6 +221,16 @@ def write_frame_atomic(df: pd.DataFrame, path: str | Path, fmt: str = "parquet")
             df.to_parquet(tmp, index=False)
 
 
+#: Columns of the study's CSV tables that hold identifiers or labels: read back as text.
+TEXT_COLUMNS = ("trial_id", "best_trial", "recommended")
+
+
+def read_csv_table(path: str | Path) -> pd.DataFrame:
+    """A CSV table of the study (``final.csv``, ``race/best_t.csv``, ...), its :data:`TEXT_COLUMNS`
+    kept as text: a trial id such as ``1234e567`` would otherwise be read as the float ``inf``."""
+    return pd.read_csv(path, dtype={name: str for name in TEXT_COLUMNS})
+
+
 def write_tables(study_dir: str | Path, trials: pd.DataFrame, history: pd.DataFrame) -> None:
     """Write ``trials.parquet`` and ``history.parquet`` into ``study_dir`` (atomically each)."""
     write_frame_atomic(trials, Path(study_dir) / TRIALS_TABLE)

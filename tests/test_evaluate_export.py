@@ -375,3 +375,21 @@ def test_export_unknown_trial_or_index_lists_valid_choices(study, trials):
 def test_onnx_without_the_package_says_how_to_install_it(study, trials):
     with pytest.raises(KdtuneError, match=r"pip install 'kdtune\[onnx\]'"):
         export_student(study, trial_id=pareto_front(trials).iloc[0]["trial_id"], fmt="onnx")
+
+
+def test_study_csv_tables_keep_trial_ids_that_look_like_numbers(tmp_path):
+    # Trial ids are 8 hex digits: "1234e567" reads as the float inf, "00001234" as 1234, unless kept as text.
+    from kdtune.tables import read_csv_table, write_frame_atomic
+
+    frame = pd.DataFrame({"trial_id": ["1234e567", "00001234", "ab12cd34"], "best_trial": ["9e999999", "x", "1e5"],
+                          "recommended": ["1", "dist, T=1", "no distillation (α=1)"], "width": [0.25, 0.5, 1.0]})
+    write_frame_atomic(frame, tmp_path / "best_t.csv", fmt="csv")
+    back = read_csv_table(tmp_path / "best_t.csv")
+    assert back["trial_id"].tolist() == ["1234e567", "00001234", "ab12cd34"]
+    assert back["best_trial"].tolist() == ["9e999999", "x", "1e5"]
+    assert back["recommended"].tolist() == ["1", "dist, T=1", "no distillation (α=1)"]
+    assert back["width"].tolist() == [0.25, 0.5, 1.0]
+    # A one-size race's table: what plain read_csv makes of its trial id, and what the study reads.
+    write_frame_atomic(frame.iloc[:1], tmp_path / "one.csv", fmt="csv")
+    assert pd.read_csv(tmp_path / "one.csv")["trial_id"].iloc[0] == float("inf")
+    assert read_csv_table(tmp_path / "one.csv")["trial_id"].iloc[0] == "1234e567"

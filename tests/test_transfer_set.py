@@ -14,13 +14,12 @@ import statistics
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kdtune.core.data import student_images, subset_indices, unlabelled_indices
 from kdtune.core.losses import UNLABELLED, distillation_loss, dkd_loss, fused_kd_loss_and_grad, kd_log_targets, \
     kd_loss_weights, soft_targets
 from kdtune.core.method_cache import CACHED_OBJECTIVES
-from kdtune.distill import RunConfig, TeacherTargets, run
+from kdtune.distill import RunConfig, run
 from kdtune.errors import ConfigError
 from kdtune.models import build_model
 from kdtune.teacher import TeacherConfig, prepare_teachers

@@ -53,7 +53,7 @@ from kdtune.study import (
     require_study,
     trial_run_config,
 )
-from kdtune.tables import load_tables, write_frame_atomic
+from kdtune.tables import load_tables, read_csv_table, write_frame_atomic
 
 Log = Callable[[str], None]
 
@@ -184,7 +184,7 @@ def race_winners(study_dir: Path, trials: pd.DataFrame) -> tuple[pd.DataFrame, d
     if not path.exists():
         raise ResultsError(f"{study_dir}: no race to evaluate ({RACE_TABLE} is missing); race first with "
                            f"kdtune best-t {study_dir} --race")
-    best = pd.read_csv(path, dtype={"recommended": str})
+    best = read_csv_table(path)
     records = [r for r in load_records(study_dir, RACE_PHASE).values() if (r.get("config") or {}).get("race")]
     by_id = trials.set_index("trial_id")
     rows, configs = [], {}

@@ -29,6 +29,7 @@ from kdtune.results.analysis import (
 )
 from kdtune.errors import ConfigError, ResultsError
 from kdtune.study import RACE_CONTENDERS_TABLE, RACE_PLOT, RACE_TABLE, SUMMARY_FILE
+from kdtune.tables import read_csv_table
 
 FRONT_COLUMNS = ["width", "params", "bytes", "val_acc", "kd_gain", "temperature", "alpha"]
 TEMPERATURE_COLUMNS = [
@@ -481,7 +482,7 @@ def plot_race(study_dir: str | Path, out: str | Path | None = None) -> Path:
     if not table_path.is_file():
         raise ResultsError(f"{table_path}: not found; run kdtune best-t {study_dir} --race first")
     table = pd.read_csv(table_path)
-    best = pd.read_csv(study_dir / RACE_TABLE)
+    best = read_csv_table(study_dir / RACE_TABLE)
     sizes = sorted(table["width"].unique())
     fig = Figure(figsize=(5.5 * len(sizes), 4.5), layout="constrained")
     axes = fig.subplots(1, len(sizes), squeeze=False)[0]
