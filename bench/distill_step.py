@@ -121,15 +121,15 @@ def _loss_microbenchmark(rounds: int, steps: int = 2000) -> list[list[Any]]:
     fused_noisy = _CachedKD(targets, all_labels, RunConfig(temperature=4.0, alpha=0.5, noise=0.25), device)
     buffer = torch.empty(teacher.shape)
 
-    def hard() -> None:
-        distillation_loss(student, None, labels, 4.0, 1.0).backward()
+    def hard() -> None:  # as run() calls it: a run without a transfer set has no unlabelled image
+        distillation_loss(student, None, labels, 4.0, 1.0, unlabelled=False).backward()
 
     def kd() -> None:
-        distillation_loss(student, teacher, labels, 4.0, 0.5).backward()
+        distillation_loss(student, teacher, labels, 4.0, 0.5, unlabelled=False).backward()
 
     def kd_noisy() -> None:
         noisy = perturb_teacher_logits(targets.batch(indices, student, device)[0], 0.25, generator)
-        distillation_loss(student, noisy, labels, 4.0, 0.5).backward()
+        distillation_loss(student, noisy, labels, 4.0, 0.5, unlabelled=False).backward()
 
     def kd_fused() -> None:
         _, grad = fused.loss_and_grad(student, indices, index, generator)

@@ -91,7 +91,7 @@ def _steps(teacher_logits, labels) -> dict[str, Step]:
         return min(epoch / 20, 1.0)
 
     def hard(logits, y, idx, epoch):  # what run() computes at alpha = 1
-        return distillation_loss(logits, None, y, 4.0, 1.0), None
+        return distillation_loss(logits, None, y, 4.0, 1.0, unlabelled=False), None
 
     def kd_run(logits, y, idx, epoch):
         return run_kd.loss_and_grad(logits, idx.numpy(), idx, generator)

@@ -622,7 +622,7 @@ def run(
                     loss = distillation_loss(
                         s_logits, t_logits, yb, temperature, config.alpha,
                         soft_loss_kind=config.soft_loss, beta=config.beta, feature_loss=feature_term,
-                        params={**config.hyperparameters, "epoch": epoch},
+                        params={**config.hyperparameters, "epoch": epoch}, unlabelled=bool(len(unlabelled)),
                     )
             logits_grad = None
             if cached_kd is not None:  # in float32 whatever the autocast, as distillation_loss computes it

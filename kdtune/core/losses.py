@@ -293,6 +293,7 @@ def distillation_loss(
     beta: float = 0.0,
     feature_loss: Tensor | None = None,
     params: Mapping[str, Any] | None = None,
+    unlabelled: bool | None = None,
 ) -> Tensor:
     """The full distillation loss, a scalar tensor.
 
@@ -306,11 +307,14 @@ def distillation_loss(
     precomputed :func:`feature_matching_loss`; it is required when ``β > 0``.
     A label :data:`UNLABELLED` marks an image without one: no cross-entropy (the mean still
     over the whole batch), and the teacher's top class as DKD's target (:func:`fill_unlabelled`).
+    ``unlabelled`` says whether any label may be :data:`UNLABELLED`; None looks (a few µs a
+    step, which the training loop saves by saying so: a run without a transfer set has none).
     """
     _check_hyperparameters(temperature, alpha, beta)
     settings = dict(params or {})
     ce_weight, kd_weight = loss_weights({**settings, "alpha": alpha})
-    unlabelled = bool((labels < 0).any())
+    if unlabelled is None:
+        unlabelled = bool((labels < 0).any())
     if ce_weight == 0:
         loss = student_logits.new_zeros(())
     elif unlabelled:  # Σ over the labelled images, over the whole batch
