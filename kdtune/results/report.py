@@ -517,7 +517,10 @@ def plot_race(study_dir: str | Path, out: str | Path | None = None) -> Path:
                 ax.scatter(at["x"], at["mean"], s=140, facecolors="none", edgecolors="tab:red", linewidths=1.6,
                            zorder=4, label="recommended")
         if categorical:
-            ax.set_xticks(list(values["x"]), [str(c) for c in values["contender"]])
+            labels = [str(c) for c in values["contender"]]
+            # Long names side by side overlap (a method × T race's "dkd, T=4.5"): slanted then.
+            slanted = sum(len(label) for label in labels) > 60
+            ax.set_xticks(list(values["x"]), labels, rotation=35 if slanted else 0, ha="right" if slanted else "center")
             ax.set_xlim(-0.5, len(values) - 0.5)
         else:
             ax.set_xscale("log" if values["x"].min() > 0 else "linear")
