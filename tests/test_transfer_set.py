@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -231,3 +232,35 @@ def test_a_transfer_set_lifts_a_student_with_few_labels(digits, teacher) -> None
     with_set = [accuracy("all", seed) for seed in seeds]
     assert statistics.mean(with_set) > statistics.mean(without) + 0.03, (without, with_set)
     assert all(w > o for w, o in zip(with_set, without)), (without, with_set)
+
+
+# ---------------------------------------------------------------- through the CLI
+
+
+@pytest.mark.ray
+def test_a_search_with_a_transfer_set_end_to_end(ray_session, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from conftest import TINY_SPEC, write_spec
+    from kdtune.cli import main
+    from kdtune.study import load_records
+
+    spec = {**TINY_SPEC, "study": "transfer", "num_samples": 2, "early_stopping": {"rule": "none"},
+            "data": {"dataset": "digits", "train_subset": 150, "unlabelled": 400},
+            "space": {**TINY_SPEC["space"], "width": 8, "epochs": 2}}
+    results = tmp_path / "r"
+    outcome = CliRunner().invoke(main, ["search", str(write_spec(tmp_path, spec)), "--results", str(results)])
+    assert outcome.exit_code == 0, outcome.output
+    study = results / "transfer"
+    searched = load_records(study, "search").values()
+    assert searched and all(r["config"]["unlabelled"] == 400 for r in searched)
+    # Every distilled epoch is as many images as the labelled subset; the baseline (hard labels) ignores the set.
+    history = pd.read_parquet(study / "history.parquet")
+    seen = (history["samples_per_s"] * history["epoch_time_s"]).round()
+    assert (seen == 150).all(), seen.tolist()
+    # --full-data reads every label: the transfer set goes with the subset.
+    full = CliRunner().invoke(main, ["evaluate", str(study), "--full-data", "--epochs", "1", "--seeds", "1",
+                                     "--workers", "1"])
+    assert full.exit_code == 0, full.output
+    runs = pd.read_csv(study / "final_full_runs.csv")
+    assert len(runs) >= 2 and (runs["status"] == "completed").all()
