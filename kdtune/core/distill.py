@@ -27,13 +27,13 @@ from kdtune.core.schedules import Schedule, parse_schedule
 from kdtune.core.size_metrics import count_macs
 from kdtune.errors import ConfigError
 from kdtune.core.losses import (
+    UNLABELLED,
     distillation_loss,
     feature_matching_loss,
     fused_kd_loss_and_grad,
     kd_log_targets,
     kd_loss_scales,
     kd_loss_weights,
-    UNLABELLED,
     perturb_teacher_logits,
     soft_targets,
 )

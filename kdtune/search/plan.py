@@ -183,6 +183,7 @@ def check_inputs(spec: SearchSpec, source: str = "spec", address: str | None = N
         raise KdtuneError(f"{source}: {exc}") from None
     return data
 
+
 def check_student_images(spec: SearchSpec, data: DatasetSplits) -> None:
     """``data.train_subset`` and ``data.unlabelled`` fit this training split (the images the
     students learn from are drawn exactly as every trial draws them)."""
