@@ -89,7 +89,7 @@ def race_params(param: str) -> list[str]:
 
 def contender_values(spec: SearchSpec, param: str, n: int = 8) -> dict[Any, dict[str, Any]]:
     """Each contender of a race on ``param`` and the values its runs set: a grid over the
-    spec's range of ``param`` (see :func:`contenders_for`), ``{param: value}`` each; for two
+    spec's range of ``param`` (see :func:`_grid`), ``{param: value}`` each; for two
     hyperparameters joined by a comma, their grids' cross product, named ``"dkd, T=2.7"``;
     for :data:`~kdtune.core.objectives.RECIPE`, each published recipe. The baseline last."""
     names = race_params(param)
@@ -104,26 +104,22 @@ def contender_values(spec: SearchSpec, param: str, n: int = 8) -> dict[Any, dict
     return {**found, BASELINE: dict(baseline_values())}
 
 
+def _short(param: str) -> str:
+    """How verdicts and labels name a raced hyperparameter: the temperature as T, others by name."""
+    return "T" if param == "temperature" else param
+
+
 def _named(param: str, value: Any) -> str:
     """A value as a pair contender's label shows it: a method by name, a number as ``T=2.7``."""
     if isinstance(value, str):
         return value
-    return f"{'T' if param == 'temperature' else param}={float(value):g}"
-
-
-def contenders_for(spec: SearchSpec, param: str, n: int = 8) -> list[Any]:
-    """The contenders of a race on ``param``: a grid over the spec's range of it
-    (log-spaced for a log-uniform range, with T = 1 for the temperature; linear for a
-    uniform one; every value of a choice or a short int range), then the baseline.
-    ``param`` :data:`~kdtune.core.objectives.RECIPE` races every registered
-    objective's published recipe (:func:`~kdtune.core.objectives.recipes`) instead;
-    two hyperparameters joined by a comma race their grids' cross product
-    (:func:`contender_values`)."""
-    return list(contender_values(spec, param, n))
+    return f"{_short(param)}={float(value):g}"
 
 
 def _grid(spec: SearchSpec, param: str, n: int) -> list[Any]:
-    """The grid over the spec's range of one searched hyperparameter (see :func:`contenders_for`)."""
+    """The grid over the spec's range of one searched hyperparameter: log-spaced for a log-uniform
+    range (with T = 1 for the temperature), linear for a uniform one, every value of a choice or
+    of a short int range."""
     try:
         hyperparameter(param)
     except KdtuneError as exc:  # unknown names raise, listing the known ones and the recipes
@@ -165,7 +161,7 @@ def plan_races(study_dir: Path, spec: SearchSpec, trials: pd.DataFrame, param: s
         sizes = sorted(set(pareto_front(search)["width"]))
     values = contender_values(spec, param, grid)
     names = race_params(param)
-    label = " × ".join("T" if name == "temperature" else name for name in names)
+    label = " × ".join(map(_short, names))
     races = []
     for size in sizes:
         best = search[search["width"] == size].sort_values("val_acc", ascending=False).iloc[0]
@@ -184,9 +180,10 @@ def race_seed(spec: SearchSpec, round_index: int) -> int:
 class RaceSearcher(Searcher):
     """Ray searcher handing out the runs of each size's current round; see the module docstring."""
 
-    def __init__(self, races: list[SizeRace], param: str, seed: int, score_pool: bool = False) -> None:
+    def __init__(self, races: list[SizeRace], seed: int, score_pool: bool = False) -> None:
         super().__init__(metric="val_acc", mode="max")
-        self.races, self.param, self.seed = races, param, int(seed)
+        # What each contender's runs set is the size's own (SizeRace.values).
+        self.races, self.seed = races, int(seed)
         #: Score on the validation images and the training images no student saw (train_subset).
         self.score_pool = bool(score_pool)
         self.pending: dict[str, tuple[int, Any, int]] = {}
@@ -269,15 +266,16 @@ def run_score(result: Mapping[str, Any] | None, error: bool, score_pool: bool = 
     return float(value) if value is not None and math.isfinite(float(value)) else 0.0
 
 
-def beyond_clause(entry: SizeRace, names: list[str]) -> str:
+def beyond_clause(entry: SizeRace, names: list[str], table: pd.DataFrame | None = None) -> str:
     """For a race of two hyperparameters (``names``, e.g. the method and T): whether the first
     matters beyond the second at this size, with each first value at its best second value, e.g.
     "soft_loss matters beyond T: every contender of dkd dropped (best of each: kd 0.842 at T=2.7;
-    dkd 0.811 at T=4, all dropped)". Empty before the first round."""
+    dkd 0.811 at T=4, all dropped)". Empty before the first round. ``table`` is the race's
+    :meth:`~kdtune.racing.Race.table` when the caller has it already."""
     race = entry.race
     if race.rounds == 0:
         return ""
-    means = race.table().set_index("contender")["mean"]
+    means = (race.table() if table is None else table).set_index("contender")["mean"]
     groups: dict[Any, list[Any]] = {}
     for contender, values in entry.values.items():
         if contender != BASELINE:
@@ -290,7 +288,7 @@ def beyond_clause(entry: SizeRace, names: list[str]) -> str:
                      + ("" if alive else ", all dropped"))
         if not alive:
             out.append(_named(names[0], key))
-    second = "T" if names[1] == "temperature" else names[1]
+    second = _short(names[1])
     if out and len(out) < len(groups):
         head = f"{names[0]} matters beyond {second}: every contender of {', '.join(out)} dropped"
     else:
@@ -310,12 +308,12 @@ def race_tables(races: list[SizeRace], param: str, scored_on: str = "the validat
                    f"scored on {scored_on}")
         summary = entry.race.summary(context)
         runs = entry.race.runs
+        table = entry.race.table()
         if len(names) == 2:
-            summary["beyond"] = beyond_clause(entry, names)
+            summary["beyond"] = beyond_clause(entry, names, table)
             summary["verdict"] = f"{summary['verdict']}; {summary['beyond']}" if summary["beyond"] else summary["verdict"]
         summaries.append({"width": entry.size, "param": param, "best_trial": entry.trial_id, **summary,
                           "epochs": runs * entry.epochs, "scored_on": scored_on})
-        table = entry.race.table()
         table.insert(0, "width", entry.size)
         tables.append(table)
     contenders = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
@@ -388,7 +386,7 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
                           f"records/{RACE_PHASE}/); continue it with --race --resume, or delete that folder")
     # The searcher plays a copy: Ray may run a copy of it too, so the outcome is
     # replayed from the records into the untouched plan once the runs are done.
-    searcher = RaceSearcher(copy.deepcopy(races), param, spec.seed, score_pool)
+    searcher = RaceSearcher(copy.deepcopy(races), spec.seed, score_pool)
     replayed = searcher.replay(recorded) if resume else 0
     check_not_locked(study_dir)
     search_epochs = int(trials.loc[trials["phase"] == "search", "epochs_run"].fillna(0).sum())
@@ -428,7 +426,7 @@ def run_race(study_dir: str | Path, *, param: str = "temperature", widths: list[
                 callbacks=[recording_callback(study_dir, RACE_PHASE), progress_callback(total, log)]),
         )
         tuner.fit()
-    final = RaceSearcher(races, param, spec.seed, score_pool)
+    final = RaceSearcher(races, spec.seed, score_pool)
     final.replay(load_records(study_dir, RACE_PHASE))
     best, contenders = race_tables(final.races, param, scored_on)
     out = study_dir / RACE_DIR
