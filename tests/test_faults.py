@@ -742,7 +742,7 @@ CLUSTER_SCRIPT = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
 
-    results, spec_path = sys.argv[1], sys.argv[2]
+    results, spec_path, halfway = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1,
         # Notice a dead node within ~2 s instead of the default ~15 s.
@@ -764,14 +764,19 @@ CLUSTER_SCRIPT = textwrap.dedent('''
 
     def remove_worker_mid_trial():
         # Once a trial has finished on the worker, kill the worker while its next
-        # trial is between epochs.
+        # trial is between epochs. That trial must be at most halfway: the log read
+        # here lags the trial, and one seen at its last epochs may have finished on
+        # the worker before the node is gone (then nothing is retried).
         while True:
             finished, running = [], []
             for path in glob.glob(results + "/cluster/search/*/result.json"):
                 lines = rows(path)
                 if lines and lines[-1].get("node_id") == worker.node_id:
                     trial_id = path.split("/")[-2].rsplit("-", 1)[-1]  # kdtune's folder name ends with the id
-                    (finished if lines[-1]["status"] != "running" else running).append(trial_id)
+                    if lines[-1]["status"] != "running":
+                        finished.append(trial_id)
+                    elif lines[-1]["epoch"] <= halfway:
+                        running.append(trial_id)
             if finished and running:
                 events.update(finished_on_worker=finished, killed_mid_trial=running)
                 cluster.remove_node(worker, allow_graceful=False)
@@ -820,7 +825,8 @@ class ClusterRun:
         self.log = self.root / "cluster.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(script), str(self.root / "results"), str(spec_path)], cwd=self.root,
+                [sys.executable, str(script), str(self.root / "results"), str(spec_path),
+                 str(CLUSTER_SPEC["space"]["epochs"] // 2)], cwd=self.root,
                 # The watcher reads trials' result logs in the study folder, which Ray
                 # refreshes with its experiment state: every driver step here.
                 env=subprocess_env(home, self.tmpdir, RAY_AUTH_MODE="token", TUNE_GLOBAL_CHECKPOINT_S="0"),
