@@ -738,8 +738,9 @@ def test_killed_and_interrupted_search_resumes_without_losing_or_repeating_trial
 
 CLUSTER_SCRIPT = textwrap.dedent('''
     """Two-node cluster on one machine; the worker node is removed mid-trial."""
-    import glob, json, sys, threading, time
+    import glob, json, os, signal, sys, threading, time
     import ray
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     results, spec_path, halfway = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -762,11 +763,41 @@ CLUSTER_SCRIPT = textwrap.dedent('''
                 break
         return out
 
+    def descendants(pid):
+        """Every process below ``pid`` (from /proc: a stat line's 4th field is the parent)."""
+        children = {}
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                parent = int(open(stat).read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(stat.split("/")[2]))
+        found, todo = [], [pid]
+        while todo:
+            below = children.get(todo.pop(), [])
+            found += below
+            todo += below
+        return found
+
+    def lose_worker_node():
+        # A lost machine takes every process with it. remove_node kills the node's own
+        # processes (raylet, ...) but not the raylet's worker processes, which run on
+        # until they notice the raylet gone, and meanwhile report straight to the
+        # driver: a ~2 s trial could finish there (seen in CI). Kill them too.
+        raylet = worker.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        below = descendants(raylet)
+        cluster.remove_node(worker, allow_graceful=False)
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def remove_worker_mid_trial():
         # Once a trial has finished on the worker, kill the worker while its next
         # trial is between epochs. That trial must be at most halfway: the log read
-        # here lags the trial, and one seen at its last epochs may have finished on
-        # the worker before the node is gone (then nothing is retried).
+        # here lags the trial, and one seen at its last epochs may finish before
+        # the node is gone (then nothing is retried).
         while True:
             finished, running = [], []
             for path in glob.glob(results + "/cluster/search/*/result.json"):
@@ -779,7 +810,7 @@ CLUSTER_SCRIPT = textwrap.dedent('''
                         running.append(trial_id)
             if finished and running:
                 events.update(finished_on_worker=finished, killed_mid_trial=running)
-                cluster.remove_node(worker, allow_graceful=False)
+                lose_worker_node()
                 return
             time.sleep(0.02)
 
