@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -18,6 +18,9 @@ from kdtune.errors import KdtuneError
 from kdtune.results.export_formats import DEFAULT_FORMAT, DEPRECATED_FORMATS, FORMATS
 from kdtune.results.tracking import DEFAULT_TRACKER, TRACKER_PACKAGES
 from kdtune.study import HISTORY_TABLE, META_FILE, TRIALS_TABLE, final_files
+
+if TYPE_CHECKING:  # the search (and Ray) is imported only by the commands that run one
+    from kdtune.search.pipeline import SearchInterrupted
 
 
 def _fail(message: str, code: int = 2) -> None:
