@@ -214,6 +214,9 @@ def test_score_pool_leaves_out_the_unlabelled_images_too(digits, teacher) -> Non
     config = RunConfig(width=16, alpha=0.5, lr=1e-2, batch_size=32, epochs=1, seed=0, train_subset=150,
                        unlabelled=500, score_pool=True)
     assert run(config, digits, teacher.targets).metrics["pool_n"] == len(digits.train) - 650
+    # A hard-label run (a race's baseline) trains without those images but scores on the same
+    # pool, so that every contender of a --score-pool race is scored on the same images.
+    assert run(config.replace(alpha=1.0), digits).metrics["pool_n"] == len(digits.train) - 650
 
 
 def test_a_transfer_set_lifts_a_student_with_few_labels(digits, teacher) -> None:

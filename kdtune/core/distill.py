@@ -523,10 +523,11 @@ def run(
         teacher.online_model.to(device).eval()
 
     # The transfer set: images learnt from through the teacher only, their labels replaced by
-    # UNLABELLED (no cross-entropy). A run without a teacher term has nothing to learn from them.
-    indices, unlabelled = student_images(len(data.train), config.train_subset,
-                                         config.unlabelled if needs_teacher else None, config.data_seed,
-                                         labels=data.train.y)
+    # UNLABELLED (no cross-entropy). A run without a teacher term has nothing to learn from them,
+    # but they stay out of its pool score, so that every run of a study scores on the same images.
+    indices, transfer_set = student_images(len(data.train), config.train_subset, config.unlabelled,
+                                           config.data_seed, labels=data.train.y)
+    unlabelled = transfer_set if needs_teacher else transfer_set[:0]
     run_labels = data.train.y
     if len(unlabelled):
         run_labels = run_labels.clone()
@@ -668,7 +669,7 @@ def run(
         }
         final = status != "running"
         if final and config.score_pool:
-            metrics.update(_pool_scores(student, data, seen_images, device, val_acc))
+            metrics.update(_pool_scores(student, data, np.union1d(indices, transfer_set), device, val_acc))
         history.append(metrics)
         if on_checkpoint is not None and (final or (checkpoint_every and epoch % checkpoint_every == 0)):
             on_checkpoint(epoch, {
