@@ -27,7 +27,7 @@ from pydantic_core import PydanticUndefined
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdtune.core.augment import resolve_augment
-from kdtune.core.data import DatasetSplits, load_dataset
+from kdtune.core.data import DatasetSplits, load_dataset, transfer_set_problem
 from kdtune.core.distill import OBJECTIVE_MODES, OPTIMIZERS, TARGET_MODES, VIEW_PICKS, TeacherTargets
 from kdtune.core.objectives import hyperparameter_table
 from kdtune.core.plugins import Plugin, load_plugins
@@ -149,12 +149,10 @@ class DataSpec(_Strict):
 
     @field_validator("unlabelled")
     @classmethod
-    def _unlabelled_needs_subset(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None and info.data.get("train_subset") is None:
-            raise ValueError("needs train_subset: the labelled images a student sees; the unlabelled ones are "
-                             "drawn from the rest of the training split")
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be an integer >= 1, 'all' or null, got {value}")
+    def _transfer_set(cls, value: Any, info: ValidationInfo) -> Any:
+        problem = transfer_set_problem(value, info.data.get("train_subset"))
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("augment")

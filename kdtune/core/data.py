@@ -213,6 +213,21 @@ def subset_indices(
     return torch.from_numpy(np.sort(chosen).astype(np.int64))
 
 
+def transfer_set_problem(unlabelled: Any, train_subset: int | None) -> str | None:
+    """What is wrong with a transfer-set setting (``unlabelled``, with ``train_subset``) before any
+    data is read, or None: the one statement of the rule, for the spec and for :class:`RunConfig`.
+    Whether the number fits the training split is :func:`unlabelled_indices`'s check."""
+    if unlabelled is None:
+        return None
+    if unlabelled != "all" and (isinstance(unlabelled, bool) or not isinstance(unlabelled, (int, np.integer))
+                                or unlabelled < 1):
+        return f"must be an integer >= 1, 'all' or null, got {unlabelled!r}"
+    if train_subset is None:
+        return ("needs train_subset: the labelled images a student sees; the unlabelled ones are drawn from "
+                "the rest of the training split")
+    return None
+
+
 def unlabelled_indices(n: int, labelled: np.ndarray | torch.Tensor, size: int | str | None, seed: int) -> np.ndarray:
     """The transfer set's unlabelled images: ``size`` training indices outside ``labelled`` (the
     student's ``train_subset``), or all of them for ``"all"``, sorted; empty for None.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.core.augment import apply_views, draw_view_params, padding_for, resolve_augment, view_indices
-from kdtune.core.data import DatasetSplits, TensorSplit, student_images
+from kdtune.core.data import DatasetSplits, TensorSplit, student_images, transfer_set_problem
 from kdtune.core.method_cache import CACHED_OBJECTIVES
 from kdtune.core.objectives import LOSSES, hyperparameter_table, loss_weights
 from kdtune.core.schedules import Schedule, parse_schedule
@@ -160,11 +160,6 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"allowed: {', '.join(OPTIMIZERS)}"),
             ("family", self.family in MODELS, f"allowed: {', '.join(MODELS.names())}"),
             ("train_subset", self.train_subset is None or int(self.train_subset) >= 1, "must be >= 1 or null"),
-            ("unlabelled", self.unlabelled is None or self.unlabelled == "all"
-             or (isinstance(self.unlabelled, int) and not isinstance(self.unlabelled, bool) and self.unlabelled >= 1),
-             "must be an integer >= 1, 'all' or null"),
-            ("unlabelled", self.unlabelled is None or self.train_subset is not None,
-             "needs train_subset (the labelled images; the unlabelled ones are the others)"),
             ("teacher_targets", self.teacher_targets in TARGET_MODES, f"allowed: {', '.join(TARGET_MODES)}"),
             ("view_pick", self.view_pick in VIEW_PICKS, f"allowed: {', '.join(VIEW_PICKS)}"),
             ("nesterov", not (self.nesterov and self.optimizer == "sgd" and self.momentum <= 0),
@@ -173,6 +168,9 @@ class RunConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(name, f"{allowed}, got {getattr(self, name)!r}")
+        problem = transfer_set_problem(self.unlabelled, self.train_subset)
+        if problem:
+            raise ConfigError("unlabelled", problem)
         parse_schedule(self.lr_schedule)
         parse_schedule(self.temperature_schedule, "temperature_schedule")
         if self.augment is not None and resolve_augment(dict(self.augment), "", "augment") != dict(self.augment):
