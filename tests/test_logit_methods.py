@@ -360,6 +360,25 @@ def test_float32_fused_step_is_close_to_float64(method: str, arrays: str) -> Non
     torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("standardize", [False, True])
+def test_float32_logits_beyond_the_range_of_exp_give_the_float64_answer(method: str, standardize: bool) -> None:
+    # NumPy's fast path exponentiates centred logits without a row maximum: a row 200 above its
+    # mean overflows float32's exp (above about 88) there, and the step is computed again with the
+    # row maxima. Without that the loss and gradient would be NaN.
+    teacher, labels, idx, student = _cached_case(38)
+    student[0, 1] = 200.0
+    student[3] = torch.linspace(-150.0, 150.0, C)
+    exact, exact_grad = _cache(method, teacher, labels, ce_weight=0.5, standardize=standardize).loss_and_grad(
+        student, idx, 1.0, 0.8)
+    cache32 = _cache(method, teacher.float(), labels, ce_weight=0.5, standardize=standardize, arrays="numpy")
+    loss, grad = cache32.loss_and_grad(student.float(), idx, 1.0, 0.8)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(exact.item(), rel=1e-5)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-6)
+    again, _ = cache32.loss_and_grad(_cached_case(38)[3].float(), idx, 1.0, 0.8)  # the fast path again
+    assert math.isfinite(again.item())
+
+
 @pytest.mark.parametrize(("alpha", "beta"), [(2.0, 0.0), (0.0, 3.0), (1.0, 8.0)])
 def test_cached_dkd_matches_dkd_loss_whatever_the_sign_of_its_non_target_weight(alpha: float, beta: float) -> None:
     # The fused form weights NCKD by c = β − α(1 − p_y), negative when β < α(1 − p_y).

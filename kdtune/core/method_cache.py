@@ -99,6 +99,8 @@ def _row_sum(x: Array, ones: Array) -> Array:
 
 def _total(a: Array, b: Array) -> Array:
     """``Σ a·b`` over every entry (a scalar)."""
+    if isinstance(a, np.ndarray):
+        return np.vdot(a, b)  # one call, where two reshapes and a product are three
     return a.reshape(-1) @ b.reshape(-1)
 
 
@@ -147,6 +149,9 @@ class CachedLogitObjective:
         self.tables: OrderedDict[float, tuple[Tensor, Array]] = OrderedDict()
         self._constants: dict[tuple, Any] = {}  # see _constant
         self._last: tuple[float | None, Array] = (None, None)  # the most recently used T and its table
+        #: Whether softmax inputs are shifted by their row maxima (always in torch; in NumPy only to
+        #: compute again a step whose fast path overflowed; see :meth:`_centred`).
+        self._shift_rows = self.arrays != "numpy"
 
     def rows(self, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         """The table rows ``(N, …)`` of these (already standardized, if asked) teacher logits and labels."""
@@ -171,7 +176,7 @@ class CachedLogitObjective:
         s = student_logits.detach()
         s = s if s.dtype == self.dtype else s.to(self.dtype)
         if teacher_logits is None:
-            rows = self._table_array(temperature)[self._as_array(idx)]
+            rows = self._take(self._table_array(temperature), self._as_array(idx))
         else:
             with torch.no_grad():
                 logits = teacher_logits.detach().to(self.dtype)
@@ -181,7 +186,14 @@ class CachedLogitObjective:
             # As in torch, a NaN or inf (a diverging student) propagates without a warning: the
             # training loop reads the loss and reports the run as diverged.
             with np.errstate(all="ignore"):
-                loss, grad = self._step(s.numpy(), rows, temperature, weight)
+                logits = s.numpy()
+                loss, grad = self._step(logits, rows, temperature, weight)
+                if not math.isfinite(loss):  # an overflow on the fast path, or a diverged student
+                    self._shift_rows = True
+                    try:
+                        loss, grad = self._step(logits, rows, temperature, weight)
+                    finally:
+                        self._shift_rows = False
             loss, grad = torch.from_numpy(np.asarray(loss)), torch.from_numpy(grad)
         else:
             with torch.no_grad():
@@ -215,6 +227,11 @@ class CachedLogitObjective:
         """A step's array of ``tensor``: a zero-copy NumPy view, or the tensor itself."""
         return tensor.numpy() if self.arrays == "numpy" else tensor
 
+    def _take(self, table: Array, idx: Array) -> Array:
+        """The table's rows ``idx``, as a new contiguous array (NumPy's ``take`` costs a third of
+        fancy indexing on a step's few rows)."""
+        return table.take(idx, axis=0) if self.arrays == "numpy" else table.index_select(0, idx)
+
     def _constant(self, key: tuple, build: Callable[[], Tensor | tuple[Tensor, ...]]) -> Any:
         """What ``build`` makes (a tensor or a tuple of them, in the compute dtype, on the device) as
         the step's arrays, made once per ``key`` (a batch size, T, weight) rather than every step."""
@@ -235,11 +252,43 @@ class CachedLogitObjective:
         return self._constant(("ones", n), lambda: torch.ones(n, 1, dtype=self.dtype, device=self.device))
 
     def _log_softmax(self, x: Array) -> tuple[Array, Array]:
-        """``(log_softmax(x), softmax(x))`` along the last axis, shifted by the row maximum."""
+        """``(log_softmax(x), softmax(x))`` along the last axis.
+
+        Shifted by the row maximum, except on NumPy's fast path (see :meth:`_centred`), where the
+        inputs come from logits centred over the classes and are exponentiated as they are.
+        """
+        if not self._shift_rows:
+            exp = np.exp(x)
+            total = _row_sum(exp, self._ones(x.shape[-1]))
+            return x - np.log(total), exp / total
         shifted = x - _row_max(x)
         exp = self.xp.exp(shifted)
         total = _row_sum(exp, self._ones(x.shape[-1]))
         return shifted - self.xp.log(total), exp / total
+
+    def _centred(self, s: Array) -> Array:
+        """The student's logits centred over the classes, on NumPy's fast path; else as they are.
+
+        Every method's softmaxes are unchanged by adding a constant to a sample's logits (s / T and
+        standardize(s) / T with it), and so are the losses and gradients. In NumPy a maximum along
+        a short axis costs about four times a matrix product, so the fast path centres s once
+        instead of shifting every stacked softmax input by its row maximum: a row's largest entry
+        is then ≥ 0 (its total ≥ 1, nothing underflows), and an entry that overflows (a row
+        spread of about 88 in float32) makes the loss non-finite, and :meth:`loss_and_grad`
+        computes that step again with the row maxima. A step's ``s`` is centred this way unless
+        :attr:`_shift_rows` is set.
+        """
+        return s if self._shift_rows else s @ self._centring(s.shape[-1])
+
+    def _centring(self, classes: int) -> Array:
+        """The ``(C, C)`` matrix ``I − 11ᵀ / C``: ``s @`` it centres each row of s in one product."""
+        return self._constant(("centring", classes), lambda: self._centring_matrix(classes))
+
+    def _centring_matrix(self, classes: int, scales: tuple[float, ...] | None = None) -> Tensor:
+        """``I − 11ᵀ / C``, or with ``scales`` the ``(K, C, C)`` stack of it times each scale
+        (``s @`` it: K centred copies of s, scaled)."""
+        matrix = torch.eye(classes, dtype=self.dtype, device=self.device) - 1.0 / classes
+        return matrix if scales is None else torch.stack([matrix * scale for scale in scales])
 
     def _student(self, s: Array, temperature: float) -> tuple[Array, tuple[Array, Array] | None]:
         """``(z, back)``: ``z = u / T`` and (standardizing) what :meth:`_to_logits` needs to take a
@@ -248,12 +297,13 @@ class CachedLogitObjective:
         Standardizing, ``z = d·κ`` with ``d = s − mean(s)``, ``κ = 1 / (T·(σ + ε))`` and
         ``σ = ‖d‖ / √(C − 1)`` (torch's unbiased std), computed as such: fewer operations than
         :func:`~kdtune.losses.standardize_logits` followed by a division, the same numbers up to rounding.
+        On the fast path ``s`` is already centred (:meth:`_centred`).
         """
         if not self.standardize:
             return s / temperature, None
         classes = s.shape[-1]
         ones = self._ones(classes)
-        d = s - _row_sum(s, ones) * (1.0 / classes)
+        d = s @ self._centring(classes) if self._shift_rows else s
         norm = self.xp.sqrt(_row_sum(d * d, ones))
         sigma_scale = temperature / math.sqrt(classes - 1)  # T·σ = ‖d‖·sigma_scale
         kappa = 1.0 / (norm * sigma_scale + temperature * STANDARDIZE_EPS)
@@ -309,6 +359,7 @@ class _LinearInLogProbs(CachedLogitObjective):
 
     def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
         xp, batch, rows_k = self.xp, s.shape[0], rows.shape[2]
+        s = self._centred(s)
         weights, log_targets = rows[:, 0], rows[:, 1]
         scale, per_input = self._scales(batch, rows_k, temperature, weight)
         if self.standardize:  # rows 1.. are functions of z = standardize(s) / T, row 0 of s
@@ -402,31 +453,46 @@ class CachedDIST(CachedLogitObjective):
         centred = p - p.mean(dim=1, keepdim=True)
         return torch.stack((hard_label_onehot(labels, self.num_classes, p.dtype), p, centred), dim=1)
 
-    def _rho_weights(self, batch: int, classes: int, temperature: float, weight: float) -> Array:
-        """ρ's weight per row of the stacked correlations, ``(B + C, 1)``: T²·β / B for the samples'
-        and T²·γ / C for the classes', divided by T so that the gradient is with respect to q
-        already divided by T."""
-        return self._constant(("rho weights", batch, classes, temperature, weight), lambda: self._tensor(
-            [[weight * temperature * self.beta / batch]] * batch + [[weight * temperature * self.gamma / classes]] * classes))
+    def _constants_of(self, batch: int, classes: int, temperature: float, weight: float) -> tuple[Array, ...]:
+        """A step's constants, looked up once per step (one lookup costs as much as a small operation):
 
-    def _buffers(self, batch: int, classes: int) -> tuple[Array, Array]:
-        """A zeroed ``(2, B + C, max(B, C))`` buffer holding a and b (one pass takes both norms),
-        reused every step, and the ``(1, B)`` row that averages over the batch."""
-        return self._constant(("buffers", batch, classes), lambda: (
-            torch.zeros(2, batch + classes, max(batch, classes), dtype=self.dtype, device=self.device),
-            torch.full((1, batch), 1.0 / batch, dtype=self.dtype, device=self.device)))
+        - ``(2, C, C)``, the centring matrix times 1 and times 1 / T (``s @`` it: the CE's s and the
+          method's s / T, centred, in one product; see :meth:`_centring`);
+        - ``(B + C, 1)``, ρ's weight per row of the stacked correlations: T²·β / B for the samples'
+          and T²·γ / C for the classes', divided by T so that the gradient is with respect to q
+          already divided by T;
+        - a zeroed ``(2, B + C, max(B, C))`` buffer holding a and b (one product takes every norm
+          of both), reused every step, and its two halves a and b;
+        - the ``(1, B)`` row that averages over the batch; ones ``(max(B, C), 1)`` and ``(C, 1)``.
+        """
+        def build() -> tuple[Tensor, ...]:
+            width = max(batch, classes)
+            ab = torch.zeros(2, batch + classes, width, dtype=self.dtype, device=self.device)
+            return (self._centring_matrix(classes, (1.0, 1.0 / temperature)),
+                    self._tensor([[weight * temperature * self.beta / batch]] * batch
+                                 + [[weight * temperature * self.gamma / classes]] * classes),
+                    ab, ab[0], ab[1], torch.full((1, batch), 1.0 / batch, dtype=self.dtype, device=self.device),
+                    torch.ones(width, 1, dtype=self.dtype, device=self.device),
+                    torch.ones(classes, 1, dtype=self.dtype, device=self.device))
+        return self._constant(("dist", batch, classes, temperature, weight), build)
 
     def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
         xp, (batch, classes) = self.xp, s.shape
+        centring, rho_weights, ab, a, b, mean_row, ones, ones_c = self._constants_of(batch, classes, temperature, weight)
         onehot, p = rows[:, 0], rows[:, 1]
-        z, back = self._student(s, temperature)
+        if self.standardize:
+            s = self._centred(s)
+            z, back = self._student(s, temperature)
+            stacked = xp.concatenate((s, z), axis=0)
+        else:  # s and s / T, both centred (whichever the path: it changes no softmax), in one product
+            back, stacked = None, (s @ centring).reshape(2 * batch, classes)
+            z = stacked[batch:]
         if self.ce_weight:  # one softmax for the CE on s and the method on z, stacked as (2B, C)
-            log_probs, probs = self._log_softmax(xp.concatenate((s, z), axis=0))
+            log_probs, probs = self._log_softmax(stacked)
             q = probs[batch:]
         else:
             _, q = self._log_softmax(z)
         # Intra-class: each class across the batch, the student's and the teacher's columns centred at once.
-        ab, mean_row = self._buffers(batch, classes)
         columns = xp.concatenate((q, p), axis=1)
         columns = columns - mean_row @ columns
         # Every correlation in one pass: the rows of a and b are the B samples across the classes
@@ -434,22 +500,19 @@ class CachedDIST(CachedLogitObjective):
         # the C classes across the batch (intra-class, transposed), zero-padded to a common width:
         # zeros add nothing to a dot product or a norm. The padding is set once, with the buffers;
         # a and b share one buffer, so that one product takes every norm of both.
-        a, b = ab[0], ab[1]
         a[:batch, :classes] = q - 1.0 / classes
         a[batch:, :batch] = columns[:, :classes].T
         b[:batch, :classes] = rows[:, 2]
         b[batch:, :batch] = columns[:, classes:].T
-        ones = self._ones(a.shape[1])
-        norms = xp.sqrt(_row_sum(ab * ab, ones))
+        norms = xp.sqrt((ab * ab) @ ones)  # (2, B + C, 1): ‖a‖ and ‖b‖ of every row
         norm_a, norm_b = norms[0], norms[1]
         # ρ = ⟨a, b⟩ / D with D = ‖a‖‖b‖ + ε; r = ρ's weight / D; ∂(weight·ρ)/∂a = r·b − (r·⟨a, b⟩·‖b‖ / (‖a‖·D))·a.
         denom = norm_a * norm_b + DIST_EPS
-        r = self._rho_weights(batch, classes, temperature, weight) / denom
+        r = rho_weights / denom
         r_dot = r * ((a * b) @ ones)
         grad_rows = a * (r_dot * norm_b / (norm_a.clip(_TINY) * denom)) - b * r
         grad_q = grad_rows[:batch, :classes] + grad_rows[batch:, :batch].T
         loss = weight * temperature**2 * (self.beta + self.gamma) - temperature * r_dot.sum()
-        ones_c = self._ones(classes)
         grad = q * (grad_q - _row_sum(grad_q * q, ones_c))  # back through the softmax
         if back is not None:
             grad = self._to_logits(grad * temperature, z, back)
