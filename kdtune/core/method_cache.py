@@ -462,8 +462,11 @@ class CachedDIST(CachedLogitObjective):
           and T²·γ / C for the classes', divided by T so that the gradient is with respect to q
           already divided by T;
         - a zeroed ``(2, B + C, max(B, C))`` buffer holding a and b (one product takes every norm
-          of both), reused every step, and its two halves a and b;
-        - the ``(1, B)`` row that averages over the batch; ones ``(max(B, C), 1)`` and ``(C, 1)``.
+          of both), reused every step, its two halves a and b, and the views a step fills: a's and
+          b's ``(B, C)`` sample rows and the ``(2, C, B)`` class rows of both (assigning to a view
+          made once costs half of slicing on every step);
+        - the ``(B, B)`` matrix ``I − 11ᵀ / B`` (``columnsᵀ @`` it: each column centred over the batch,
+          transposed); ones ``(max(B, C), 1)`` and ``(C, 1)``.
         """
         def build() -> tuple[Tensor, ...]:
             width = max(batch, classes)
@@ -471,14 +474,16 @@ class CachedDIST(CachedLogitObjective):
             return (self._centring_matrix(classes, (1.0, 1.0 / temperature)),
                     self._tensor([[weight * temperature * self.beta / batch]] * batch
                                  + [[weight * temperature * self.gamma / classes]] * classes),
-                    ab, ab[0], ab[1], torch.full((1, batch), 1.0 / batch, dtype=self.dtype, device=self.device),
+                    ab, ab[0], ab[1], ab[0, :batch, :classes], ab[1, :batch, :classes], ab[:, batch:, :batch],
+                    self._centring_matrix(batch),
                     torch.ones(width, 1, dtype=self.dtype, device=self.device),
                     torch.ones(classes, 1, dtype=self.dtype, device=self.device))
         return self._constant(("dist", batch, classes, temperature, weight), build)
 
     def _step(self, s: Array, rows: Array, temperature: float, weight: float) -> tuple[Array, Array]:
         xp, (batch, classes) = self.xp, s.shape
-        centring, rho_weights, ab, a, b, mean_row, ones, ones_c = self._constants_of(batch, classes, temperature, weight)
+        (centring, rho_weights, ab, a, b, a_samples, b_samples, ab_classes, centring_b, ones,
+         ones_c) = self._constants_of(batch, classes, temperature, weight)
         onehot, p = rows[:, 0], rows[:, 1]
         if self.standardize:
             s = self._centred(s)
@@ -492,18 +497,17 @@ class CachedDIST(CachedLogitObjective):
             q = probs[batch:]
         else:
             _, q = self._log_softmax(z)
-        # Intra-class: each class across the batch, the student's and the teacher's columns centred at once.
-        columns = xp.concatenate((q, p), axis=1)
-        columns = columns - mean_row @ columns
+        # Intra-class: each class across the batch, the student's and the teacher's columns centred
+        # at once, transposed: (2, C, B), the C classes of q, then of p.
+        columns = (xp.concatenate((q, p), axis=1).T @ centring_b).reshape(2, classes, batch)
         # Every correlation in one pass: the rows of a and b are the B samples across the classes
         # (inter-class; a sample's probabilities sum to 1, so centring them is subtracting 1/C), then
         # the C classes across the batch (intra-class, transposed), zero-padded to a common width:
         # zeros add nothing to a dot product or a norm. The padding is set once, with the buffers;
         # a and b share one buffer, so that one product takes every norm of both.
-        a[:batch, :classes] = q - 1.0 / classes
-        a[batch:, :batch] = columns[:, :classes].T
-        b[:batch, :classes] = rows[:, 2]
-        b[batch:, :batch] = columns[:, classes:].T
+        a_samples[...] = q - 1.0 / classes
+        b_samples[...] = rows[:, 2]
+        ab_classes[...] = columns
         norms = xp.sqrt((ab * ab) @ ones)  # (2, B + C, 1): ‖a‖ and ‖b‖ of every row
         norm_a, norm_b = norms[0], norms[1]
         # ρ = ⟨a, b⟩ / D with D = ‖a‖‖b‖ + ε; r = ρ's weight / D; ∂(weight·ρ)/∂a = r·b − (r·⟨a, b⟩·‖b‖ / (‖a‖·D))·a.
