@@ -95,6 +95,60 @@ def test_second_prepare_is_a_cache_hit_without_teacher_forward_passes(digits, tm
     assert meta["files"] == {name: _sha256(entry / name) for name in ("logits.npy", "teacher_0.pt")}
 
 
+RACING = "racing_mlp_test"
+
+
+class _SecondProcess:
+    """What a second search sharing the cache does, played while this process trains its teacher:
+    it places its finished entry (a copy of ``source``) at ``target`` first."""
+
+    source: Path | None = None
+    target: Path | None = None
+
+
+if RACING not in MODELS:
+
+    @MODELS.register(RACING)
+    def racing_mlp(input_shape: tuple[int, int, int], num_classes: int, width: float, depth: int = 2) -> Network:
+        if _SecondProcess.source is not None and not _SecondProcess.target.exists():
+            shutil.copytree(_SecondProcess.source, _SecondProcess.target)
+        channels, height, width_px = input_shape
+        return MLP(channels * height * width_px, num_classes, max(1, round(width)), depth)
+
+
+def _rewrite_logits(entry: Path, logits: np.ndarray) -> None:
+    """Replace an entry's logits and record their hash, as a valid entry with other numbers."""
+    np.save(entry / "logits.npy", logits)
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["files"]["logits.npy"] = _sha256(entry / "logits.npy")
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("theirs_readable", [True, False], ids=["theirs-used", "theirs-damaged-replaced"])
+def test_an_entry_another_process_placed_first_is_used_and_nothing_is_left_behind(
+        digits, tmp_path, monkeypatch, theirs_readable: bool) -> None:
+    config = _counting_teacher(family=RACING)
+    theirs = prepare_teachers([config], digits, tmp_path / "theirs", log=lambda m: None).cache_dir
+    marked = np.full((len(digits.train), digits.num_classes), 0.25, dtype=np.float32)
+    _rewrite_logits(theirs, marked)  # distinguishable from what this process computes
+    if not theirs_readable:
+        (theirs / "logits.npy").write_bytes(b"damaged")
+    mine = tmp_path / "mine"
+    monkeypatch.setattr(_SecondProcess, "source", theirs)
+    monkeypatch.setattr(_SecondProcess, "target", mine / theirs.name)
+    logs: list[str] = []
+    prepared = prepare_teachers([config], digits, mine, log=logs.append)
+    assert sorted(p.name for p in mine.iterdir()) == [theirs.name]  # no staging folder left
+    if theirs_readable:
+        assert prepared.cache_hit is True
+        assert np.array_equal(prepared.targets.logits, marked)
+        assert any("written meanwhile by another process" in line for line in logs)
+    else:  # their entry does not read back: this process's own replaces it
+        assert prepared.cache_hit is False and not np.array_equal(prepared.targets.logits, marked)
+    again = prepare_teachers([config], digits, mine, log=lambda m: None)
+    assert again.cache_hit is True and np.array_equal(again.targets.logits, prepared.targets.logits)
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

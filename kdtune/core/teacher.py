@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -199,6 +199,9 @@ def _read_cache(entry: Path) -> tuple[TeacherTargets, list[dict[str, Any]]] | No
     return TeacherTargets(logits=logits, features=features, key=meta["key"]), meta["teachers"]
 
 
+_Entry = TypeVar("_Entry")
+
+
 def prepare_teachers(
     teachers: list[TeacherConfig],
     data: DatasetSplits,
@@ -264,12 +267,34 @@ def prepare_teachers(
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         meta = {"key": key, "files": files, "teachers": info, "data": data.fingerprint, "format": CACHE_FORMAT}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(staging, entry)
+        placed = _place_entry(staging, entry, _read_cache)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if placed is not None:
+        log(f"teacher cache at {entry} was written meanwhile by another process: using it")
+        targets, info = placed
+        return PreparedTeachers(targets, key, info, entry, cache_hit=True)
     targets = TeacherTargets(logits=logits_array, features=features, key=key)
     return PreparedTeachers(targets, key, info, entry, cache_hit=False)
+
+
+def _place_entry(staging: Path, entry: Path, read: Callable[[Path], _Entry | None]) -> _Entry | None:
+    """Rename the finished cache folder ``staging`` to ``entry``. ``None`` when it took its place;
+    the entry's contents, as ``read`` returns them, when another process (a second search sharing
+    the cache) placed the same entry first, which is as good as ours (the key names what it
+    holds), and then ``staging`` is removed. An entry found there that does not read back is replaced."""
+    try:
+        os.replace(staging, entry)
+        return None
+    except OSError:  # a folder cannot replace a non-empty one: the entry exists now
+        cached = read(entry)
+        if cached is None:
+            shutil.rmtree(entry, ignore_errors=True)
+            os.replace(staging, entry)
+            return None
+        shutil.rmtree(staging, ignore_errors=True)
+        return cached
 
 
 def external_teacher_outputs(config: TeacherConfig, data: DatasetSplits, device: torch.device,
@@ -422,10 +447,15 @@ def prepare_views(
         meta = {"key": key, "files": files, "teachers": prepared.key, "augment": augment, "views": views,
                 "seed": seed, "format": VIEWS_FORMAT}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(staging, entry)
+        placed = _place_entry(staging, entry, _read_views)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if placed is not None:
+        log(f"teacher views cache at {entry} was written meanwhile by another process: using it")
+        array, stored_params, _meta = placed
+        return TeacherTargets(logits=_flat_views(array), views=views, view_params=stored_params,
+                              augment=dict(augment), key=key)
     return TeacherTargets(logits=_flat_views(array), views=views, view_params=as_numpy_params(params),
                           augment=dict(augment), key=key)
 
