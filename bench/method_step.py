@@ -59,8 +59,9 @@ DIST_REF = "dist, autograd through dist_loss"
 #: The conditions that must keep up with hard labels, and the methods they stand for.
 TARGETS = {KD_STD: "kd + standardize", DKD: "dkd", DIST: "dist", KD: "kd (CachedKD)"}
 
-#: step(logits, labels, idx, epoch) → (loss, grad or None for autograd)
-Step = Callable[[Any, Any, Any, int], tuple[Any, Any]]
+#: step(logits, labels, idx, batch_idx, epoch) → (loss, grad or None for autograd); the batch's
+#: indices as run() has them: a tensor (idx) and the NumPy array it was made from (batch_idx)
+Step = Callable[[Any, Any, Any, Any, int], tuple[Any, Any]]
 
 
 def _steps(teacher_logits, labels) -> dict[str, Step]:
@@ -90,21 +91,21 @@ def _steps(teacher_logits, labels) -> dict[str, Step]:
     def warmup(epoch: int) -> float:
         return min(epoch / 20, 1.0)
 
-    def hard(logits, y, idx, epoch):  # what run() computes at alpha = 1
+    def hard(logits, y, idx, batch_idx, epoch):  # what run() computes at alpha = 1
         return distillation_loss(logits, None, y, 4.0, 1.0, unlabelled=False), None
 
-    def kd_run(logits, y, idx, epoch):
-        return run_kd.loss_and_grad(logits, idx.numpy(), idx, generator)
+    def kd_run(logits, y, idx, batch_idx, epoch):
+        return run_kd.loss_and_grad(logits, batch_idx, idx, generator)
 
-    def kd_std_ref(logits, y, idx, epoch):
+    def kd_std_ref(logits, y, idx, batch_idx, epoch):
         soft = kl_soft_loss(standardize_logits(logits), teacher_std.index_select(0, idx), 2.0)
         return 0.1 * F.cross_entropy(logits.float(), y) + 9.0 * soft, None
 
-    def dkd_ref(logits, y, idx, epoch):
+    def dkd_ref(logits, y, idx, batch_idx, epoch):
         term = dkd_loss(logits, teacher_logits.index_select(0, idx), y, 4.0, 1.0, 8.0)
         return F.cross_entropy(logits.float(), y) + warmup(epoch) * term, None
 
-    def dist_ref(logits, y, idx, epoch):
+    def dist_ref(logits, y, idx, batch_idx, epoch):
         term = dist_loss(logits, teacher_logits.index_select(0, idx), 4.0, 1.0, 1.0)
         return F.cross_entropy(logits.float(), y) + 2.0 * term, None
 
@@ -112,14 +113,14 @@ def _steps(teacher_logits, labels) -> dict[str, Step]:
     return {
         HARD: hard,
         KD_RUN: kd_run,
-        KD: lambda logits, y, idx, epoch: kd.loss_and_grad(logits, idx, 4.0, 0.5),
-        KD_STD: lambda logits, y, idx, epoch: kd_std.loss_and_grad(logits, idx, 2.0, 9.0),
-        DKD: lambda logits, y, idx, epoch: dkd.loss_and_grad(logits, idx, 4.0, warmup(epoch)),
-        DKD_SCHEDULE: lambda logits, y, idx, epoch: dkd_schedule.loss_and_grad(
-            logits, idx, float(temperatures[epoch % len(temperatures)]), warmup(epoch)),
-        DIST: lambda logits, y, idx, epoch: dist.loss_and_grad(logits, idx, 4.0, 2.0),
-        KD_STD_TORCH: lambda logits, y, idx, epoch: kd_std_torch.loss_and_grad(logits, idx, 2.0, 9.0),
-        DIST_TORCH: lambda logits, y, idx, epoch: dist_torch.loss_and_grad(logits, idx, 4.0, 2.0),
+        KD: lambda logits, y, idx, batch_idx, epoch: kd.loss_and_grad(logits, batch_idx, 4.0, 0.5),
+        KD_STD: lambda logits, y, idx, batch_idx, epoch: kd_std.loss_and_grad(logits, batch_idx, 2.0, 9.0),
+        DKD: lambda logits, y, idx, batch_idx, epoch: dkd.loss_and_grad(logits, batch_idx, 4.0, warmup(epoch)),
+        DKD_SCHEDULE: lambda logits, y, idx, batch_idx, epoch: dkd_schedule.loss_and_grad(
+            logits, batch_idx, float(temperatures[epoch % len(temperatures)]), warmup(epoch)),
+        DIST: lambda logits, y, idx, batch_idx, epoch: dist.loss_and_grad(logits, batch_idx, 4.0, 2.0),
+        KD_STD_TORCH: lambda logits, y, idx, batch_idx, epoch: kd_std_torch.loss_and_grad(logits, idx, 2.0, 9.0),
+        DIST_TORCH: lambda logits, y, idx, batch_idx, epoch: dist_torch.loss_and_grad(logits, idx, 4.0, 2.0),
         KD_STD_REF: kd_std_ref,
         DKD_REF: dkd_ref,
         DIST_REF: dist_ref,
@@ -140,11 +141,12 @@ def _train(family: str, width: int, options: dict[str, Any], data, step: Step, e
     throughput = []
     for epoch in range(1, epochs + 1):
         started = time.thread_time()
-        order = torch.randperm(len(y), generator=shuffle)
+        order = torch.randperm(len(y), generator=shuffle).numpy()  # as run() shuffles
         for start in range(0, len(order), BATCH):
-            idx = order[start : start + BATCH]
+            batch_idx = order[start : start + BATCH]
+            idx = torch.from_numpy(batch_idx)
             logits = student(x[idx])
-            loss, grad = step(logits, y[idx], idx, epoch)
+            loss, grad = step(logits, y[idx], idx, batch_idx, epoch)
             loss.item()  # run() reads every step's loss
             optimizer.zero_grad(set_to_none=True)
             if grad is None:
@@ -164,6 +166,7 @@ def _microbenchmark(teacher_logits, labels, rounds: int, steps: int = 2000) -> l
     steps_by_name = _steps(teacher_logits, labels)
     student = torch.randn(BATCH, teacher_logits.shape[1], requires_grad=True)
     idx = torch.arange(BATCH)
+    batch_idx = idx.numpy()
     y = labels[idx]
     results: dict[str, list[float]] = {name: [] for name in steps_by_name if name != DKD_SCHEDULE}
     for _ in range(rounds):
@@ -171,7 +174,7 @@ def _microbenchmark(teacher_logits, labels, rounds: int, steps: int = 2000) -> l
             step = steps_by_name[name]
             started = time.thread_time()
             for _ in range(steps):
-                loss, grad = step(student, y, idx, 30)
+                loss, grad = step(student, y, idx, batch_idx, 30)
                 if grad is None:
                     loss.backward()
                 else:

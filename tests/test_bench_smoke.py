@@ -173,9 +173,9 @@ def test_method_benchmark_times_each_fused_objective_against_the_same_objective_
     for fused, reference in [(method_step.KD_STD, method_step.KD_STD_REF), (method_step.DKD, method_step.DKD_REF),
                              (method_step.DIST, method_step.DIST_REF)]:
         for epoch in (5, 30):  # during and after DKD's warm-up
-            fused_loss, fused_grad = steps[fused](logits, labels[idx], idx, epoch)
+            fused_loss, fused_grad = steps[fused](logits, labels[idx], idx, idx.numpy(), epoch)
             student = logits.clone().requires_grad_(True)
-            reference_loss, _ = steps[reference](student, labels[idx], idx, epoch)
+            reference_loss, _ = steps[reference](student, labels[idx], idx, idx.numpy(), epoch)
             (reference_grad,) = torch.autograd.grad(reference_loss, student)
             assert fused_loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
             torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-6)

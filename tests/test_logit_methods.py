@@ -379,6 +379,25 @@ def test_float32_logits_beyond_the_range_of_exp_give_the_float64_answer(method: 
     assert math.isfinite(again.item())
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+def test_indices_as_a_numpy_array_select_the_same_rows_as_a_tensor(method: str, arrays: str) -> None:
+    # The training loop hands NumPy's step the batch's index array as it is.
+    teacher, labels = _logits(44, 40, C), _labels(45, 40)
+    idx = torch.randperm(40, generator=torch.Generator().manual_seed(46))[:N]
+    student, noisy = _logits(47), _logits(48)
+    cache = _cache(method, teacher, labels, ce_weight=0.3, arrays=arrays)
+    for teacher_logits in (None, noisy):
+        by_tensor = cache.loss_and_grad(student, idx, 2.0, 0.6, teacher_logits=teacher_logits)
+        by_array = cache.loss_and_grad(student, idx.numpy(), 2.0, 0.6, teacher_logits=teacher_logits)
+        assert by_array[0].item() == by_tensor[0].item()
+        assert torch.equal(by_array[1], by_tensor[1])
+    # and the rows are the batch's: the same as a table holding only the batch's samples
+    alone = _cache(method, teacher[idx], labels[idx], ce_weight=0.3, arrays=arrays)
+    expected = alone.loss_and_grad(student, torch.arange(N), 2.0, 0.6)
+    torch.testing.assert_close(cache.loss_and_grad(student, idx.numpy(), 2.0, 0.6)[1], expected[1], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize(("alpha", "beta"), [(2.0, 0.0), (0.0, 3.0), (1.0, 8.0)])
 def test_cached_dkd_matches_dkd_loss_whatever_the_sign_of_its_non_target_weight(alpha: float, beta: float) -> None:
     # The fused form weights NCKD by c = β − α(1 − p_y), negative when β < α(1 − p_y).

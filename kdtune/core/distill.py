@@ -352,7 +352,8 @@ class _CachedMethod:
             logits = self.logits.index_select(self.logits.dim() - 2, torch.from_numpy(batch_idx))
             noisy = perturb_teacher_logits(logits.to(self.device), self.noise, generator)
         warm = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
-        return self.cached.loss_and_grad(student_logits, idx_t, self.temperature if temperature is None else temperature,
+        idx = batch_idx if self.cached.arrays == "numpy" else idx_t  # NumPy's step takes the array as it is
+        return self.cached.loss_and_grad(student_logits, idx, self.temperature if temperature is None else temperature,
                                          weight=self.kd_weight * warm, teacher_logits=noisy)
 
 

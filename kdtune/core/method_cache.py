@@ -162,11 +162,12 @@ class CachedLogitObjective:
         compute dtype), from the batch's table ``rows``, in :attr:`xp`'s arrays."""
         raise NotImplementedError
 
-    def loss_and_grad(self, student_logits: Tensor, idx: Tensor, temperature: float, weight: float = 1.0,
+    def loss_and_grad(self, student_logits: Tensor, idx: Tensor | np.ndarray, temperature: float, weight: float = 1.0,
                       teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The batch's objective (a scalar, no autograd graph) and its gradient with respect to ``student_logits``.
 
-        ``idx`` are the batch's training-split indices on the device. ``weight`` multiplies
+        ``idx`` are the batch's training-split indices: a tensor on the device, or a NumPy
+        array (the training loop has both; on the CPU the array saves a conversion). ``weight`` multiplies
         the method's term (not the CE). ``teacher_logits`` (``(B, C)`` or ``(K, B, C)``,
         on the device, e.g. with logit noise added) replace the cached teacher for this step.
         Computed in float32 (float64 for a float64 teacher); the gradient has the logits' dtype.
@@ -175,13 +176,16 @@ class CachedLogitObjective:
         # Detached: nothing below records an autograd graph (torch's arithmetic runs under no_grad too).
         s = student_logits.detach()
         s = s if s.dtype == self.dtype else s.to(self.dtype)
+        if isinstance(idx, np.ndarray) and self.arrays == "torch":
+            idx = torch.from_numpy(idx).to(self.device)
         if teacher_logits is None:
-            rows = self._take(self._table_array(temperature), self._as_array(idx))
+            rows = self._take(self._table_array(temperature), idx if isinstance(idx, np.ndarray) else self._as_array(idx))
         else:
             with torch.no_grad():
                 logits = teacher_logits.detach().to(self.dtype)
+                labels = self.labels_on_device[torch.as_tensor(idx)]
                 rows = self._as_array(self.rows(standardize_logits(logits) if self.standardize else logits,
-                                                self.labels_on_device.index_select(0, idx), temperature))
+                                                labels, temperature))
         if self.arrays == "numpy":
             # As in torch, a NaN or inf (a diverging student) propagates without a warning: the
             # training loop reads the loss and reports the run as diverged.
