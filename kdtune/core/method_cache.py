@@ -32,7 +32,10 @@ its whole step. So the step's arithmetic is written once, with the operations an
 ``axis=`` / ``keepdims=`` spellings torch and NumPy share, and runs on NumPy views of the
 tensors on the CPU (``arrays="numpy"``, the default there) and on torch tensors on an
 accelerator (``arrays="torch"``), where the tensors stay on the device. The tables are
-built with torch either way.
+built with torch either way. One difference: NumPy's path centres the student's logits
+with one matrix product and exponentiates without shifting by the row maxima, which cost
+four times as much there, and computes a step again with them when that overflows
+(:meth:`CachedLogitObjective._centred`).
 
 Temperature: tables are keyed by T, and the ``keep`` most recently used are kept. A
 schedule that changes T once an epoch builds one table per epoch (one softmax over
