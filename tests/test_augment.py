@@ -133,6 +133,37 @@ def test_views_cache_key_covers_augmentation_k_and_seed(prepared):
     assert key not in others and len(others) == 4
 
 
+def test_views_another_process_placed_first_are_used_and_no_staging_folder_is_left(digits, prepared, tmp_path,
+                                                                                   monkeypatch):
+    import hashlib
+    import shutil
+
+    import kdtune.core.teacher as teacher_module
+
+    prepare_views(prepared, [TEACHER], digits, CROP, 2, seed=11, log=lambda m: None)
+    entry = prepared.cache_dir.parent / f"views-{views_cache_key(prepared.key, CROP, 2, 11)}"
+    theirs = tmp_path / "theirs"
+    shutil.move(entry, theirs)
+    marked = np.full(np.load(theirs / "views.npy").shape, 0.5, dtype=np.float16)  # told apart from ours
+    np.save(theirs / "views.npy", marked)
+    meta = json.loads((theirs / "meta.json").read_text())
+    meta["files"]["views.npy"] = hashlib.sha256((theirs / "views.npy").read_bytes()).hexdigest()
+    (theirs / "meta.json").write_text(json.dumps(meta))
+    real_apply_views = teacher_module.apply_views
+
+    def second_process_finishes_first(*args, **kwargs):  # while this process computes its views
+        if not entry.exists():
+            shutil.copytree(theirs, entry)
+        return real_apply_views(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_module, "apply_views", second_process_finishes_first)
+    logs: list[str] = []
+    views = prepare_views(prepared, [TEACHER], digits, CROP, 2, seed=11, log=logs.append)
+    assert np.array_equal(views.logits, marked.reshape(-1, digits.num_classes))
+    assert any("written meanwhile by another process" in line for line in logs)
+    assert not [p.name for p in entry.parent.iterdir() if p.name.startswith(".views-")]
+
+
 def test_corrupted_views_file_is_detected_and_rebuilt(digits, prepared):
     logs: list[str] = []
     first = prepare_views(prepared, [TEACHER], digits, CROP, 2, seed=9, log=logs.append)
