@@ -209,18 +209,20 @@ def streams(curves: list[dict[str, Any]], draws: int) -> list[list[dict[str, Any
     return out
 
 
-def replay(curves: list[dict[str, Any]], draws: int, only: str = "") -> dict[str, Any]:
-    """Run every method on every draw; returns the events and the derived metrics."""
+def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
+           extra: dict[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """Run every method on every draw, and the ``extra`` ones (name → scheduler factory); returns
+    the events and the derived metrics."""
     max_t = len(curves[0]["val_acc"])
     params = [float(c["params"]) for c in curves]
     reference_size = 2.0 * max(params)
     sizes = sorted(set(params))
     budget = SAMPLES * max_t
-    made = methods(max_t, (min(params), max(params)))
+    made = methods(max_t, (min(params), max(params))) | dict(extra or {})
     # The shipped MOASHA sorts every rung with Syne Tune's O(n²) loops (about a minute per
     # draw): it runs only when asked for by name (--only shipped).
     names = [n for n in made if (only in n if only else "shipped" not in n) or n.startswith("random")
-             or n in (KDTUNE, MOASHA)]
+             or n in (KDTUNE, MOASHA) or n in (extra or {})]
     out: dict[str, Any] = {"max_t": max_t, "budget": budget, "sizes": sizes, "draws": draws,
                            "curves": {n: [] for n in names}, "regret": {n: [] for n in names},
                            "regret10": {n: [] for n in names}, "spent": {n: [] for n in names}, "ref_best": []}

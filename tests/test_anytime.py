@@ -61,3 +61,18 @@ def test_hyperband_spends_the_epochs_of_successive_halving_brackets():
                for a in (10, 50, 20, 60, 30, 40, 5, 15, 25)]
     events = anytime.hyperband(configs, max_t=9, budget=21)
     assert events == [(21, 100.0, pytest.approx(0.9))]  # the config at .60 after 1 epoch wins
+
+
+def test_an_extra_method_is_replayed_on_the_same_streams_as_the_others():
+    # bench/rule_sweep.py replays variants through replay(extra=...): a variant that runs every
+    # configuration to the end is the reference itself, so its curve must be the reference's.
+    rng = np.random.default_rng(0)
+    curves = [{"seed": seed, "width": width, "params": width * 100,
+               "val_acc": list(np.sort(rng.uniform(0.1, 0.9, 9))), "val_loss": list(np.sort(rng.uniform(0.2, 2.0, 9))[::-1])}
+              for seed in (0, 1) for width in (1, 2, 4) for _ in range(5)]
+    out = anytime.replay(curves, draws=2, only="no other method", extra={"again, run to the end": anytime.RunToEnd})
+    reference = "random, full budget (reference)"
+    assert set(out["curves"]) == {reference, anytime.KDTUNE, anytime.MOASHA, "again, run to the end"}
+    for mine, theirs in zip(out["curves"]["again, run to the end"], out["curves"][reference]):
+        np.testing.assert_array_equal(mine, theirs)
+    assert out["curves"][reference][0][-1] == pytest.approx(1.0)  # the reference's own final HV
