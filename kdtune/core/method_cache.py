@@ -280,8 +280,8 @@ class CachedLogitObjective:
         standardize(s) / T with it), and so are the losses and gradients. In NumPy a maximum along
         a short axis costs about four times a matrix product, so the fast path centres s once
         instead of shifting every stacked softmax input by its row maximum: a row's largest entry
-        is then ≥ 0 (its total ≥ 1, nothing underflows), and an entry that overflows (a row
-        spread of about 88 in float32) makes the loss non-finite, and :meth:`loss_and_grad`
+        is then ≥ 0 (its total ≥ 1, nothing underflows), and an entry that overflows (one about 88
+        above its row's mean, in float32) makes the loss non-finite, and :meth:`loss_and_grad`
         computes that step again with the row maxima. A step's ``s`` is centred this way unless
         :attr:`_shift_rows` is set.
         """
