@@ -52,6 +52,7 @@ GRID = np.linspace(0.01, 1.0, 100)  # budgets, as fractions of the reference's e
 AREA_FROM = 0.05
 REPEAT_UP_TO = 3000  # configurations per stream (the recorded pool repeated in new orders)
 KDTUNE, MOASHA = "kdtune default (pareto_asha)", "MOASHA, corrected"
+RULE_2_OFF = "pareto_asha without rule 2 (hv_epsilon 0)"
 
 Event = tuple[int, float, float]  # (epochs spent when the trial completed, params, val_acc)
 
@@ -166,6 +167,7 @@ def methods(max_t: int, params_range: tuple[float, float]) -> dict[str, Callable
         "random, full budget (reference)": RunToEnd,
         KDTUNE: lambda: ParetoASHA(max_t=max_t),
         "pareto_asha, rule 1 as before (contrast)": lambda: _old_rule_1(ParetoASHA(max_t=max_t)),
+        RULE_2_OFF: lambda: ParetoASHA(max_t=max_t, hv_epsilon=0.0),
         "size_aware_asha": lambda: SizeAwareASHA(max_t=max_t),
         "stock ASHA on val_acc": lambda: StockASHA(max_t),
         "Hyperband on val_acc (synchronous)": None,
@@ -246,9 +248,17 @@ def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
     return out
 
 
+def sizes_beyond_spread(regret: np.ndarray, spread: np.ndarray, sizes: Sequence[float]) -> str:
+    """The sizes whose median regret over the draws exceeds the reference's draw-to-draw spread
+    at that size: "none", or "k of n: size, size"."""
+    beyond = [size for size, r, s in zip(sizes, np.nanmedian(regret, axis=0), spread) if r > s]
+    return "none" if not beyond else f"{len(beyond)} of {len(sizes)}: " + ", ".join(f"{s:,.0f}" for s in beyond)
+
+
 def summarise(out: dict[str, Any]) -> tuple[list[list[Any]], tuple[float, float, float], np.ndarray]:
     """Table rows per method, the paired bootstrap of the area difference (kdtune − MOASHA),
     and the reference's draw-to-draw spread (std) of its best accuracy at each size or smaller."""
+    spread = np.nanstd(np.array(out["ref_best"]), axis=0)
     rows = []
     areas = {n: np.array([area(c) for c in curves]) for n, curves in out["curves"].items()}
     for name, curves in out["curves"].items():
@@ -259,9 +269,9 @@ def summarise(out: dict[str, Any]) -> tuple[list[list[Any]], tuple[float, float,
         rows.append([name, float(np.median(areas[name])), at[0.05], at[0.10], at[0.25], at[1.0],
                      float(np.nanmedian(reach)) if not all(map(math.isnan, reach)) else math.nan,
                      float(np.median(np.nanmax(regret10, axis=1))), float(np.median(np.nanmax(regret, axis=1))),
-                     float(np.median(np.nanmean(regret, axis=1)))])
+                     float(np.median(np.nanmean(regret, axis=1))), sizes_beyond_spread(regret, spread, out["sizes"])])
     boot = paired_bootstrap(areas[KDTUNE], areas[MOASHA])
-    return rows, boot, np.nanstd(np.array(out["ref_best"]), axis=0)
+    return rows, boot, spread
 
 
 def plot(out: dict[str, Any], path: Path, title: str) -> None:
@@ -312,7 +322,8 @@ def main() -> None:
           f"budget {out['budget']} epochs = 100%\n")
     print(common.markdown_table(
         ["method", "area 5–100% (median)", "HV @5%", "HV @10%", "HV @25%", "HV @100%", "first budget with HV ≥ 0.97 (median of the draws that reach it)",
-         "worst regret @10%", "worst regret @100%", "mean regret @100%"], rows))
+         "worst regret @10%", "worst regret @100%", "mean regret @100%",
+         "sizes whose median regret @100% exceeds the spread there"], rows))
     print(f"\narea(kdtune default) − area(MOASHA corrected), paired over draws: {boot[0]:+.4f} "
           f"(95% bootstrap CI {boot[1]:+.4f} to {boot[2]:+.4f})")
     print("draw-to-draw spread (std) of the reference's best accuracy at each size or smaller: "

@@ -76,3 +76,11 @@ def test_an_extra_method_is_replayed_on_the_same_streams_as_the_others():
     for mine, theirs in zip(out["curves"]["again, run to the end"], out["curves"][reference]):
         np.testing.assert_array_equal(mine, theirs)
     assert out["curves"][reference][0][-1] == pytest.approx(1.0)  # the reference's own final HV
+
+
+def test_sizes_beyond_the_spread_compare_each_size_median_regret_with_its_own_spread():
+    # Three draws, three sizes: medians 0.02, 0.0, 0.01 against spreads 0.03, 0.001, 0.005.
+    regret = np.array([[0.01, 0.0, 0.01], [0.02, 0.0, 0.02], [0.05, 0.01, 0.0]])
+    spread = np.array([0.03, 0.001, 0.005])
+    assert anytime.sizes_beyond_spread(regret, spread, [100, 1000, 10000]) == "1 of 3: 10,000"
+    assert anytime.sizes_beyond_spread(regret, spread + 0.01, [100, 1000, 10000]) == "none"
