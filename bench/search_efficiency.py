@@ -38,8 +38,10 @@ METHODS: dict[str, dict[str, Any]] = {
                                     "early_stopping": {"rule": "asha"}},
     "kdtune default (pareto_asha)": {},
     "kdtune size_aware_asha": {"early_stopping": {"rule": "size_aware_asha"}},
+    # Rule 2 of pareto_asha off: what the hypervolume bound saves here (bench/anytime.py shows its cost).
+    "kdtune, pareto_asha without rule 2 (hv_epsilon 0)": {"early_stopping": {"hv_epsilon": 0.0}},
 }
-REFERENCE, STOCK, KDTUNE, SIZE_AWARE = list(METHODS)
+REFERENCE, STOCK, KDTUNE, SIZE_AWARE, RULE_2_OFF = list(METHODS)
 
 
 def params_range(spec) -> tuple[int, int]:
