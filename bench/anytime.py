@@ -52,7 +52,7 @@ GRID = np.linspace(0.01, 1.0, 100)  # budgets, as fractions of the reference's e
 AREA_FROM = 0.05
 REPEAT_UP_TO = 3000  # configurations per stream (the recorded pool repeated in new orders)
 KDTUNE, MOASHA = "kdtune default (pareto_asha)", "MOASHA, corrected"
-RULE_2_OFF = "pareto_asha without rule 2 (hv_epsilon 0)"
+RULE_2_ON = "pareto_asha with rule 2 (hv_epsilon 0.04), the former default"
 
 Event = tuple[int, float, float]  # (epochs spent when the trial completed, params, val_acc)
 
@@ -166,8 +166,8 @@ def methods(max_t: int, params_range: tuple[float, float]) -> dict[str, Callable
     return {
         "random, full budget (reference)": RunToEnd,
         KDTUNE: lambda: ParetoASHA(max_t=max_t),
-        "pareto_asha, rule 1 as before (contrast)": lambda: _old_rule_1(ParetoASHA(max_t=max_t)),
-        RULE_2_OFF: lambda: ParetoASHA(max_t=max_t, hv_epsilon=0.0),
+        "pareto_asha, rule 1 as before (contrast)": lambda: _old_rule_1(ParetoASHA(max_t=max_t, hv_epsilon=0.04)),
+        RULE_2_ON: lambda: ParetoASHA(max_t=max_t, hv_epsilon=0.04),
         "size_aware_asha": lambda: SizeAwareASHA(max_t=max_t),
         "stock ASHA on val_acc": lambda: StockASHA(max_t),
         "Hyperband on val_acc (synchronous)": None,

@@ -310,7 +310,7 @@ def test_early_stopping_spec_defaults_and_allowed_rules():
     from kdtune.spec import EarlyStoppingSpec, parse_spec
 
     default = EarlyStoppingSpec()
-    assert (default.rule, default.reduction_factor, default.hv_epsilon) == ("pareto_asha", 3.0, 0.04)
+    assert (default.rule, default.reduction_factor, default.hv_epsilon) == ("pareto_asha", 3.0, 0.0)
     assert EarlyStoppingSpec(rule="size_aware_asha").reduction_factor == 3.0
     assert EarlyStoppingSpec(rule="asha", reduction_factor=4).reduction_factor == 4.0
     assert {"pareto_asha", "size_aware_asha", "asha", "none"} <= set(EARLY_STOPPING.names())

@@ -282,7 +282,8 @@ class ParetoRungs:
        scores that trials of its *own* size recorded there before it (successive
        halving within the size, as ASHA; the first trial of a size at a rung is
        never stopped by the quantile); or
-    2. **it could not matter to the front**: adding the point (its size,
+    2. **it could not matter to the front** (only with ``hv_epsilon`` > 0; off by
+       default, see :class:`~kdtune.spec.EarlyStoppingSpec`): adding the point (its size,
        ``score_bound``), i.e. this student ending with a perfect front score
        (accuracy 1.0), to the current front estimate would raise the front's
        hypervolume by less than ``hv_epsilon`` of it, *and* its size shows no
@@ -320,7 +321,7 @@ class ParetoRungs:
     reduction_factor: float = 3.0
     min_gain: float = 0.01
 
-    def __init__(self, milestones: list[int], max_t: int, mode: str = "min", hv_epsilon: float = 0.04,
+    def __init__(self, milestones: list[int], max_t: int, mode: str = "min", hv_epsilon: float = 0.0,
                  score_bound: float = 1.0, reduction_factor: float = 3.0, min_gain: float = 0.01) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -486,10 +487,10 @@ class ParetoASHA(_RungScheduler):
 
     The decisions are :class:`ParetoRungs`'s: at each rung a trial continues only
     if no trial with fewer parameters did at least as well after the same epochs
-    and it is in the top ``1/η`` of its own size there, and if even a perfect
-    final accuracy at its size could add at least ``hv_epsilon`` of the current
-    front's hypervolume (or its size is ahead of every smaller one by more than
-    ``min_gain``).
+    and it is in the top ``1/η`` of its own size there, and (with ``hv_epsilon`` > 0;
+    off by default) if even a perfect final accuracy at its size could add at least
+    ``hv_epsilon`` of the current front's hypervolume (or its size is ahead of every
+    smaller one by more than ``min_gain``).
 
     Args:
         metric: the reported score that ranks trials at a rung (``"val_loss"``:
@@ -502,7 +503,7 @@ class ParetoASHA(_RungScheduler):
         grace_period: the first rung.
         reduction_factor: η, the rung spacing: rungs at grace·η^k below ``max_t``.
         hv_epsilon: the least share of the front's hypervolume a trial must be able
-            to add to continue (0 turns the bound off).
+            to add to continue; 0, the default, turns the bound (rule 2) off.
         score_bound: the best ``front_metric`` a trial could reach (1.0 for accuracy).
         time_attr: the result field that counts epochs (``"epoch"``). Results are
             needed only at :attr:`milestones` and at ``max_t``.
@@ -520,7 +521,7 @@ class ParetoASHA(_RungScheduler):
         max_t: int = 27,
         grace_period: int = 1,
         reduction_factor: float = 3.0,
-        hv_epsilon: float = 0.04,
+        hv_epsilon: float = 0.0,
         score_bound: float = 1.0,
         time_attr: str = "epoch",
         min_gain: float = ParetoRungs.min_gain,
