@@ -179,10 +179,9 @@ class CachedLogitObjective:
         # Detached: nothing below records an autograd graph (torch's arithmetic runs under no_grad too).
         s = student_logits.detach()
         s = s if s.dtype == self.dtype else s.to(self.dtype)
-        if isinstance(idx, np.ndarray) and self.arrays == "torch":
-            idx = torch.from_numpy(idx).to(self.device)
+        idx = self._indices(idx)
         if teacher_logits is None:
-            rows = self._take(self._table_array(temperature), idx if isinstance(idx, np.ndarray) else self._as_array(idx))
+            rows = self._take(self._table_array(temperature), idx)
         else:
             with torch.no_grad():
                 logits = teacher_logits.detach().to(self.dtype)
@@ -234,6 +233,12 @@ class CachedLogitObjective:
         """A step's array of ``tensor``: a zero-copy NumPy view, or the tensor itself."""
         return tensor.numpy() if self.arrays == "numpy" else tensor
 
+    def _indices(self, idx: Tensor | np.ndarray) -> Array:
+        """Batch indices, given as a tensor or a NumPy array, as the step's library holds them."""
+        if self.arrays == "numpy":
+            return idx if isinstance(idx, np.ndarray) else idx.numpy()
+        return torch.as_tensor(idx).to(self.device)
+
     def _take(self, table: Array, idx: Array) -> Array:
         """The table's rows ``idx``, as a new contiguous array (NumPy's ``take`` costs a third of
         fancy indexing on a step's few rows)."""
@@ -264,11 +269,7 @@ class CachedLogitObjective:
         Shifted by the row maximum, except on NumPy's fast path (see :meth:`_centred`), where the
         inputs come from logits centred over the classes and are exponentiated as they are.
         """
-        if not self._shift_rows:
-            exp = np.exp(x)
-            total = _row_sum(exp, self._ones(x.shape[-1]))
-            return x - np.log(total), exp / total
-        shifted = x - _row_max(x)
+        shifted = x - _row_max(x) if self._shift_rows else x
         exp = self.xp.exp(shifted)
         total = _row_sum(exp, self._ones(x.shape[-1]))
         return shifted - self.xp.log(total), exp / total
