@@ -2,16 +2,18 @@
 
 ``bench/anytime.py`` compares the early-stopping rules offline, on recorded
 curves, with random sampling for every rule. This benchmark runs them live:
-real Ray trials on the default digits task (search_spaces/digits.yaml, no
-baselines), two trials at a time, each method spending the same epoch budget
+real Ray trials on the default digits task (search_spaces/digits.yaml, or another
+spec with ``--spec``; no baselines), two trials at a time, each method spending the same epoch budget
 as the offline replay (40 configurations × the full budget: 3,240 epochs),
 on the same seeds:
 
-* kdtune's default: ``pareto_asha`` with multi-objective TPE (the spec as shipped);
+* kdtune's default: ``pareto_asha`` with multi-objective TPE, every width given as
+  many trials as any other (the spec as shipped; ``sampler.balance_sizes``);
 * corrected MOASHA (:class:`MOASHAScheduler`: Syne Tune 0.16's ``Bracket`` with
   :class:`moasha.CorrectedPriority`), random sampling, as MOASHA has no searcher;
 * optionally ``pareto_asha`` with random sampling (``--methods``), which
-  separates the rule from the sampler (offline, both used random sampling).
+  separates the rule from the sampler (offline, both used random sampling), and
+  with TPE choosing the width as well (``tpe_unbalanced``, the former default).
 
 The MOASHA rule is plugged in the way kdtune takes any rule: one registration
 in :data:`kdtune.search.early_stopping.EARLY_STOPPING` (:func:`register_rules`),
@@ -29,6 +31,7 @@ HV of the completed trials' front in (log10 params, val_acc), reference point
 search running 40 configurations to the end with the same seed (run here too).
 
     python bench/moasha_live.py                      # 3 seeds (~15-25 min on 2 cores)
+    python bench/moasha_live.py --spec search_spaces/digits_cnn.yaml --seeds 0 1 2 3 4
     python bench/moasha_live.py --seeds 0 1 --methods kdtune moasha pareto_random
 """
 
@@ -44,7 +47,7 @@ from typing import Any, Sequence
 
 import common
 import numpy as np
-from anytime import GRID, area, finish_anytime_plot, hv_at_budgets, regret_per_size
+from anytime import GRID, area, finish_anytime_plot, hv_at_budgets, paired_bootstrap, regret_per_size
 from common import Report, markdown_table, median
 from moasha import MOASHARule
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -62,8 +65,9 @@ CONCURRENT = 2
 MAX_TRIALS = 5000  # num_samples of the budgeted methods: the epoch budget ends them first
 EVENTS_FILE = "scheduler_events.jsonl"
 DONE_FILE = "bench_done.json"  # written after a search ends: its wall time; the study is then reused
-OFFLINE_AREA_DIFF = 0.0125  # bench/RESULTS.md: area(kdtune default) − area(MOASHA corrected), digits MLP
-KDTUNE, MOASHA = "kdtune default (pareto_asha + TPE)", "MOASHA corrected (random)"
+#: bench/RESULTS.md, offline (bench/anytime.py, 60 draws): area(kdtune default) − area(MOASHA corrected) per study.
+OFFLINE_AREA_DIFF = {"digits": 0.0151, "digits_cnn": 0.0328}
+KDTUNE, MOASHA = "kdtune default (pareto_asha + TPE, sizes balanced)", "MOASHA corrected (random)"
 
 #: Method key → (name in the report, spec overrides, logged rule). The rule names are
 #: registered by register_rules(); each is the named rule with an event log added.
@@ -72,6 +76,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "moasha": (MOASHA, {"sampler": {"name": "random"}}, "moasha+log"),
     "pareto_random": ("pareto_asha + random (contrast)", {"sampler": {"name": "random"}}, "pareto_asha+log"),
     "size_aware": ("size_aware_asha + TPE", {}, "size_aware_asha+log"),
+    "tpe_unbalanced": ("pareto_asha + TPE choosing the width too (the former default)",
+                       {"sampler": {"balance_sizes": False}}, "pareto_asha+log"),
 }
 
 Event = tuple[float, float, float]  # (epochs spent or seconds, params, val_acc)
@@ -280,23 +286,31 @@ def search_once(spec: Any, root: Path, study: str, budget: Any = None) -> tuple[
 
 
 def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequence[str] = ("kdtune", "moasha"),
-        plot_path: Path | None = None, samples: int = SAMPLES, epochs: int | None = None,
-        root: Path | None = None) -> Report:
+        plot_dir: Path | None = None, samples: int = SAMPLES, epochs: int | None = None,
+        root: Path | None = None, spec_path: Path = common.DEFAULT_SPEC) -> Report:
     """Run the live comparison and return its report (``quick``: one seed). ``samples``
     sets the reference's configurations (the budget is ``samples`` × the full budget) and
     ``epochs`` the trials' full budget (default: the spec's), for a smoke run. ``root``
     keeps the studies (default: a new temporary folder); searches finished there by an
-    earlier run with the same settings are read back, not run again."""
+    earlier run with the same settings are read back, not run again. ``spec_path`` is
+    the task (default: the digits spec); its early-stopping rule and sampler are the
+    methods' to set, the rest (space, data, teacher, budget) is the task's."""
     from kdtune.search import max_epochs
     from kdtune.search.plan import Budget
 
     register_rules()
     seeds = list(seeds if seeds is not None else ([0] if quick else [0, 1, 2]))
-    report = Report("moasha_live", "Live anytime fronts: kdtune's default against corrected MOASHA", quick=quick)
     root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="kdtune-bench-moasha-live-"))
     base = {"baselines": False, "resources": {"max_concurrent_trials": CONCURRENT},
             **({"space": {"epochs": epochs}} if epochs else {})}
-    default = common.digits_spec(base)
+
+    def task_spec(overrides: dict[str, Any]) -> Any:
+        return common.digits_spec(overrides, spec_path)
+
+    default = task_spec(base)
+    task = default.study
+    report = Report("moasha_live" if task == "digits" else f"moasha_live_{task}",
+                    f"Live anytime fronts: kdtune's default against corrected MOASHA ({task})", quick=quick)
     reference_size = 2.0 * params_range(default)[1]
     max_t = max_epochs(default)
     budget = samples * max_t
@@ -305,8 +319,8 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     references = []
     for seed in seeds:
-        spec = common.digits_spec(common.deep_merge({**base, "seed": seed, "num_samples": samples},
-                                                    EFFICIENCY_METHODS[REFERENCE_NAME]))
+        spec = task_spec(common.deep_merge({**base, "seed": seed, "num_samples": samples},
+                                           EFFICIENCY_METHODS[REFERENCE_NAME]))
         all_trials, wall = search_once(spec, root, f"live-s{seed}-reference-{samples}x{max_t}")
         trials = all_trials[(all_trials["phase"] == "search") & (all_trials["status"] == "completed")]
         ref_points = [(0.0, float(p), float(a)) for p, a in zip(trials["params"], trials["val_acc"])]
@@ -318,7 +332,7 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
         measured = {}
         for key in methods:
             name, overrides, rule = METHODS[key]
-            spec = common.digits_spec(common.deep_merge(
+            spec = task_spec(common.deep_merge(
                 {**base, "seed": seed, "num_samples": MAX_TRIALS, "early_stopping": {"rule": rule}}, overrides))
             study = f"live-s{seed}-{key}-{samples}x{max_t}"
             all_trials, wall = search_once(spec, root, study, Budget(epochs=budget))
@@ -373,15 +387,29 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                "whole search() call, Ray and teacher setup included.\n\n"
                + markdown_table(["seed", "method", "trials", "completed", "epochs", "HV", "HV ratio", "area",
                                  "HV @10%", "HV @100%", "worst regret", "time area", "seconds", "wall s"], rows))
-    if KDTUNE in runs and MOASHA in runs:
-        diffs = [a["area"] - b["area"] for a, b in zip(runs[KDTUNE], runs[MOASHA])]
-        time_diffs = [a["time_area"] - b["time_area"] for a, b in zip(runs[KDTUNE], runs[MOASHA])]
-        agree = all(d > 0 for d in diffs)
-        report.target(f"live ordering agrees with offline (area kdtune − MOASHA > 0 on every seed; offline "
-                      f"+{OFFLINE_AREA_DIFF})",
-                      f"{np.mean(diffs):+.4f} mean (per seed {', '.join(f'{d:+.4f}' for d in diffs)}); "
-                      f"wall-time area {np.mean(time_diffs):+.4f} (per seed "
-                      f"{', '.join(f'{d:+.4f}' for d in time_diffs)})", agree)
+    if MOASHA in runs:
+        # Each rule against MOASHA, paired by seed (anytime.py's bootstrap, as offline).
+        offline = OFFLINE_AREA_DIFF.get(task)
+        contrasts = []
+        for name, per_seed in runs.items():
+            if name == MOASHA:
+                continue
+            diffs = [a["area"] - b["area"] for a, b in zip(per_seed, runs[MOASHA])]
+            time_diffs = [a["time_area"] - b["time_area"] for a, b in zip(per_seed, runs[MOASHA])]
+            mean, low, high = paired_bootstrap(np.array(diffs), np.zeros(len(diffs)))
+            contrasts.append([name, f"{mean:+.4f}", f"{low:+.4f}", f"{high:+.4f}", sum(d > 0 for d in diffs),
+                              len(diffs), ", ".join(f"{d:+.4f}" for d in diffs), f"{np.mean(time_diffs):+.4f}"])
+            if name == KDTUNE:
+                report.target(
+                    "live: area(kdtune default) − area(MOASHA) > 0, paired bootstrap 95% CI over seeds excluding 0"
+                    + (f" (offline: +{offline})" if offline is not None else ""),
+                    f"{mean:+.4f} ({low:+.4f}, {high:+.4f}); ahead on {contrasts[-1][4]} of {len(diffs)} seeds",
+                    low > 0)
+        report.add("Each rule against MOASHA, paired by seed",
+                   "Area difference (epochs view) with its 95% percentile bootstrap interval over seeds "
+                   "(10,000 resamples); time area: the mean wall-clock area difference.\n\n"
+                   + markdown_table(["method", "area − MOASHA", "CI low", "CI high", "seeds ahead", "seeds",
+                                     "per seed", "time area − MOASHA"], contrasts))
     report.notes.append(
         "Live differs from offline in three ways: kdtune's default samples with TPE (offline: random for every rule; "
         "the pareto_asha + random contrast, when run, isolates the rule), halving is asynchronous on real timings, and "
@@ -390,13 +418,14 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
     report.notes.append(
         "The epochs column is Σ epochs_run of the search's trials (trials running when the budget was reached finish, "
         "so it may exceed the budget); the anytime curves are cut at the budget.")
-    if plot_path is not None:
-        plot_time(runs, plot_path, reference_size)
+    if plot_dir is not None:
+        plot_path = Path(plot_dir) / f"{report.name}_time.png"
+        plot_time(runs, plot_path, reference_size, task)
         report.notes.append(f"Plot of HV ratio against seconds (median over seeds): {plot_path}")
     return report
 
 
-def plot_time(runs: dict[str, list[dict[str, Any]]], path: Path, reference_size: float) -> None:
+def plot_time(runs: dict[str, list[dict[str, Any]]], path: Path, reference_size: float, task: str = "digits") -> None:
     """Median over seeds of HV ratio against seconds since the first trial (each seed's
     curve on one grid up to the longest run; a run's curve holds its value after it ends)."""
     import matplotlib
@@ -412,11 +441,12 @@ def plot_time(runs: dict[str, list[dict[str, Any]]], path: Path, reference_size:
         ax.plot(grid, np.median(curves, axis=0), label=name)
     finish_anytime_plot(fig, ax, path, "seconds since the first trial started",
                         "HV of completed trials / reference's final",
-                        f"digits MLP, live, median over {len(next(iter(runs.values())))} seed(s)")
+                        f"{task}, live, median over {len(next(iter(runs.values())))} seed(s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=common.DEFAULT_SPEC, help="the task (default: the digits spec)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["kdtune", "moasha"])
     parser.add_argument("--teacher-cache", type=Path, default=None)
@@ -429,11 +459,13 @@ def main() -> None:
     common.shared_teachers(args.teacher_cache)
     common.start_ray()
     started, load_before = time.perf_counter(), common.load_average()
-    report = run(seeds=args.seeds, methods=args.methods, plot_path=common.RESULTS_DIR / "moasha_live_time.png",
-                 samples=args.samples, epochs=args.epochs, root=args.root)
+    report = run(seeds=args.seeds, methods=args.methods, plot_dir=common.RESULTS_DIR, samples=args.samples,
+                 epochs=args.epochs, root=args.root, spec_path=args.spec)
     report.wall_s = time.perf_counter() - started
     report.load_before, report.load_after = load_before, common.load_average()
-    command = ("python bench/moasha_live.py --seeds " + " ".join(map(str, args.seeds))
+    command = ("python bench/moasha_live.py"
+               + (f" --spec {args.spec}" if args.spec != common.DEFAULT_SPEC else "")
+               + " --seeds " + " ".join(map(str, args.seeds))
                + " --methods " + " ".join(args.methods)
                + (f" --samples {args.samples}" if args.samples != SAMPLES else "")
                + (f" --epochs {args.epochs}" if args.epochs else ""))

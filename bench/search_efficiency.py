@@ -41,8 +41,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # Rule 2 of pareto_asha on, as the default had it until issue 13's anytime curves: what the
     # hypervolume bound saves here (bench/anytime.py shows what it costs).
     "pareto_asha with rule 2 (hv_epsilon 0.04), the former default": {"early_stopping": {"hv_epsilon": 0.04}},
+    # TPE choosing the width as well, as the default did until the live comparison with MOASHA
+    # (bench/moasha_live.py) showed it crowding the smallest width.
+    "pareto_asha, TPE choosing the width too (the former default)": {"sampler": {"balance_sizes": False}},
 }
-REFERENCE, STOCK, KDTUNE, SIZE_AWARE, RULE_2_ON = list(METHODS)
+REFERENCE, STOCK, KDTUNE, SIZE_AWARE, RULE_2_ON, WIDTH_BY_TPE = list(METHODS)
 
 
 def params_range(spec) -> tuple[int, int]:

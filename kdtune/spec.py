@@ -359,6 +359,9 @@ class SamplerSpec(_Strict):
     n_startup_trials: int = Field(10, ge=0)
     multivariate: bool = True
     constant_liar: bool = True
+    #: With discrete widths and a size among the objectives: give every width as many
+    #: trials as any other (kdtune.search.sampler.BalancedSizes); False leaves the width to the sampler.
+    balance_sizes: bool = True
 
     @field_validator("objectives")
     @classmethod

@@ -80,6 +80,11 @@ def test_the_benchmark_compares_the_default_rule_with_the_other_front_keeping_ru
     rule_2 = common.digits_spec(search_efficiency.METHODS[search_efficiency.RULE_2_ON]).early_stopping
     assert rule_2.hv_epsilon == 0.04
     assert rule_2.model_copy(update={"hv_epsilon": default.hv_epsilon}) == default
+    # and the former-default row differs from the default only in leaving the width to TPE
+    shipped_sampler = common.digits_spec(search_efficiency.METHODS[search_efficiency.KDTUNE]).sampler
+    width_by_tpe = common.digits_spec(search_efficiency.METHODS[search_efficiency.WIDTH_BY_TPE]).sampler
+    assert shipped_sampler.balance_sizes and not width_by_tpe.balance_sizes
+    assert width_by_tpe.model_copy(update={"balance_sizes": True}) == shipped_sampler
 
 
 def test_run_all_arguments():

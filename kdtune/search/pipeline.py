@@ -114,14 +114,15 @@ def _searcher(spec: SearchSpec, study_dir: Path, study: str, budget: Budget | No
     conditional = any(owner is not None for owner in owners.values())
     space = (ConditionalSpace(distributions, owners, fixed_selector=spec.space.soft_loss if
                               "soft_loss" not in distributions else None) if conditional else distributions)
+    sizes = list(spec.space.width.choice) if isinstance(spec.space.width, Choice) else None
     return KdOptunaSearch(
         space=space,
         metric=objectives if multi else objectives[0],
         mode=[OBJECTIVE_MODES[o] for o in objectives] if multi else OBJECTIVE_MODES[objectives[0]],
-        sampler=build_sampler(spec.sampler, spec.seed, multi, conditional),
+        sampler=build_sampler(spec.sampler, spec.seed, multi, conditional, sizes),
         study_name=study,
         storage=journal_storage(study_dir / JOURNAL_FILE),
-        size_values=list(spec.space.width.choice) if isinstance(spec.space.width, Choice) else None,
+        size_values=sizes,
         num_samples=spec.num_samples,
         records=records_dir(study_dir, "search"),
         budget=budget,
