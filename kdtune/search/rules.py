@@ -270,6 +270,11 @@ class RungRecord:
     front_score: float
 
 
+#: ``hv_epsilon`` of 0: rule 2 of :class:`ParetoRungs` off, the default of both rule classes
+#: (bench/anytime.py: with it on, the widest sizes' regret exceeded the seed-to-seed spread).
+RULE_2_OFF = 0.0
+
+
 class ParetoRungs:
     """Asynchronous Pareto halving over (size, score): the decisions of :class:`ParetoASHA`.
 
@@ -321,7 +326,7 @@ class ParetoRungs:
     reduction_factor: float = 3.0
     min_gain: float = 0.01
 
-    def __init__(self, milestones: list[int], max_t: int, mode: str = "min", hv_epsilon: float = 0.0,
+    def __init__(self, milestones: list[int], max_t: int, mode: str = "min", hv_epsilon: float = RULE_2_OFF,
                  score_bound: float = 1.0, reduction_factor: float = 3.0, min_gain: float = 0.01) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -521,7 +526,7 @@ class ParetoASHA(_RungScheduler):
         max_t: int = 27,
         grace_period: int = 1,
         reduction_factor: float = 3.0,
-        hv_epsilon: float = 0.0,
+        hv_epsilon: float = RULE_2_OFF,
         score_bound: float = 1.0,
         time_attr: str = "epoch",
         min_gain: float = ParetoRungs.min_gain,
