@@ -24,7 +24,10 @@ event (epochs spent so far, params, val_acc). From the events:
   default minus corrected MOASHA;
 * **accuracy regret per size**: for every size of the space, the reference's
   best full-budget accuracy at that size or smaller minus the method's; worst
-  and mean over sizes.
+  and mean over sizes;
+* **the hindsight ceiling at 10% of the budget** (the issue's target budget),
+  which pays for only a few full runs: the HV of the best 1, 2, … of them chosen
+  with hindsight from the recorded pool (:func:`hindsight_ceiling`).
 
 Random sampling only: offline replay cannot include TPE (it needs the live
 results to choose the next configuration), so the stream is the same for every
@@ -90,6 +93,25 @@ def regret_per_size(method: Sequence[tuple[float, float]], reference: Sequence[t
     ref = best_at_or_below(reference, sizes)
     got = np.nan_to_num(best_at_or_below(method, sizes), nan=0.0)
     return ref - got
+
+
+def hindsight_ceiling(pool: Sequence[tuple[float, float]], trials: int, reference_size: float) -> float:
+    """The largest hypervolume that ``trials`` full-budget trials can reach when chosen with
+    hindsight from ``pool`` ((params, final val_acc) of every recorded configuration): the
+    best configuration of each size, in the best subset of at most ``trials`` sizes.
+
+    No rule can do better within a budget that pays for only ``trials`` full runs, and one
+    that also explores pays for that out of the same runs."""
+    import itertools
+
+    from kdtune.analysis import front_hypervolume
+
+    best: dict[float, float] = {}
+    for params, acc in pool:
+        best[float(params)] = max(best.get(float(params), -math.inf), float(acc))
+    choices = list(best.items())
+    return max((front_hypervolume(list(subset), reference_size)
+                for subset in itertools.combinations(choices, min(trials, len(choices)))), default=0.0)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
@@ -227,11 +249,20 @@ def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
              or n in (KDTUNE, MOASHA) or n in (extra or {})]
     out: dict[str, Any] = {"max_t": max_t, "budget": budget, "sizes": sizes, "draws": draws,
                            "curves": {n: [] for n in names}, "regret": {n: [] for n in names},
-                           "regret10": {n: [] for n in names}, "spent": {n: [] for n in names}, "ref_best": []}
+                           "regret10": {n: [] for n in names}, "spent": {n: [] for n in names}, "ref_best": [],
+                           "ceiling10": []}
+    # Full runs that 10% of the budget pays for (the target's budget): at most this many
+    # trials can have completed by then, whatever the rule.
+    out["full_runs10"] = int(0.10 * budget // max_t)
+    pools = {seed: [(float(c["params"]), c["val_acc"][-1]) for c in curves if c["seed"] == seed]
+             for seed in {c["seed"] for c in curves}}
     for draw, stream in enumerate(streams(curves, draws)):
         reference = [(float(c["params"]), c["val_acc"][-1]) for c in stream[:SAMPLES]]
         ref_hv = hv_at_budgets([(0, *p) for p in reference], [0], reference_size)[0]
         out["ref_best"].append(best_at_or_below(reference, sizes))
+        pool = pools[stream[0]["seed"]]  # the recording seed the draw's stream comes from
+        out["ceiling10"].append([hindsight_ceiling(pool, k, reference_size) / ref_hv
+                                 for k in range(1, out["full_runs10"] + 1)])
         for name in names:
             if made[name] is None:
                 events = hyperband(stream, max_t, budget)
@@ -328,6 +359,10 @@ def main() -> None:
           f"(95% bootstrap CI {boot[1]:+.4f} to {boot[2]:+.4f})")
     print("draw-to-draw spread (std) of the reference's best accuracy at each size or smaller: "
           + ", ".join(f"{size:,.0f}: {s:.4f}" for size, s in zip(out["sizes"], spread)))
+    ceiling = np.median(np.array(out["ceiling10"]), axis=0)
+    print(f"10% of the budget pays for {out['full_runs10']} full runs of {out['max_t']} epochs; the HV (median ratio "
+          f"to the reference's final) of the best 1..{out['full_runs10']} configurations chosen with hindsight from the "
+          f"draw's recorded pool: " + ", ".join(f"{c:.3f}" for c in ceiling))
     path = common.RESULTS_DIR / f"anytime_{args.task}.png"
     plot(out, path, f"{args.task}: anytime fronts, {args.draws} draws (median, 25–75%)")
     print(f"plot: {path}")

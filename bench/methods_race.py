@@ -76,16 +76,17 @@ def _write(spec: dict[str, Any], folder: Path) -> Path:
 
 def search_and_race(spec: dict[str, Any], results: Path, param: str, widths: list[float] | None,
                     log: Any, grid: int = 8, max_seeds: int = DEFAULT_MAX_SEEDS) -> tuple[Path, float]:
-    """Search ``spec`` (resuming a finished study is a no-op) and race ``param``; the study and seconds."""
+    """Search ``spec`` and race ``param``; the study and seconds. A finished search is
+    skipped, one cut short is resumed, and a race cut short continues from its records."""
     from kdtune.search import search
     from kdtune.search.race import run_race
-    from kdtune.study import RACE_TABLE, load_records
+    from kdtune.study import META_FILE, RACE_TABLE, load_records
 
     started = time.perf_counter()
     study = results / spec["study"]
     spec_path = _write(spec, results / "specs")
     if not (study / "trials.parquet").exists():
-        search(spec_path, results_root=results, log=log)
+        search(spec_path, results_root=results, resume=(study / META_FILE).exists(), log=log)
     if not (study / RACE_TABLE).exists():  # a race cut short continues from its records
         run_race(study, param=param, widths=widths, resume=bool(load_records(study, "race")), grid=grid,
                  max_seeds=max_seeds, log=log)

@@ -84,3 +84,14 @@ def test_sizes_beyond_the_spread_compare_each_size_median_regret_with_its_own_sp
     spread = np.array([0.03, 0.001, 0.005])
     assert anytime.sizes_beyond_spread(regret, spread, [100, 1000, 10000]) == "1 of 3: 10,000"
     assert anytime.sizes_beyond_spread(regret, spread + 0.01, [100, 1000, 10000]) == "none"
+
+
+def test_hindsight_ceiling_takes_the_best_configuration_of_each_size_in_the_best_subset():
+    # Reference size 2000 (log10 3.301), accuracy 0; two configurations of size 10, the better counts.
+    pool = [(10, 0.5), (10, 0.6), (100, 0.7), (1000, 0.8)]
+    right = math.log10(2000)
+    assert anytime.hindsight_ceiling(pool, 1, 2000) == pytest.approx((right - 1) * 0.6)  # (10, .6) alone
+    # Two trials: (10, .6) + (100, .7) beats (10, .6) + (1000, .8) and (100, .7) + (1000, .8).
+    assert anytime.hindsight_ceiling(pool, 2, 2000) == pytest.approx(1 * 0.6 + (right - 2) * 0.7)
+    # More trials than sizes: every size's best.
+    assert anytime.hindsight_ceiling(pool, 5, 2000) == pytest.approx(0.6 + 0.7 + (right - 3) * 0.8)
