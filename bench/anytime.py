@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 import common
 import numpy as np
-from scheduler_sim import DEFAULT_CURVES, load_curves, simulate
+from scheduler_sim import DEFAULT_CURVES, WORKERS, load_curves, simulate
 
 common.make_kdtune_importable()
 
@@ -250,7 +250,7 @@ def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
     out: dict[str, Any] = {"max_t": max_t, "budget": budget, "sizes": sizes, "draws": draws,
                            "curves": {n: [] for n in names}, "regret": {n: [] for n in names},
                            "regret10": {n: [] for n in names}, "spent": {n: [] for n in names}, "ref_best": [],
-                           "ceiling10": []}
+                           "ceiling10": [], "early10": {n: [] for n in names}}
     # Full runs that 10% of the budget pays for (the target's budget): at most this many
     # trials can have completed by then, whatever the rule.
     out["full_runs10"] = int(0.10 * budget // max_t)
@@ -263,6 +263,9 @@ def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
         pool = pools[stream[0]["seed"]]  # the recording seed the draw's stream comes from
         out["ceiling10"].append([hindsight_ceiling(pool, k, reference_size) / ref_hv
                                  for k in range(1, out["full_runs10"] + 1)])
+        # The configurations each worker starts first, before any rung has peers to compare
+        # with (a completion is matched by its params and final accuracy).
+        first = {(float(c["params"]), c["val_acc"][-1]) for c in stream[:2 * WORKERS]}
         for name in names:
             if made[name] is None:
                 events = hyperband(stream, max_t, budget)
@@ -273,6 +276,8 @@ def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
             curve = hv_at_budgets(events, GRID * budget, reference_size) / ref_hv
             out["curves"][name].append(curve)
             out["spent"][name].append(spent / budget)
+            early = [(p, a) for s, p, a in events if s <= 0.10 * budget]
+            out["early10"][name].append((len(early), sum((p, a) in first for p, a in early)))
             for key, share in (("regret", 1.0), ("regret10", 0.10)):
                 done = [(p, a) for s, p, a in events if s <= share * budget]
                 out[key][name].append(regret_per_size(done, reference, sizes))
@@ -363,6 +368,11 @@ def main() -> None:
     print(f"10% of the budget pays for {out['full_runs10']} full runs of {out['max_t']} epochs; the HV (median ratio "
           f"to the reference's final) of the best 1..{out['full_runs10']} configurations chosen with hindsight from the "
           f"draw's recorded pool: " + ", ".join(f"{c:.3f}" for c in ceiling))
+    print(f"trials completed by 10% of the budget (mean per draw), and the share of them that are among the first "
+          f"{2 * WORKERS} configurations the draw's stream starts ({WORKERS} workers):")
+    for name, early in out["early10"].items():
+        done, first = np.array(early).sum(axis=0)
+        print(f"- {name}: {done / len(early):.2f}, {first / done if done else math.nan:.0%}")
     path = common.RESULTS_DIR / f"anytime_{args.task}.png"
     plot(out, path, f"{args.task}: anytime fronts, {args.draws} draws (median, 25–75%)")
     print(f"plot: {path}")
