@@ -7,9 +7,10 @@
    KD's best T per size, and how far apart the temperatures are.
 2. **Every method.** The same spec with ``method: {choice: [kd, dkd, dist]}``
    (DKD's β searched over [1, 10], the other weights at their published
-   defaults) is searched, then ``best-t --race --param soft_loss`` races the
-   methods at each size's best trial (its T, α, lr, ...), the no-distillation
-   baseline included.
+   defaults) is searched over the sizes race 1 covered (with as many trials per
+   size as the KD search had), then ``best-t --race --param soft_loss`` races the
+   methods at each of those sizes that the search completed, at its best trial
+   (its T, α, lr, ...), the no-distillation baseline included.
 
 Both races use the same seeds (``spec.seed + 2000 + round``, common random
 numbers across the two studies as within each), so per size the best method of
@@ -36,7 +37,7 @@ sets the number of temperatures raced and ``--max-seeds`` the rounds:
 The methods search scores validation only at its rungs and last epoch
 (``early_stopping.validate_at: rungs``): the same decisions, less time.
 
-Not part of ``make bench`` (about 10 minutes on 2 cores for digits). Writes
+Not part of ``make bench`` (about 80 seconds on a quiet 2-core machine for digits). Writes
 results/bench/methods_race.md (``methods_race_<study>.md`` for another spec).
 """
 
@@ -76,21 +77,36 @@ def _write(spec: dict[str, Any], folder: Path) -> Path:
 
 def search_and_race(spec: dict[str, Any], results: Path, param: str, widths: list[float] | None,
                     log: Any, grid: int = 8, max_seeds: int = DEFAULT_MAX_SEEDS) -> tuple[Path, float]:
-    """Search ``spec`` and race ``param``; the study and seconds. A finished search is
-    skipped, one cut short is resumed, and a race cut short continues from its records."""
-    from kdtune.search import search
-    from kdtune.search.race import run_race
-    from kdtune.study import META_FILE, RACE_TABLE, load_records
-
+    """Search ``spec`` and race ``param`` (:func:`searched`, then :func:`raced`); the study and seconds."""
     started = time.perf_counter()
+    study = searched(spec, results, log)
+    raced(study, param, widths, log, grid, max_seeds)
+    return study, time.perf_counter() - started
+
+
+def searched(spec: dict[str, Any], results: Path, log: Any) -> Path:
+    """The study of ``spec`` under ``results``, searched: a finished search is skipped, and
+    one cut short is resumed."""
+    from kdtune.search import search
+    from kdtune.study import META_FILE
+
     study = results / spec["study"]
     spec_path = _write(spec, results / "specs")
     if not (study / "trials.parquet").exists():
         search(spec_path, results_root=results, resume=(study / META_FILE).exists(), log=log)
-    if not (study / RACE_TABLE).exists():  # a race cut short continues from its records
+    return study
+
+
+def raced(study: Path, param: str, widths: list[float] | None, log: Any, grid: int = 8,
+          max_seeds: int = DEFAULT_MAX_SEEDS) -> None:
+    """Race ``param`` at ``widths`` (every size of the study's front if None); a race cut
+    short continues from its records, a finished one is kept."""
+    from kdtune.search.race import run_race
+    from kdtune.study import RACE_TABLE, load_records
+
+    if not (study / RACE_TABLE).exists():
         run_race(study, param=param, widths=widths, resume=bool(load_records(study, "race")), grid=grid,
                  max_seeds=max_seeds, log=log)
-    return study, time.perf_counter() - started
 
 
 def round_scores(study: Path) -> dict[tuple[float, str], dict[int, float]]:
@@ -198,24 +214,31 @@ def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: l
     kd_study, kd_s = search_and_race(kd_spec, results, "temperature", widths, log, grid, max_seeds)
     kd_best = read_csv_table(kd_study / RACE_TABLE)
     sizes = [float(w) for w in kd_best["width"]]
-    all_spec = methods_spec(base, widths)
+    # The methods are compared with KD at the sizes KD's race covered (its front, or --widths):
+    # the methods search covers those sizes only, and its race those it completed.
+    all_spec = methods_spec(base, widths or sizes)
     all_dir = results / all_spec["study"]
     if (kd_study / TEACHER_DIR).exists():  # the same teacher on the same data: its cache entry is reused
         common.TeacherCache(kd_study / TEACHER_DIR).seed(parse_spec(all_spec, "methods spec"), all_dir)
-    trials_path = all_dir / "trials.parquet"
-    raced = widths
-    if trials_path.exists():  # a rerun: race the sizes both studies completed
-        done = pd.read_parquet(trials_path)
-        raced = [w for w in sizes if w in set(done.loc[done["status"] == "completed", "width"])]
-    all_study, all_s = search_and_race(all_spec, results, "soft_loss", raced, log, grid, max_seeds)
+    started = time.perf_counter()
+    all_study = searched(all_spec, results, log)
+    done = pd.read_parquet(all_study / "trials.parquet")
+    completed = set(done.loc[done["status"] == "completed", "width"])
+    common_sizes = [w for w in sizes if w in completed]
+    if not common_sizes:
+        raise SystemExit(f"the methods search ({all_study}) completed no trial at the sizes KD was raced at "
+                         f"({', '.join(f'{w:g}' for w in sizes)}): nothing to compare; run it with more trials "
+                         f"(num_samples in the spec)")
+    raced(all_study, "soft_loss", common_sizes, log, grid, max_seeds)
+    all_s = time.perf_counter() - started
     all_best = read_csv_table(all_study / RACE_TABLE)
     kd_contenders = pd.read_csv(kd_study / RACE_CONTENDERS_TABLE)
     all_contenders = pd.read_csv(all_study / RACE_CONTENDERS_TABLE)
     kd_scores, all_scores = round_scores(kd_study), round_scores(all_study)
 
     rows, verdicts = [], []
-    for _, raced in all_best.iterrows():
-        size = float(raced["width"])
+    for _, best in all_best.iterrows():
+        size = float(best["width"])
         kd_row = kd_best[kd_best["width"] == size]
         methods = all_contenders[(all_contenders["width"] == size) & ~all_contenders["baseline"]]
         if kd_row.empty or methods.empty:
@@ -227,7 +250,7 @@ def run(spec_path: Path, results: Path, kd_source: Path | None = None, widths: l
             rows.append([f"{size:g}", method["contender"], f"{method['mean']:.4f}", int(method["n_seeds"]),
                          method["status"], f"{best_t}", f"{diff:+.4f} ({low:+.4f}, {high:+.4f})", n])
         t_spread, m_spread = spread(kd_contenders, size), spread(all_contenders, size)
-        best_method = str(raced["recommended"])
+        best_method = str(best["recommended"])
         diff, low, high, _ = paired_ci(all_scores.get((size, best_method), {}), kd_at_best_t)
         beyond = not math.isnan(low) and (low > 0 or high < 0)
         verdicts.append([f"{size:g}", f"{t_spread:.4f}", f"{m_spread:.4f}", best_method,
