@@ -151,16 +151,17 @@ class StockASHA:
 
 
 def hyperband(configs: list[dict[str, Any]], max_t: int, budget: int, reduction_factor: int = 3,
-              metric: str = "val_acc") -> list[Event]:
+              metric: str = "val_acc", completed: list[int] | None = None) -> list[Event]:
     """Synchronous Hyperband on accuracy (Li et al. 2018), brackets s = s_max..0 repeated
     until ``budget`` epochs are spent: bracket s starts n = ⌈(s_max+1)/(s+1)·η^s⌉
     configurations at max_t·η^−s epochs and keeps the top 1/η at each rung; paused
-    trials resume where they stopped. Configurations come from ``configs`` in order."""
+    trials resume where they stopped. Configurations come from ``configs`` in order;
+    ``completed`` receives the index in ``configs`` of each trial that completes."""
     s_max = int(round(math.log(max_t) / math.log(reduction_factor)))
     spent, events, nxt, s = 0, [], 0, s_max
     while spent < budget and nxt < len(configs):
         n = math.ceil((s_max + 1) / (s + 1) * reduction_factor**s)
-        bracket = configs[nxt:nxt + n]
+        bracket, first = configs[nxt:nxt + n], nxt
         nxt += n
         trained = [0] * len(bracket)
         alive = list(range(len(bracket)))
@@ -171,6 +172,8 @@ def hyperband(configs: list[dict[str, Any]], max_t: int, budget: int, reduction_
                 trained[k] = epochs
                 if epochs >= max_t:
                     events.append((spent, float(bracket[k]["params"]), bracket[k]["val_acc"][-1]))
+                    if completed is not None:
+                        completed.append(first + k)
             if epochs >= max_t:
                 break
             keep = max(1, len(alive) // reduction_factor)
@@ -263,21 +266,21 @@ def replay(curves: list[dict[str, Any]], draws: int, only: str = "",
         pool = pools[stream[0]["seed"]]  # the recording seed the draw's stream comes from
         out["ceiling10"].append([hindsight_ceiling(pool, k, reference_size) / ref_hv
                                  for k in range(1, out["full_runs10"] + 1)])
-        # The configurations each worker starts first, before any rung has peers to compare
-        # with (a completion is matched by its params and final accuracy).
-        first = {(float(c["params"]), c["val_acc"][-1]) for c in stream[:2 * WORKERS]}
         for name in names:
             if made[name] is None:
-                events = hyperband(stream, max_t, budget)
+                order: list[int] = []
+                events = hyperband(stream, max_t, budget, completed=order)
                 spent = events[-1][0] if events else 0
             else:
-                events = []
-                spent, _ = simulate(stream, made[name](), max_t, np.random.default_rng(draw), budget, events)
+                events, order = [], []
+                spent, _ = simulate(stream, made[name](), max_t, np.random.default_rng(draw), budget, events, order)
             curve = hv_at_budgets(events, GRID * budget, reference_size) / ref_hv
             out["curves"][name].append(curve)
             out["spent"][name].append(spent / budget)
-            early = [(p, a) for s, p, a in events if s <= 0.10 * budget]
-            out["early10"][name].append((len(early), sum((p, a) in first for p, a in early)))
+            # Completions by 10% of the budget, and how many of them are among the first
+            # 2 × WORKERS configurations the stream starts (before rungs hold peers).
+            early = [index for (spent_then, _, _), index in zip(events, order) if spent_then <= 0.10 * budget]
+            out["early10"][name].append((len(early), sum(index < 2 * WORKERS for index in early)))
             for key, share in (("regret", 1.0), ("regret10", 0.10)):
                 done = [(p, a) for s, p, a in events if s <= share * budget]
                 out[key][name].append(regret_per_size(done, reference, sizes))

@@ -91,12 +91,14 @@ def load_curves(path: Path) -> list[dict[str, Any]]:
 
 
 def simulate(configs: list[dict[str, Any]], scheduler: Any, max_t: int, rng: Any, budget: int | None = None,
-             events: list[tuple[int, float, float]] | None = None) -> tuple[int, list[tuple[float, float]]]:
+             events: list[tuple[int, float, float]] | None = None,
+             completed: list[int] | None = None) -> tuple[int, list[tuple[float, float]]]:
     """Run ``configs`` in order, ``WORKERS`` at a time, reporting to ``scheduler`` at its
     milestones and at ``max_t``. Returns (epochs trained, (params, val_acc) of the trials
     that ran their full budget). With ``budget``, no trial starts once that many epochs
     are spent (running trials finish); ``events`` receives (epochs spent so far, params,
-    val_acc) each time a trial completes its full budget."""
+    val_acc) each time a trial completes its full budget, and ``completed`` that trial's
+    index in ``configs`` (the order it started in)."""
     milestones = set(scheduler.milestones)
     queue: list[tuple[float, int, int, int]] = []
     started, counter, spent, finished = 0, 0, 0, []
@@ -123,6 +125,8 @@ def simulate(configs: list[dict[str, Any]], scheduler: Any, max_t: int, rng: Any
             finished.append((float(config["params"]), config["val_acc"][-1]))
             if events is not None:
                 events.append((spent, *finished[-1]))
+            if completed is not None:
+                completed.append(index)
         if decision == "CONTINUE" and epoch < max_t:
             schedule(index, epoch + 1, now)
         elif started < len(configs) and (budget is None or spent < budget):

@@ -59,8 +59,10 @@ def test_hyperband_spends_the_epochs_of_successive_halving_brackets():
     # the best 3 to epoch 3 (2 more each) and the best 1 to epoch 9 (6 more): 9 + 6 + 6 = 21.
     configs = [{"params": 100, "val_acc": [a / 100, a / 100 + 0.1, a / 100 + 0.2, *[a / 100 + 0.3] * 6]}
                for a in (10, 50, 20, 60, 30, 40, 5, 15, 25)]
-    events = anytime.hyperband(configs, max_t=9, budget=21)
+    order: list[int] = []
+    events = anytime.hyperband(configs, max_t=9, budget=21, completed=order)
     assert events == [(21, 100.0, pytest.approx(0.9))]  # the config at .60 after 1 epoch wins
+    assert order == [3]  # ... the fourth configuration
 
 
 def test_an_extra_method_is_replayed_on_the_same_streams_as_the_others():
