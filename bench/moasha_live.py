@@ -8,12 +8,15 @@ as the offline replay (40 configurations × the full budget: 3,240 epochs),
 on the same seeds:
 
 * kdtune's default: ``pareto_asha`` with multi-objective TPE, every width given as
-  many trials as any other (the spec as shipped; ``sampler.balance_sizes``);
+  many trials as any other (``sampler.balance_sizes``), the first trial of each
+  width at the middle of every range (``sampler.first_trials: midpoint``);
 * corrected MOASHA (:class:`MOASHAScheduler`: Syne Tune 0.16's ``Bracket`` with
   :class:`moasha.CorrectedPriority`), random sampling, as MOASHA has no searcher;
-* optionally ``pareto_asha`` with random sampling (``--methods``), which
-  separates the rule from the sampler (offline, both used random sampling), and
-  with TPE choosing the width as well (``tpe_unbalanced``, the former default).
+* optionally (``--methods``) the default with random first trials
+  (``random_first``, the former default), ``pareto_asha`` with random sampling,
+  which separates the rule from the sampler (offline, both used random
+  sampling), and with TPE choosing the width as well (``tpe_unbalanced``). Every
+  method but the default draws its first trials at random, as Syne Tune's MOASHA does.
 
 The MOASHA rule is plugged in the way kdtune takes any rule: one registration
 in :data:`kdtune.search.early_stopping.EARLY_STOPPING` (:func:`register_rules`),
@@ -67,18 +70,27 @@ EVENTS_FILE = "scheduler_events.jsonl"
 DONE_FILE = "bench_done.json"  # written after a search ends: its wall time; the study is then reused
 #: bench/RESULTS.md, offline (bench/anytime.py, 60 draws): area(kdtune default) − area(MOASHA corrected) per study.
 OFFLINE_AREA_DIFF = {"digits": 0.0151, "digits_cnn": 0.0328}
-KDTUNE, MOASHA = "kdtune default (pareto_asha + TPE, sizes balanced)", "MOASHA corrected (random)"
+KDTUNE, MOASHA = ("kdtune default (pareto_asha + TPE, sizes balanced, midpoint first trials)",
+                  "MOASHA corrected (random)")
+#: The first trials as every method but the default draws them: its width fixed, the rest random.
+RANDOM_FIRST = {"first_trials": "random"}
 
 #: Method key → (name in the report, spec overrides, logged rule). The rule names are
 #: registered by register_rules(); each is the named rule with an event log added.
 METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "kdtune": (KDTUNE, {}, "pareto_asha+log"),
-    "moasha": (MOASHA, {"sampler": {"name": "random"}}, "moasha+log"),
-    "pareto_random": ("pareto_asha + random (contrast)", {"sampler": {"name": "random"}}, "pareto_asha+log"),
+    "moasha": (MOASHA, {"sampler": {"name": "random", **RANDOM_FIRST}}, "moasha+log"),
+    "random_first": ("pareto_asha + TPE, sizes balanced, random first trials (the former default)",
+                     {"sampler": RANDOM_FIRST}, "pareto_asha+log"),
+    "pareto_random": ("pareto_asha + random (contrast)", {"sampler": {"name": "random", **RANDOM_FIRST}},
+                      "pareto_asha+log"),
     "size_aware": ("size_aware_asha + TPE", {}, "size_aware_asha+log"),
-    "tpe_unbalanced": ("pareto_asha + TPE choosing the width too (the former default)",
-                       {"sampler": {"balance_sizes": False}}, "pareto_asha+log"),
+    "tpe_unbalanced": ("pareto_asha + TPE choosing the width too, random first trials",
+                       {"sampler": {"balance_sizes": False, **RANDOM_FIRST}}, "pareto_asha+log"),
 }
+
+#: The anytime target of issue 13: this share of the reference's final HV at 10% of its epochs.
+HV_AT_10_TARGET = 0.97
 
 Event = tuple[float, float, float]  # (epochs spent or seconds, params, val_acc)
 
@@ -369,6 +381,11 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                   m["area"], m["curve"][9], m["curve"][-1], m["regret"], m["time_area"], m["seconds"], m["wall"]]
                  for m in per_seed]
     rows.sort(key=lambda row: row[0])
+    if KDTUNE in runs:
+        at_10 = [m["curve"][9] for m in runs[KDTUNE]]  # GRID[9] = 10% of the budget
+        report.target(f"live: median HV at 10% of the budget ≥ {HV_AT_10_TARGET} of the reference's final HV "
+                      "(kdtune default)", f"{median(at_10):.3f} (seeds {min(at_10):.3f}–{max(at_10):.3f})",
+                      median(at_10) >= HV_AT_10_TARGET)
     report.add(
         f"Summary: median over {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
         f"Budget per method {budget:,} epochs ({samples} configurations × {max_t}), {CONCURRENT} trials at a time; "

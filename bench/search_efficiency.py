@@ -33,8 +33,11 @@ EPOCH_TARGET = 0.15
 OFFLINE_STOCK_ASHA = 0.14  # measured offline on recorded curves (ray-optuna-facts.md)
 
 METHODS: dict[str, dict[str, Any]] = {
-    "random, full budget (reference)": {"sampler": {"name": "random"}, "early_stopping": {"rule": "none"}},
-    "stock ASHA + TPE on val_acc": {"sampler": {"name": "tpe", "objectives": ["val_acc"]},
+    # The peers draw every configuration at random, first trials included (kdtune's default puts
+    # each width's first trial at the middle of the ranges: sampler.first_trials).
+    "random, full budget (reference)": {"sampler": {"name": "random", "first_trials": "random"},
+                                        "early_stopping": {"rule": "none"}},
+    "stock ASHA + TPE on val_acc": {"sampler": {"name": "tpe", "objectives": ["val_acc"], "first_trials": "random"},
                                     "early_stopping": {"rule": "asha"}},
     "kdtune default (pareto_asha)": {},
     "kdtune size_aware_asha": {"early_stopping": {"rule": "size_aware_asha"}},

@@ -1,13 +1,16 @@
 """A transfer set on the real task: does `data.unlabelled` help the Fashion-MNIST students?
 
     python bench/transfer_set.py [--study results/real_task/fashion_mnist] [--widths 0.25,1] [--seeds 2]
+        [--temperature T] [--alpha A] [--epochs N]
 
 For each width of a finished real-task study's test front (``bench/real_task.py``), the
 front's configuration is retrained three ways with the same seeds: hard labels alone
 (the baseline), KD as searched (``train_subset`` labelled images), and KD with every
 other training image as a transfer set (``unlabelled: all``: the teacher's soft targets
 only, at the same steps). Validation accuracy after the last epoch, mean ± sd over
-seeds, and the transfer set's paired gain over KD. The teacher and its cached views
+seeds, and the transfer set's paired gain over KD. ``--temperature``, ``--alpha`` and
+``--epochs`` replace the front's values in every run (T and α in the distilled ones),
+to compare other settings on the same configurations. The teacher and its cached views
 are the study's (nothing is retrained but the students). Not part of ``make bench``:
 about 2 minutes a seed at width 0.25 and 5 at width 1 on one core.
 """
@@ -33,7 +36,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def build(study: Path, widths: list[float], seeds: int) -> Report:
+def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, float] | None = None) -> Report:
     common.make_kdtune_importable()
     import torch
 
@@ -60,6 +63,7 @@ def build(study: Path, widths: list[float], seeds: int) -> Report:
             raise SystemExit(f"--widths: {width:g} is not on {study}/final.csv's front "
                              f"({', '.join(f'{w:g}' for w in front['width'])})")
         config = trial_run_config(recorded_trial_config(study, str(match["trial_id"].iloc[0])))
+        config = config.replace(**(overrides or {}))
         scores: dict[str, list[float]] = {"hard labels": [], "KD": [], "KD + transfer set": []}
         for i in range(seeds):
             seed = int(spec.seed) + SEED_BASE + i
@@ -88,9 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", type=Path, default=DEFAULT_STUDY)
     parser.add_argument("--widths", default="0.25,1")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--temperature", type=float, help="T of the distilled runs (default: the front's)")
+    parser.add_argument("--alpha", type=float, help="α of the distilled runs (default: the front's)")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: the front's)")
     args = parser.parse_args(argv)
     widths = [float(w) for w in args.widths.split(",")]
-    common.report_standalone("bench/transfer_set.py", lambda: build(args.study.resolve(), widths, args.seeds), argv)
+    overrides = {name: value for name, value in
+                 (("temperature", args.temperature), ("alpha", args.alpha), ("epochs", args.epochs)) if value is not None}
+    common.report_standalone("bench/transfer_set.py",
+                             lambda: build(args.study.resolve(), widths, args.seeds, overrides), argv)
 
 
 if __name__ == "__main__":

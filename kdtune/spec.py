@@ -352,6 +352,11 @@ class TargetsSpec(_Strict):
         return _one_of(value, VIEW_PICKS)
 
 
+#: How the first trial of each student size draws its other hyperparameters
+#: (``sampler.first_trials``): from the sampler, or at the middle of every range.
+FIRST_TRIALS = ("random", "midpoint")
+
+
 class SamplerSpec(_Strict):
     #: A name in the SAMPLERS registry (kdtune.search.sampler), checked before the search starts.
     name: str = "tpe"
@@ -362,6 +367,9 @@ class SamplerSpec(_Strict):
     #: With discrete widths and a size among the objectives: give every width as many
     #: trials as any other (kdtune.search.sampler.BalancedSizes); False leaves the width to the sampler.
     balance_sizes: bool = True
+    #: The first trial of each discrete width: ``midpoint`` (every other searched hyperparameter
+    #: at the middle of its range; kdtune.search.sampler.midpoint) or ``random`` (from the sampler).
+    first_trials: Literal[FIRST_TRIALS] = "midpoint"  # type: ignore[valid-type]
 
     @field_validator("objectives")
     @classmethod

@@ -131,9 +131,11 @@ FAULT_SPEC = tiny_spec(
     # step: the loss is NaN within the first epoch for any width, alpha or T.
     space={**tiny_spec("x")["space"], "lr": {"choice": [0.1, 1.0e6]}, "weight_decay": 1.0e-3},
     resources={"cpus": 1, "max_concurrent_trials": 1},
-    # The draws above are TPE's when it draws the width too: with the width balanced
-    # (the default) the same seed draws lr 1e6, 0.1, 1e6, 0.1.
-    sampler={"name": "tpe", "n_startup_trials": 5, "balance_sizes": False},
+    # The draws above are TPE's when it draws the width too, and the first trials'
+    # hyperparameters: with the width balanced (the default) the same seed draws
+    # lr 1e6, 0.1, 1e6, 0.1; with midpoint first trials (the default) each width's
+    # first trial takes the choice's first lr, 0.1.
+    sampler={"name": "tpe", "n_startup_trials": 5, "balance_sizes": False, "first_trials": "random"},
     max_failures=1,
     # The first trial to reach epoch 2 raises once (one retry completes it), the
     # second raises twice (its one retry fails too: an error).

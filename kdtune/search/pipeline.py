@@ -95,11 +95,12 @@ class SearchResult:
 
 def _searcher(spec: SearchSpec, study_dir: Path, study: str, budget: Budget | None = None):
     from kdtune.core.distill import OBJECTIVE_MODES
-    from kdtune.core.objectives import owner_of
+    from kdtune.core.objectives import SIZE_HYPERPARAMETER, owner_of
     from kdtune.search.sampler import (
         ConditionalSpace,
         KdOptunaSearch,
         build_sampler,
+        first_trials,
         journal_storage,
         to_optuna_distribution,
     )
@@ -122,7 +123,7 @@ def _searcher(spec: SearchSpec, study_dir: Path, study: str, budget: Budget | No
         sampler=build_sampler(spec.sampler, spec.seed, multi, conditional, sizes),
         study_name=study,
         storage=journal_storage(study_dir / JOURNAL_FILE),
-        size_values=sizes,
+        first=first_trials(space, SIZE_HYPERPARAMETER, sizes, spec.sampler.first_trials),
         num_samples=spec.num_samples,
         records=records_dir(study_dir, "search"),
         budget=budget,

@@ -33,7 +33,7 @@ from kdtune.core.objectives import SIZE_HYPERPARAMETER
 from kdtune.registry import Registry
 from kdtune.search.callbacks import record_ended_trial
 from kdtune.search.private_apis import fail_lost_trial, optuna_study, optuna_trials, told_trials
-from kdtune.spec import Choice, IntRange, LogUniform, SamplerSpec, Uniform
+from kdtune.spec import FIRST_TRIALS, Choice, IntRange, LogUniform, SamplerSpec, Uniform
 from kdtune.study import COMPLETED, STOPPED_EARLY, record_path, recorded_ids, trial_status
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,46 @@ class BalancedSizes(optuna.samplers.BaseSampler):
         self.sampler.reseed_rng()
 
 
+def midpoint(distribution: BaseDistribution) -> Any:
+    """The middle of ``distribution``'s range: the geometric mean of a log-scaled range,
+    the arithmetic mean of a linear one (on the range's step, if it has one), the first
+    value of a choice. Syne Tune's searchers started from this configuration by default
+    until 0.16 (its ``impute_points_to_evaluate``; 0.16 starts from none); a range drawn
+    by a user is usually centred on what they expect to work."""
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[0]
+    low, high = distribution.low, distribution.high
+    middle = math.sqrt(low * high) if distribution.log else (low + high) / 2
+    step = distribution.step
+    if step is not None:  # the nearest value on the range's grid, halves up
+        middle = low + math.floor((middle - low) / step + 0.5) * step
+    return int(middle) if isinstance(distribution, IntDistribution) else float(middle)
+
+
+def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_param: str,
+                 size_values: list[Any] | None, how: str = "random") -> list[dict[str, Any]]:
+    """The parameters to enqueue before the sampler takes over: one trial per size in
+    ``size_values`` (none without discrete sizes, unless ``how`` is ``midpoint``: then one).
+
+    ``random`` fixes only the size; ``midpoint`` also fixes every other searched
+    hyperparameter at :func:`midpoint` of its range (in a conditional space, those of
+    the method that the midpoint's selector picks). Why enqueue sizes at all: a random
+    start of 10 trials over 5 widths misses one width in about one search in ten, and
+    TPE then never learns that width exists."""
+    if how not in FIRST_TRIALS:
+        raise ValueError(f"first trials {how!r}: expected one of {', '.join(FIRST_TRIALS)}")
+    sizes = list(size_values or [])
+    if how == "random":
+        return [{size_param: size} for size in sizes]
+    distributions = space.distributions if isinstance(space, ConditionalSpace) else space
+    middle: dict[str, Any] = {}
+    for name, distribution in distributions.items():
+        if (name != size_param or not sizes) and (not isinstance(space, ConditionalSpace)
+                                                  or space.applies(name, middle)):
+            middle[name] = midpoint(distribution)
+    return [{size_param: size, **middle} for size in sizes] if sizes else [middle]
+
+
 def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
     """Draw ``name`` from ``distribution`` through the trial's public API."""
     if isinstance(distribution, FloatDistribution):
@@ -256,14 +296,13 @@ class KdOptunaSearch(OptunaSearch):
     _started: float | None = None
 
     def __init__(self, *args: Any, size_param: str = SIZE_HYPERPARAMETER, size_values: list[Any] | None = None,
-                 num_samples: int | None = None, records: str | Path | None = None, budget: Any = None,
-                 **kwargs: Any) -> None:
-        """Arguments as :class:`OptunaSearch`, plus the student sizes to try first.
+                 first: list[dict[str, Any]] | None = None, num_samples: int | None = None,
+                 records: str | Path | None = None, budget: Any = None, **kwargs: Any) -> None:
+        """Arguments as :class:`OptunaSearch`, plus the trials to try first.
 
-        ``size_values`` (the discrete widths of the space) are enqueued as the
-        first trials, one per width, the other hyperparameters left to the
-        sampler: a random start of 10 trials over 5 widths misses one width in
-        about one search in ten, and TPE then never learns that width exists.
+        ``first`` (see :func:`first_trials`) are enqueued as the first trials of a new
+        study; without it, ``size_values`` (the discrete widths of the space) are, one
+        trial per width with the other hyperparameters left to the sampler.
         ``num_samples`` and ``records`` (the folder of the search's trial records,
         see :mod:`kdtune.records`) let a restored searcher count the trials that
         ended after Ray's last saved state, so the search still ends at
@@ -278,9 +317,11 @@ class KdOptunaSearch(OptunaSearch):
         self._records = str(records) if records is not None else None
         self._forgotten: set[str] = set()
         study = optuna_study(self)
-        if size_values and study is not None and not study.trials:
-            for value in size_values:
-                study.enqueue_trial({size_param: value}, skip_if_exists=True)
+        if first is None:
+            first = [{size_param: value} for value in size_values or []]
+        if first and study is not None and not study.trials:
+            for params in first:
+                study.enqueue_trial(params, skip_if_exists=True)
 
     def restore(self, checkpoint_path: str) -> None:
         """Restore Ray's saved state, then count the recorded trials it does not know:

@@ -1,0 +1,83 @@
+"""The first trial of each width: left to the sampler, or at the middle of every range
+(``sampler.first_trials``, :func:`kdtune.search.sampler.first_trials`)."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from kdtune.search.sampler import (
+    ConditionalSpace,
+    KdOptunaSearch,
+    first_trials,
+    midpoint,
+)
+from kdtune.spec import SamplerSpec
+
+SPACE = {
+    "temperature": FloatDistribution(1.0, 16.0, log=True),
+    "alpha": FloatDistribution(0.0, 0.5),
+    "width": CategoricalDistribution([8, 16, 32]),
+    "lr": FloatDistribution(0.001, 0.1, log=True),
+}
+
+
+@pytest.mark.parametrize("distribution, expected", [
+    (FloatDistribution(1.0, 16.0, log=True), 4.0),          # sqrt(1 * 16)
+    (FloatDistribution(0.0, 0.5), 0.25),
+    (FloatDistribution(0.0, 0.9, step=0.3), 0.6),           # grid 0, 0.3, 0.6, 0.9: 0.45 -> 0.6
+    (IntDistribution(16, 256, log=True), 64),               # sqrt(16 * 256)
+    (IntDistribution(1, 10), 6),                            # 5.5, halves up
+    (IntDistribution(2, 32, log=True), 8),                  # sqrt(64)
+    (CategoricalDistribution(["kd", "dkd", "dist"]), "kd"),
+])
+def test_midpoint_of_each_kind_of_range(distribution, expected):
+    assert midpoint(distribution) == pytest.approx(expected)
+
+
+def test_random_first_trials_fix_only_the_width():
+    assert first_trials(SPACE, "width", [8, 16, 32]) == [{"width": 8}, {"width": 16}, {"width": 32}]
+    assert first_trials(SPACE, "width", None) == []
+
+
+def test_midpoint_first_trials_fix_everything_else_at_the_middle():
+    trials = first_trials(SPACE, "width", [8, 32], "midpoint")
+    assert [t["width"] for t in trials] == [8, 32]
+    for trial in trials:
+        assert trial["temperature"] == pytest.approx(4.0)
+        assert trial["alpha"] == pytest.approx(0.25)
+        assert trial["lr"] == pytest.approx(math.sqrt(0.001 * 0.1))
+    # No discrete widths: one trial, the width at its middle like the rest.
+    single = first_trials({**SPACE, "width": IntDistribution(4, 64, log=True)}, "width", None, "midpoint")
+    assert single == [pytest.approx({"temperature": 4.0, "alpha": 0.25, "width": 16, "lr": 0.01})]
+
+
+def test_midpoint_in_a_conditional_space_takes_only_the_chosen_methods_parameters():
+    distributions = {"soft_loss": CategoricalDistribution(["dkd", "kd"]), "temperature": SPACE["temperature"],
+                     "dkd_beta": FloatDistribution(1.0, 9.0), "dist_gamma": FloatDistribution(0.5, 2.0)}
+    space = ConditionalSpace(distributions, {"dkd_beta": "dkd", "dist_gamma": "dist"})
+    assert first_trials(space, "width", [8], "midpoint") == [
+        {"width": 8, "soft_loss": "dkd", "temperature": pytest.approx(4.0), "dkd_beta": 5.0}]
+
+
+def test_the_searcher_asks_for_the_first_trials_before_sampling():
+    first = first_trials(SPACE, "width", [8, 16, 32], "midpoint")
+    searcher = KdOptunaSearch(space=SPACE, metric=["val_acc", "params"], mode=["max", "min"],
+                              sampler=optuna.samplers.RandomSampler(seed=0), first=first)
+    asked = [searcher.suggest(f"t{i}") for i in range(5)]
+    assert [a["width"] for a in asked[:3]] == [8, 16, 32]
+    assert all(a["temperature"] == pytest.approx(4.0) and a["alpha"] == pytest.approx(0.25) for a in asked[:3])
+    assert all(a["temperature"] != pytest.approx(4.0) for a in asked[3:])  # then the sampler draws
+
+
+def test_the_spec_names_the_allowed_values():
+    assert SamplerSpec().first_trials == "midpoint"
+    with pytest.raises(ValueError, match="'random' or 'midpoint'"):
+        SamplerSpec(first_trials="middle")
