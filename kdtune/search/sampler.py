@@ -165,8 +165,8 @@ class BalancedSizes(optuna.samplers.BaseSampler):
 def midpoint(distribution: BaseDistribution) -> Any:
     """The middle of ``distribution``'s range: the geometric mean of a log-scaled range,
     the arithmetic mean of a linear one (on the range's step, if it has one), the first
-    value of a choice. Syne Tune's searchers started from this configuration by default
-    until 0.16 (its ``impute_points_to_evaluate``; 0.16 starts from none); a range drawn
+    value of a choice. Earlier Syne Tune releases started their searchers from this configuration
+    by default (``impute_points_to_evaluate``; the 0.16 installed here starts from none); a range drawn
     by a user is usually centred on what they expect to work."""
     if isinstance(distribution, CategoricalDistribution):
         return distribution.choices[0]
