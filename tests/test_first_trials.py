@@ -43,8 +43,8 @@ def test_midpoint_of_each_kind_of_range(distribution, expected):
 
 
 def test_random_first_trials_fix_only_the_width():
-    assert first_trials(SPACE, "width", [8, 16, 32]) == [{"width": 8}, {"width": 16}, {"width": 32}]
-    assert first_trials(SPACE, "width", None) == []
+    assert first_trials(SPACE, "width", [8, 16, 32], "random") == [{"width": 8}, {"width": 16}, {"width": 32}]
+    assert first_trials(SPACE, "width", None, "random") == []
 
 
 def test_midpoint_first_trials_fix_everything_else_at_the_middle():
@@ -81,3 +81,22 @@ def test_the_spec_names_the_allowed_values():
     assert SamplerSpec().first_trials == "midpoint"
     with pytest.raises(ValueError, match="'random' or 'midpoint'"):
         SamplerSpec(first_trials="middle")
+
+
+def test_a_resumed_study_gets_no_first_trials_again(tmp_path):
+    from kdtune.search.sampler import journal_storage
+
+    first = first_trials(SPACE, "width", [8, 16, 32], "midpoint")
+
+    def searcher():
+        return KdOptunaSearch(space=SPACE, metric=["val_acc", "params"], mode=["max", "min"],
+                              sampler=optuna.samplers.RandomSampler(seed=1), first=first,
+                              study_name="s", storage=journal_storage(tmp_path / "journal.log"))
+
+    before = searcher()
+    assert [before.suggest(f"t{i}")["width"] for i in range(2)] == [8, 16]
+    after = searcher()  # the same study, reopened: its one waiting first trial (width 32) comes next
+    assert after.suggest("t2")["width"] == 32
+    study = optuna.load_study(study_name="s", storage=journal_storage(tmp_path / "journal.log"))
+    assert sum(t.params.get("alpha") == pytest.approx(0.25) for t in study.trials) == 3  # not enqueued twice
+    assert after.suggest("t3")["temperature"] != pytest.approx(4.0)

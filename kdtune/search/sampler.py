@@ -179,7 +179,7 @@ def midpoint(distribution: BaseDistribution) -> Any:
 
 
 def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_param: str,
-                 size_values: list[Any] | None, how: str = "random") -> list[dict[str, Any]]:
+                 size_values: list[Any] | None, how: str) -> list[dict[str, Any]]:
     """The parameters to enqueue before the sampler takes over: one trial per size in
     ``size_values`` (none without discrete sizes, unless ``how`` is ``midpoint``: then one).
 
@@ -295,14 +295,12 @@ class KdOptunaSearch(OptunaSearch):
     _epochs_spent: dict[str, int] | None = None
     _started: float | None = None
 
-    def __init__(self, *args: Any, size_param: str = SIZE_HYPERPARAMETER, size_values: list[Any] | None = None,
-                 first: list[dict[str, Any]] | None = None, num_samples: int | None = None,
+    def __init__(self, *args: Any, first: list[dict[str, Any]] | None = None, num_samples: int | None = None,
                  records: str | Path | None = None, budget: Any = None, **kwargs: Any) -> None:
         """Arguments as :class:`OptunaSearch`, plus the trials to try first.
 
-        ``first`` (see :func:`first_trials`) are enqueued as the first trials of a new
-        study; without it, ``size_values`` (the discrete widths of the space) are, one
-        trial per width with the other hyperparameters left to the sampler.
+        ``first`` (the parameters of each, from :func:`first_trials`) are enqueued as
+        the first trials of a new study; a resumed study has trials and gets none.
         ``num_samples`` and ``records`` (the folder of the search's trial records,
         see :mod:`kdtune.records`) let a restored searcher count the trials that
         ended after Ray's last saved state, so the search still ends at
@@ -317,8 +315,6 @@ class KdOptunaSearch(OptunaSearch):
         self._records = str(records) if records is not None else None
         self._forgotten: set[str] = set()
         study = optuna_study(self)
-        if first is None:
-            first = [{size_param: value} for value in size_values or []]
         if first and study is not None and not study.trials:
             for params in first:
                 study.enqueue_trial(params, skip_if_exists=True)
