@@ -122,6 +122,48 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed:
     return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def hv_lost_by_size(method: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]],
+                    sizes: Sequence[float], reference_size: float) -> np.ndarray:
+    """Where a front's hypervolume falls short of the reference's, size by size, as shares
+    of the reference's hypervolume: for each size, (the reference's best accuracy at that
+    size or smaller − the method's, 0 where it has none) × the width in log10 params of the
+    slab that size owns (up to the next size, the last one up to ``reference_size``).
+    With discrete ``sizes`` holding every point's size the shares sum to 1 − the HV ratio."""
+    from kdtune.pareto import front_hypervolume
+
+    edges = np.log10([*sizes, reference_size])
+    ref = np.nan_to_num(best_at_or_below(reference, sizes), nan=0.0)
+    got = np.nan_to_num(best_at_or_below(method, sizes), nan=0.0)
+    return (ref - got) * np.diff(edges) / front_hypervolume(reference, reference_size)
+
+
+def median_bootstrap(values: Sequence[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Median of ``values`` (one per seed) and its 95% percentile bootstrap interval: how
+    far the median of this many seeds can move, before calling a target met or missed by it."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(values[rng.integers(0, len(values), size=(resamples, len(values)))], axis=1)
+    return float(np.median(values)), float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
+
+
+def budgets_behind(curve: np.ndarray, other: np.ndarray, grid: np.ndarray = GRID,
+                   start: float = AREA_FROM) -> list[float]:
+    """The budgets of ``grid`` from ``start`` on at which ``curve`` lies below ``other``
+    (e.g. the median HV of one method against another's)."""
+    return [float(x) for x, a, b in zip(grid, curve, other) if x >= start - 1e-12 and a < b]
+
+
+def spans(points: Sequence[float], step: float = GRID[1] - GRID[0]) -> str:
+    """Budgets (fractions) as runs of consecutive grid points: [0.1, 0.11, 0.12, 0.3] → "10–12%, 30%"."""
+    runs: list[list[float]] = []
+    for x in points:
+        if runs and x - runs[-1][-1] <= step * 1.5:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ", ".join(f"{r[0]:.0%}" if len(r) == 1 else f"{r[0] * 100:.0f}–{r[-1]:.0%}" for r in runs) or "none"
+
+
 # --------------------------------------------------------------------------- rules not in kdtune
 
 

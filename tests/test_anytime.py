@@ -102,3 +102,37 @@ def test_hindsight_ceiling_takes_the_best_configuration_of_each_size_in_the_best
     assert anytime.hindsight_ceiling(pool, 2, 2000) == pytest.approx(1 * 0.6 + (right - 2) * 0.7)
     # More trials than sizes: every size's best.
     assert anytime.hindsight_ceiling(pool, 5, 2000) == pytest.approx(0.6 + 0.7 + (right - 3) * 0.8)
+
+
+def test_median_bootstrap_of_equal_values_is_that_value_and_brackets_the_median():
+    assert anytime.median_bootstrap([0.97] * 5) == pytest.approx((0.97, 0.97, 0.97))
+    median, low, high = anytime.median_bootstrap([0.90, 0.95, 0.96, 0.97, 0.99])
+    assert median == 0.96
+    # A resampled median is one of the values, never outside them.
+    assert 0.90 <= low <= median <= high <= 0.99
+
+
+def test_budgets_behind_lists_grid_points_from_five_percent_where_one_curve_is_lower():
+    grid = np.array([0.01, 0.05, 0.10, 0.15, 0.20, 1.0])
+    mine = np.array([0.0, 0.90, 0.95, 0.99, 0.98, 1.00])
+    other = np.array([0.5, 0.91, 0.95, 0.97, 0.99, 1.00])
+    # 1% is before the area's start; ties (10%, 100%) are not behind.
+    assert anytime.budgets_behind(mine, other, grid) == [0.05, 0.20]
+
+
+def test_spans_join_consecutive_budgets():
+    assert anytime.spans([0.10, 0.11, 0.12, 0.30, 0.50, 0.51]) == "10–12%, 30%, 50–51%"
+    assert anytime.spans([]) == "none"
+
+
+def test_hv_lost_by_size_splits_the_shortfall_into_slabs_that_sum_to_it():
+    sizes, ref_size = [10, 100, 1000], 2000
+    reference = [(10, 0.6), (100, 0.8), (1000, 0.9)]
+    method = [(100, 0.7)]  # nothing at 10; 0.1 short at 100; 0.2 short at 1000 (its best there is 0.7)
+    log_ref = math.log10(ref_size)
+    ref_hv = 1 * 0.6 + 1 * 0.8 + (log_ref - 3) * 0.9
+    expected = np.array([0.6 * 1, 0.1 * 1, 0.2 * (log_ref - 3)]) / ref_hv
+    lost = anytime.hv_lost_by_size(method, reference, sizes, ref_size)
+    assert lost == pytest.approx(expected)
+    method_hv = anytime.hv_at_budgets([(0, p, a) for p, a in method], [0], ref_size)[0]
+    assert lost.sum() == pytest.approx(1 - method_hv / ref_hv)
