@@ -1,7 +1,8 @@
 """A transfer set on the real task: does `data.unlabelled` help the Fashion-MNIST students?
 
     python bench/transfer_set.py [--study results/real_task/fashion_mnist] [--widths 0.25,1] [--seeds 2]
-        [--temperature T] [--alpha A] [--epochs N]
+        [--temperature T] [--alpha A] [--epochs N] [--lr LR] [--variants "hard labels,KD + transfer set"]
+        [--seed-base B]
 
 For each width of a finished real-task study's test front (``bench/real_task.py``), the
 front's configuration is retrained three ways with the same seeds: hard labels alone
@@ -9,8 +10,9 @@ front's configuration is retrained three ways with the same seeds: hard labels a
 other training image as a transfer set (``unlabelled: all``: the teacher's soft targets
 only, at the same steps). Validation accuracy after the last epoch, mean ± sd over
 seeds, and the transfer set's paired gain over KD. ``--temperature``, ``--alpha`` and
-``--epochs`` replace the front's values in every run (T and α in the distilled ones),
-to compare other settings on the same configurations. The teacher and its cached views
+``--epochs`` and ``--lr`` replace the front's values in every run (T and α in the distilled
+ones), to compare other settings on the same configurations; ``--variants`` trains only
+some of the three, and ``--seed-base`` moves the seeds. The teacher and its cached views
 are the study's (nothing is retrained but the students). Not part of ``make bench``:
 about 2 minutes a seed at width 0.25 and 5 at width 1 on one core.
 """
@@ -21,6 +23,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -36,7 +39,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, float] | None = None) -> Report:
+VARIANTS = ("hard labels", "KD", "KD + transfer set")
+
+
+def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, float] | None = None,
+          variants: Sequence[str] = VARIANTS, seed_base: int = SEED_BASE) -> Report:
     common.make_kdtune_importable()
     import torch
 
@@ -64,22 +71,28 @@ def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, flo
                              f"({', '.join(f'{w:g}' for w in front['width'])})")
         config = trial_run_config(recorded_trial_config(study, str(match["trial_id"].iloc[0])))
         config = config.replace(**(overrides or {}))
-        scores: dict[str, list[float]] = {"hard labels": [], "KD": [], "KD + transfer set": []}
+        scores: dict[str, list[float]] = {name: [] for name in VARIANTS if name in variants}
         for i in range(seeds):
-            seed = int(spec.seed) + SEED_BASE + i
-            variants = {"hard labels": (config.replace(seed=seed, unlabelled=None, **baseline_values()), None),
-                        "KD": (config.replace(seed=seed, unlabelled=None), targets),
-                        "KD + transfer set": (config.replace(seed=seed, unlabelled="all"), targets)}
-            for name, (variant, teacher) in variants.items():
+            seed = int(spec.seed) + seed_base + i
+            runs = {"hard labels": (config.replace(seed=seed, unlabelled=None, **baseline_values()), None),
+                    "KD": (config.replace(seed=seed, unlabelled=None), targets),
+                    "KD + transfer set": (config.replace(seed=seed, unlabelled="all"), targets)}
+            for name in scores:
+                variant, teacher = runs[name]
                 scores[name].append(float(run(variant, data, teacher, validate_epochs=()).metrics["val_acc"]))
                 print(f"width {width:g} seed {seed} {name}: {scores[name][-1]:.4f}", flush=True)
-        gains = [a - b for a, b in zip(scores["KD + transfer set"], scores["KD"])]
-        rows.append([f"{width:g}", f"{int(match['params'].iloc[0]):,}", f"T {config.temperature:.3g}, α {config.alpha:.3g}",
-                     *(_mean_sd(v) for v in scores.values()), _mean_sd(gains)])
+        # Paired gains, each variant over the one before it that ran (KD over hard labels, transfer set over KD).
+        names = list(scores)
+        gains = [_mean_sd([a - b for a, b in zip(scores[later], scores[earlier])])
+                 for earlier, later in zip(names, names[1:])]
+        rows.append([f"{width:g}", f"{int(match['params'].iloc[0]):,}",
+                     f"T {config.temperature:.3g}, α {config.alpha:.3g}, lr {config.lr:.3g}",
+                     *(_mean_sd(v) for v in scores.values()), *gains])
     labelled = int(spec.data.train_subset)
-    report.add(f"Validation accuracy after {config.epochs} epochs, {seeds} seed(s) from {SEED_BASE + int(spec.seed)}",
-               markdown_table(["width", "params", "front config", "hard labels", "KD", "KD + transfer set",
-                               "transfer set − KD (paired)"], rows))
+    names = list(scores)
+    report.add(f"Validation accuracy after {config.epochs} epochs, {seeds} seed(s) from {seed_base + int(spec.seed)}",
+               markdown_table(["width", "params", "config", *names,
+                               *(f"{later} − {earlier} (paired)" for earlier, later in zip(names, names[1:]))], rows))
     notes.append(f"study {common.shown(study)}; {labelled:,} labelled images; the transfer set is the other "
                  f"{len(data.train) - labelled:,} training images; every run takes the same steps "
                  f"(an epoch is {labelled:,} images)")
@@ -95,12 +108,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, help="T of the distilled runs (default: the front's)")
     parser.add_argument("--alpha", type=float, help="α of the distilled runs (default: the front's)")
     parser.add_argument("--epochs", type=int, help="epochs of every run (default: the front's)")
+    parser.add_argument("--lr", type=float, help="learning rate of every run (default: the front's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"which runs to train, comma-separated (default: all of {', '.join(VARIANTS)})")
+    parser.add_argument("--seed-base", type=int, default=SEED_BASE,
+                        help=f"the first seed is the spec's seed plus this (default {SEED_BASE})")
     args = parser.parse_args(argv)
     widths = [float(w) for w in args.widths.split(",")]
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
     overrides = {name: value for name, value in
-                 (("temperature", args.temperature), ("alpha", args.alpha), ("epochs", args.epochs)) if value is not None}
+                 (("temperature", args.temperature), ("alpha", args.alpha), ("epochs", args.epochs), ("lr", args.lr))
+                 if value is not None}
     common.report_standalone("bench/transfer_set.py",
-                             lambda: build(args.study.resolve(), widths, args.seeds, overrides), argv)
+                             lambda: build(args.study.resolve(), widths, args.seeds, overrides, variants,
+                                           args.seed_base), argv)
 
 
 if __name__ == "__main__":
