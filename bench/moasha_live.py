@@ -51,8 +51,7 @@ from typing import Any, Sequence
 import common
 import numpy as np
 from anytime import (AREA_FROM, GRID, area, budgets_behind, finish_anytime_plot, hv_at_budgets, hv_lost_by_size,
-                     median_bootstrap,
-                     paired_bootstrap, regret_per_size, spans)
+                     median_bootstrap, paired_bootstrap, regret_per_size, spans)
 from common import Report, markdown_table, median
 from moasha import MOASHARule
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -360,7 +359,7 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                 "seconds": seconds, "epochs": int(search_trials["epochs_run"].sum()), "logged_epochs": logged,
                 "wall": wall, "trials": len(search_trials), "completed": len(by_epochs), "ref_hv": ref_hv,
                 "regret": float(np.nanmax(regret_per_size(within, [(p, a) for _, p, a in ref_points], sizes))),
-                "lost_at_10": hv_lost_by_size([(p, a) for spent, p, a in by_epochs if spent <= GRID[9] * budget],
+                "sizes": tuple(sizes), "lost_at_10": hv_lost_by_size([(p, a) for spent, p, a in by_epochs if spent <= GRID[9] * budget],
                                               [(p, a) for _, p, a in ref_points], sizes, reference_size)}
             runs[name].append(m)
             print(f"seed {seed}: {name}: HV ratio {final:.4f}, area {m['area']:.4f}, {m['trials']} trials, "
@@ -405,8 +404,8 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
         f"seconds: first trial added to last result.\n\n"
         + markdown_table(["method", "area 5–100% (epochs)", "HV @10%", "HV @25%", "HV @100%", "final HV",
                           "worst regret", "time area", "epochs", "seconds", "trials", "completed"], summary))
-    if len({len(m["lost_at_10"]) for per_seed in runs.values() for m in per_seed}) == 1:
-        # Which sizes the shortfall at 10% comes from (the same sizes in every seed's reference).
+    if len({m["sizes"] for per_seed in runs.values() for m in per_seed}) == 1:
+        # Which sizes the shortfall at 10% comes from (when every seed's reference has the same sizes).
         lost_rows = []
         for name, per_seed in runs.items():
             lost = np.array([m["lost_at_10"] for m in per_seed])
