@@ -74,9 +74,14 @@ def hv_at_budgets(events: Sequence[Event], budgets: Sequence[float], reference: 
     return np.array(out)
 
 
+def counted(grid: np.ndarray = GRID, start: float = AREA_FROM) -> np.ndarray:
+    """Which budgets of ``grid`` the area and the comparisons count: those from ``start`` on."""
+    return np.asarray(grid) >= start - 1e-12
+
+
 def area(curve: np.ndarray, grid: np.ndarray = GRID, start: float = AREA_FROM) -> float:
     """Mean height of ``curve`` over [start, grid[-1]] (trapezoids on the grid points inside)."""
-    inside = grid >= start - 1e-12
+    inside = counted(grid, start)
     x, y = grid[inside], curve[inside]
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
@@ -150,7 +155,7 @@ def budgets_behind(curve: np.ndarray, other: np.ndarray, grid: np.ndarray = GRID
                    start: float = AREA_FROM) -> list[float]:
     """The budgets of ``grid`` from ``start`` on at which ``curve`` lies below ``other``
     (e.g. the median HV of one method against another's)."""
-    return [float(x) for x, a, b in zip(grid, curve, other) if x >= start - 1e-12 and a < b]
+    return [float(x) for x, a, b, inside in zip(grid, curve, other, counted(grid, start)) if inside and a < b]
 
 
 def spans(points: Sequence[float], step: float = GRID[1] - GRID[0]) -> str:

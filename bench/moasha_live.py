@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import common
 import numpy as np
-from anytime import (AREA_FROM, GRID, area, budgets_behind, finish_anytime_plot, hv_at_budgets, hv_lost_by_size,
+from anytime import (GRID, area, budgets_behind, counted, finish_anytime_plot, hv_at_budgets, hv_lost_by_size,
                      median_bootstrap, paired_bootstrap, regret_per_size, spans)
 from common import Report, markdown_table, median
 from moasha import MOASHARule
@@ -339,6 +339,7 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
         ref_points = [(0.0, float(p), float(a)) for p, a in zip(trials["params"], trials["val_acc"])]
         ref_hv = float(hv_at_budgets(ref_points, [0.0], reference_size)[0])
         sizes = sorted({p for _, p, _ in ref_points})
+        ref_pairs = [(p, a) for _, p, a in ref_points]
         references.append([seed, REFERENCE_NAME, samples, len(trials), int(all_trials["epochs_run"].sum()),
                            ref_hv, 1.0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, wall])
         print(f"seed {seed}: reference HV {ref_hv:.4f} ({wall:.0f} s)", flush=True)
@@ -358,9 +359,10 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                 "seed": seed, "curve": curve, "area": area(curve), "final": final, "by_seconds": by_seconds,
                 "seconds": seconds, "epochs": int(search_trials["epochs_run"].sum()), "logged_epochs": logged,
                 "wall": wall, "trials": len(search_trials), "completed": len(by_epochs), "ref_hv": ref_hv,
-                "regret": float(np.nanmax(regret_per_size(within, [(p, a) for _, p, a in ref_points], sizes))),
-                "sizes": tuple(sizes), "lost_at_10": hv_lost_by_size([(p, a) for spent, p, a in by_epochs if spent <= GRID[9] * budget],
-                                              [(p, a) for _, p, a in ref_points], sizes, reference_size)}
+                "regret": float(np.nanmax(regret_per_size(within, ref_pairs, sizes))),
+                "sizes": tuple(sizes), "lost_at_10": hv_lost_by_size(
+                    [(p, a) for spent, p, a in by_epochs if spent <= GRID[9] * budget], ref_pairs, sizes,
+                    reference_size)}
             runs[name].append(m)
             print(f"seed {seed}: {name}: HV ratio {final:.4f}, area {m['area']:.4f}, {m['trials']} trials, "
                   f"{m['epochs']} epochs, {seconds:.0f} s ({wall:.0f} s with setup)", flush=True)
@@ -440,12 +442,11 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                     low > 0)
         # Where the default's median curve dips below MOASHA's (the issue asks for every budget).
         medians = {name: np.median([m["curve"] for m in per_seed], axis=0) for name, per_seed in runs.items()}
-        counted = GRID >= AREA_FROM - 1e-12
         behind = []
         for name, per_seed in runs.items():
             if name == MOASHA:
                 continue
-            gap = np.where(counted, medians[name] - medians[MOASHA], np.inf)
+            gap = np.where(counted(), medians[name] - medians[MOASHA], np.inf)
             worst = int(np.argmin(gap))
             paired = [a["curve"][worst] - b["curve"][worst] for a, b in zip(per_seed, runs[MOASHA])]
             mean, low, high = paired_bootstrap(np.array(paired), np.zeros(len(paired)))

@@ -9,7 +9,8 @@ front's configuration is retrained three ways with the same seeds: hard labels a
 (the baseline), KD as searched (``train_subset`` labelled images), and KD with every
 other training image as a transfer set (``unlabelled: all``: the teacher's soft targets
 only, at the same steps). Validation accuracy after the last epoch, mean ± sd over
-seeds, and the transfer set's paired gain over KD. ``--temperature``, ``--alpha`` and
+seeds, and each variant's paired gain over the one before it (KD over hard labels, the
+transfer set over KD). ``--temperature``, ``--alpha`` and
 ``--epochs`` and ``--lr`` replace the front's values in every run (T and α in the distilled
 ones), to compare other settings on the same configurations; ``--variants`` trains only
 some of the three, and ``--seed-base`` moves the seeds. The teacher and its cached views
