@@ -9,14 +9,17 @@ on the same seeds:
 
 * kdtune's default: ``pareto_asha`` with multi-objective TPE, every width given as
   many trials as any other (``sampler.balance_sizes``), the first trial of each
-  width at the middle of every range (``sampler.first_trials: midpoint``);
+  width at the middle of every range, its learning rate raised for narrower widths
+  (``sampler.first_trials: size_scaled``);
 * corrected MOASHA (:class:`MOASHAScheduler`: Syne Tune 0.16's ``Bracket`` with
   :class:`moasha.CorrectedPriority`), random sampling, as MOASHA has no searcher;
-* optionally (``--methods``) the default with random first trials
-  (``random_first``, the former default), ``pareto_asha`` with random sampling,
-  which separates the rule from the sampler (offline, both used random
+* optionally (``--methods``) the default with every first trial at the middle of
+  every range (``midpoint``, the default from the twelfth to the fourteenth session)
+  or at random (``random_first``, the default before), ``pareto_asha`` with random
+  sampling, which separates the rule from the sampler (offline, both used random
   sampling), and with TPE choosing the width as well (``tpe_unbalanced``). Every
-  method but the default draws its first trials at random, as Syne Tune's MOASHA does.
+  method but the default and ``midpoint`` draws its first trials at random, as Syne
+  Tune's MOASHA does.
 
 The MOASHA rule is plugged in the way kdtune takes any rule: one registration
 in :data:`kdtune.search.early_stopping.EARLY_STOPPING` (:func:`register_rules`),
@@ -71,7 +74,7 @@ EVENTS_FILE = "scheduler_events.jsonl"
 DONE_FILE = "bench_done.json"  # written after a search ends: its wall time; the study is then reused
 #: bench/RESULTS.md, offline (bench/anytime.py, 60 draws): area(kdtune default) − area(MOASHA corrected) per study.
 OFFLINE_AREA_DIFF = {"digits": 0.0151, "digits_cnn": 0.0328}
-KDTUNE, MOASHA = ("kdtune default (pareto_asha + TPE, sizes balanced, midpoint first trials)",
+KDTUNE, MOASHA = ("kdtune default (pareto_asha + TPE, sizes balanced, first trials scaled by size)",
                   "MOASHA corrected (random)")
 #: The first trials as every method but the default draws them: its width fixed, the rest random.
 RANDOM_FIRST = {"first_trials": "random"}
@@ -81,8 +84,10 @@ RANDOM_FIRST = {"first_trials": "random"}
 METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "kdtune": (KDTUNE, {}, "pareto_asha+log"),
     "moasha": (MOASHA, {"sampler": {"name": "random", **RANDOM_FIRST}}, "moasha+log"),
-    "random_first": ("pareto_asha + TPE, sizes balanced, random first trials (the former default)",
+    "random_first": ("pareto_asha + TPE, sizes balanced, random first trials (the default before session 12)",
                      {"sampler": RANDOM_FIRST}, "pareto_asha+log"),
+    "midpoint": ("pareto_asha + TPE, sizes balanced, midpoint first trials (the default, sessions 12-14)",
+                 {"sampler": {"first_trials": "midpoint"}}, "pareto_asha+log"),
     "pareto_random": ("pareto_asha + random (contrast)", {"sampler": {"name": "random", **RANDOM_FIRST}},
                       "pareto_asha+log"),
     "size_aware": ("size_aware_asha + TPE", {}, "size_aware_asha+log"),
@@ -422,6 +427,23 @@ def run(quick: bool = False, seeds: Sequence[int] | None = None, methods: Sequen
                "whole search() call, Ray and teacher setup included.\n\n"
                + markdown_table(["seed", "method", "trials", "completed", "epochs", "HV", "HV ratio", "area",
                                  "HV @10%", "HV @100%", "worst regret", "time area", "seconds", "wall s"], rows))
+    if KDTUNE in runs and len(runs) > 1:
+        # What each alternative (an earlier default, MOASHA) gains or loses against the default.
+        against = []
+        for name, per_seed in runs.items():
+            if name == KDTUNE:
+                continue
+            row = [name]
+            for value in (lambda m: m["area"], lambda m: m["curve"][9]):
+                diffs = np.array([value(a) - value(b) for a, b in zip(per_seed, runs[KDTUNE])])
+                mean, low, high = paired_bootstrap(diffs, np.zeros(len(diffs)))
+                row += [f"{mean:+.4f} ({low:+.4f}, {high:+.4f})", f"{int((diffs > 0).sum())} of {len(diffs)}"]
+            against.append(row)
+        report.add("Each method against the default, paired by seed",
+                   "Mean paired difference (method − default) over seeds, with its 95% percentile bootstrap "
+                   "interval (10,000 resamples), and the seeds on which the method is ahead.\n\n"
+                   + markdown_table(["method", "area − default's", "seeds ahead", "HV @10% − default's",
+                                     "seeds ahead at 10%"], against))
     if MOASHA in runs:
         # Each rule against MOASHA, paired by seed (anytime.py's bootstrap, as offline).
         offline = OFFLINE_AREA_DIFF.get(task)

@@ -353,8 +353,9 @@ class TargetsSpec(_Strict):
 
 
 #: How the first trial of each student size draws its other hyperparameters
-#: (``sampler.first_trials``): from the sampler, or at the middle of every range.
-FIRST_TRIALS = ("random", "midpoint")
+#: (``sampler.first_trials``): from the sampler, at the middle of every range, or at the
+#: middle with the learning rate scaled by the student's width (kdtune.search.sampler.first_trials).
+FIRST_TRIALS = ("random", "midpoint", "size_scaled")
 
 
 class SamplerSpec(_Strict):
@@ -367,9 +368,10 @@ class SamplerSpec(_Strict):
     #: With discrete widths and a size among the objectives: give every width as many
     #: trials as any other (kdtune.search.sampler.BalancedSizes); False leaves the width to the sampler.
     balance_sizes: bool = True
-    #: The first trial of each discrete width: ``midpoint`` (every other searched hyperparameter
-    #: at the middle of its range; kdtune.search.sampler.midpoint) or ``random`` (from the sampler).
-    first_trials: Literal[FIRST_TRIALS] = "midpoint"  # type: ignore[valid-type]
+    #: The first trial of each discrete width: ``size_scaled`` (every other searched hyperparameter
+    #: at the middle of its range, the learning rate raised for narrower students), ``midpoint``
+    #: (all at the middle; kdtune.search.sampler.midpoint) or ``random`` (from the sampler).
+    first_trials: Literal[FIRST_TRIALS] = "size_scaled"  # type: ignore[valid-type]
 
     @field_validator("objectives")
     @classmethod

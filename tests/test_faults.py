@@ -133,8 +133,8 @@ FAULT_SPEC = tiny_spec(
     resources={"cpus": 1, "max_concurrent_trials": 1},
     # The draws above are TPE's when it draws the width too, and the first trials'
     # hyperparameters: with the width balanced (the default) the same seed draws
-    # lr 1e6, 0.1, 1e6, 0.1; with midpoint first trials (the default) each width's
-    # first trial takes the choice's first lr, 0.1.
+    # lr 1e6, 0.1, 1e6, 0.1; with first trials at the middle (size_scaled, the default, or
+    # midpoint) each width's first trial takes the choice's first lr, 0.1.
     sampler={"name": "tpe", "n_startup_trials": 5, "balance_sizes": False, "first_trials": "random"},
     max_failures=1,
     # The first trial to reach epoch 2 raises once (one retry completes it), the

@@ -1,5 +1,6 @@
-"""The first trial of each width: left to the sampler, or at the middle of every range
-(``sampler.first_trials``, :func:`kdtune.search.sampler.first_trials`)."""
+"""The first trial of each width: left to the sampler, at the middle of every range, or there
+with the learning rate scaled by width (``sampler.first_trials``,
+:func:`kdtune.search.sampler.first_trials`)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,24 @@ def test_midpoint_first_trials_fix_everything_else_at_the_middle():
     assert single == [pytest.approx({"temperature": 4.0, "alpha": 0.25, "width": 16, "lr": 0.01})]
 
 
+def test_size_scaled_first_trials_raise_the_lr_of_narrower_students():
+    # lr declares size_exponent -0.2: width w starts at the middle 0.01 times (w / 32) ** -0.2.
+    trials = first_trials(SPACE, "width", [8, 16, 32], "size_scaled")
+    assert [t["lr"] for t in trials] == pytest.approx([0.01 * 4 ** 0.2, 0.01 * 2 ** 0.2, 0.01])
+    assert 0.0131 < trials[0]["lr"] < 0.0132  # 4 ** 0.2 = 1.3195
+    for trial in trials:  # everything else stays at the middle
+        assert trial["temperature"] == pytest.approx(4.0) and trial["alpha"] == pytest.approx(0.25)
+    # Within the range: a 100,000-fold narrower student stops at the top of [0.001, 0.02].
+    narrow = {**SPACE, "lr": FloatDistribution(0.001, 0.02, log=True)}
+    smallest = first_trials(narrow, "width", [1, 100_000], "size_scaled")[0]
+    assert smallest["lr"] == 0.02  # not sqrt(0.001 * 0.02) * 100_000 ** 0.2 = 0.0447
+    # A fixed lr is not searched, so not scaled; without discrete widths, one midpoint trial.
+    fixed = {name: d for name, d in SPACE.items() if name != "lr"}
+    assert all("lr" not in t for t in first_trials(fixed, "width", [8, 32], "size_scaled"))
+    assert first_trials(SPACE | {"width": IntDistribution(4, 64, log=True)}, "width", None, "size_scaled") == \
+        first_trials(SPACE | {"width": IntDistribution(4, 64, log=True)}, "width", None, "midpoint")
+
+
 def test_midpoint_in_a_conditional_space_takes_only_the_chosen_methods_parameters():
     distributions = {"soft_loss": CategoricalDistribution(["dkd", "kd"]), "temperature": SPACE["temperature"],
                      "dkd_beta": FloatDistribution(1.0, 9.0), "dist_gamma": FloatDistribution(0.5, 2.0)}
@@ -78,8 +97,8 @@ def test_the_searcher_asks_for_the_first_trials_before_sampling():
 
 
 def test_the_spec_names_the_allowed_values():
-    assert SamplerSpec().first_trials == "midpoint"
-    with pytest.raises(ValueError, match="'random' or 'midpoint'"):
+    assert SamplerSpec().first_trials == "size_scaled"
+    with pytest.raises(ValueError, match="'random', 'midpoint' or 'size_scaled'"):
         SamplerSpec(first_trials="middle")
 
 

@@ -68,6 +68,10 @@ class Hyperparameter:
     ``{"loguniform": [1, 20]}``. ``baseline`` is the value in the no-distillation
     baseline, or :data:`TUNED`, :data:`UNCHANGED` or :data:`PER_SIZE`.
     ``needs_features``: a value > 0 needs the teacher's penultimate features.
+    ``size_exponent``: how the best value moves with the student's width, as an exponent
+    ``e`` in ``value ∝ width**e``. With ``sampler.first_trials: size_scaled`` the first trial
+    of the widest width starts at the middle of the range and a narrower one at the middle
+    times ``(width / widest) ** e`` (:func:`kdtune.search.sampler.first_trials`).
     """
 
     name: str
@@ -83,6 +87,7 @@ class Hyperparameter:
     description: str = ""
     #: None is allowed too: "not set", e.g. ``ce_weight`` left to follow ``alpha``.
     optional: bool = False
+    size_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -230,8 +235,13 @@ CORE_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("width", "float", 32, minimum=0.0, exclusive_minimum=True,
                    search_default={"choice": [4, 8, 16, 32, 64]}, baseline=PER_SIZE,
                    description="the student's width (its size)"),
+    # Narrower students train best at larger learning rates under Adam in the standard
+    # parametrisation (Yang et al. 2022, "Tensor Programs V", fig. 1; muP removes the shift by
+    # scaling the hidden layers' lr as 1/width). -0.2 is the slope of log(best lr) against
+    # log(width) over kdtune's references: -0.17 (digits MLP) and -0.18 (digits CNN), 20 seeds
+    # each (bench/RESULTS.md, "First trials scaled by size").
     Hyperparameter("lr", "float", 1e-2, minimum=0.0, exclusive_minimum=True, baseline=TUNED,
-                   description="learning rate"),
+                   size_exponent=-0.2, description="learning rate"),
     Hyperparameter("weight_decay", "float", 0.0, minimum=0.0, baseline=TUNED, description="weight decay"),
     Hyperparameter("batch_size", "int", 64, minimum=1, search_default=32, baseline=TUNED, description="batch size"),
     Hyperparameter("epochs", "int", 20, minimum=1, search_default=27, baseline=TUNED,

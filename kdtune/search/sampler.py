@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kdtune.core.objectives import SIZE_HYPERPARAMETER
+from kdtune.core.objectives import SIZE_HYPERPARAMETER, hyperparameter_table
 from kdtune.registry import Registry
 from kdtune.search.callbacks import record_ended_trial
 from kdtune.search.private_apis import fail_lost_trial, optuna_study, optuna_trials, told_trials
@@ -181,13 +181,17 @@ def midpoint(distribution: BaseDistribution) -> Any:
 def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_param: str,
                  size_values: list[Any] | None, how: str) -> list[dict[str, Any]]:
     """The parameters to enqueue before the sampler takes over: one trial per size in
-    ``size_values`` (none without discrete sizes, unless ``how`` is ``midpoint``: then one).
+    ``size_values`` (none without discrete sizes, unless ``how`` fixes the other
+    hyperparameters: then one).
 
     ``random`` fixes only the size; ``midpoint`` also fixes every other searched
     hyperparameter at :func:`midpoint` of its range (in a conditional space, those of
-    the method that the midpoint's selector picks). Why enqueue sizes at all: a random
-    start of 10 trials over 5 widths misses one width in about one search in ten, and
-    TPE then never learns that width exists."""
+    the method that the midpoint's selector picks). ``size_scaled`` is ``midpoint``
+    for the largest size; for a smaller one, each hyperparameter that declares a
+    ``size_exponent`` (the learning rate) starts at the middle times
+    ``(size / largest) ** size_exponent``, within its range. Why enqueue sizes at all:
+    a random start of 10 trials over 5 widths misses one width in about one search in
+    ten, and TPE then never learns that width exists."""
     if how not in FIRST_TRIALS:
         raise ValueError(f"first trials {how!r}: expected one of {', '.join(FIRST_TRIALS)}")
     sizes = list(size_values or [])
@@ -199,7 +203,21 @@ def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_par
         if (name != size_param or not sizes) and (not isinstance(space, ConditionalSpace)
                                                   or space.applies(name, middle)):
             middle[name] = midpoint(distribution)
-    return [{size_param: size, **middle} for size in sizes] if sizes else [middle]
+    if not sizes:
+        return [middle]
+    exponents = {name: hp.size_exponent for name, hp in hyperparameter_table().items()
+                 if how == "size_scaled" and hp.size_exponent and name in middle
+                 and not isinstance(distributions[name], CategoricalDistribution)}
+    return [{size_param: size, **middle,
+             **{name: _within(distributions[name], middle[name] * (size / max(sizes)) ** exponent)
+                for name, exponent in exponents.items()}}
+            for size in sizes]
+
+
+def _within(distribution: FloatDistribution | IntDistribution, value: float) -> float | int:
+    """``value`` clipped to ``distribution``'s range (an int range's value rounded)."""
+    value = min(max(value, distribution.low), distribution.high)
+    return int(round(value)) if isinstance(distribution, IntDistribution) else float(value)
 
 
 def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
