@@ -205,8 +205,10 @@ def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_par
             middle[name] = midpoint(distribution)
     if not sizes:
         return [middle]
+    if how == "midpoint":
+        return [{size_param: size, **middle} for size in sizes]
     exponents = {name: hp.size_exponent for name, hp in hyperparameter_table().items()
-                 if how == "size_scaled" and hp.size_exponent and name in middle
+                 if hp.size_exponent and name in middle
                  and not isinstance(distributions[name], CategoricalDistribution)}
     return [{size_param: size, **middle,
              **{name: _within(distributions[name], middle[name] * (size / max(sizes)) ** exponent)
