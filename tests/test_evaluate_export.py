@@ -27,6 +27,7 @@ from kdtune.export import export_student
 from kdtune.models import build_model
 from kdtune.search import load_spec_data
 from kdtune.spec import load_spec
+from kdtune.tables import read_csv_table
 from kdtune.trial_names import folder_patterns
 
 REQUIRED_COLUMNS = [
@@ -81,7 +82,7 @@ def checkpoint_of(study: Path, trial_id: str) -> Path:
 
 def test_final_csv_has_one_row_per_front_point_with_fresh_seeds(study, trials, evaluated):
     table, lines = evaluated
-    written = pd.read_csv(study / "final.csv")
+    written = read_csv_table(study / "final.csv")
     assert set(REQUIRED_COLUMNS) <= set(written.columns)
     front = pareto_front(trials)
     assert sorted(written["trial_id"]) == sorted(front["trial_id"])
@@ -114,8 +115,8 @@ def test_runs_in_two_processes_give_the_numbers_of_one_process(study, evaluated,
     copy = copy_study(study, tmp_path)
     final_evaluation(copy, seeds=2, log=lambda m: None, device="cpu", workers=1)
     keys = ["trial_id", "role", "seed"]
-    parallel = pd.read_csv(study / "final_runs.csv").sort_values(keys).reset_index(drop=True)
-    sequential = pd.read_csv(copy / "final_runs.csv").sort_values(keys).reset_index(drop=True)
+    parallel = read_csv_table(study / "final_runs.csv").sort_values(keys).reset_index(drop=True)
+    sequential = read_csv_table(copy / "final_runs.csv").sort_values(keys).reset_index(drop=True)
     assert len(parallel) == len(sequential) > 0
     pd.testing.assert_frame_equal(parallel[keys + ["test_acc", "val_acc", "epochs"]],
                                   sequential[keys + ["test_acc", "val_acc", "epochs"]])
@@ -123,8 +124,8 @@ def test_runs_in_two_processes_give_the_numbers_of_one_process(study, evaluated,
 
 def test_per_run_file_reproduces_the_summary(study, evaluated):
     """Means, sample stds and seed-paired gains recomputed from final_runs.csv."""
-    summary = pd.read_csv(study / "final.csv")
-    runs = pd.read_csv(study / "final_runs.csv")
+    summary = read_csv_table(study / "final.csv")
+    runs = read_csv_table(study / "final_runs.csv")
     assert runs["test_acc"].between(0.0, 1.0).all()
     assert (runs["epochs"] == TINY_SPEC["space"]["epochs"]).all()
     for _, row in summary.iterrows():
@@ -153,7 +154,7 @@ def test_full_data_retrains_the_front_on_the_whole_training_split(study, evaluat
     assert outcome.exit_code == 0, outcome.output
     assert "on the whole training split" in outcome.output and "final_full.csv" in outcome.output
     assert (copy / "final.csv").read_text() == before  # the low-label evaluation is kept
-    runs = pd.read_csv(copy / "final_full_runs.csv")
+    runs = read_csv_table(copy / "final_full_runs.csv")
     assert (runs["epochs"] == 2).all() and set(runs["role"]) == {"distilled", "baseline"}
     first = runs[runs["role"] == "distilled"].iloc[0]
     config = trial_run_config(recorded_trial_config(copy, first["trial_id"]))
@@ -240,7 +241,7 @@ def test_long_runs_by_the_recorded_epoch_times_all_train_in_processes(study, mon
     history.to_parquet(copy / "history.parquet", index=False)
     lines: list[str] = []
     final_evaluation(copy, seeds=1, log=lines.append, device="cpu")
-    runs = pd.read_csv(copy / "final_runs.csv")
+    runs = read_csv_table(copy / "final_runs.csv")
     assert "runs estimated at ~20 s each from the search's epoch times → 2 processes" in lines
     assert f"retraining {len(runs)} runs in 2 processes ..." in lines
     assert not any(line.startswith("retraining:") for line in lines)  # nothing trained in this process
@@ -379,7 +380,7 @@ def test_onnx_without_the_package_says_how_to_install_it(study, trials):
 
 def test_study_csv_tables_keep_trial_ids_that_look_like_numbers(tmp_path):
     # Trial ids are 8 hex digits: "1234e567" reads as the float inf, "00001234" as 1234, unless kept as text.
-    from kdtune.tables import read_csv_table, write_frame_atomic
+    from kdtune.tables import write_frame_atomic
 
     frame = pd.DataFrame({"trial_id": ["1234e567", "00001234", "ab12cd34"], "best_trial": ["9e999999", "x", "1e5"],
                           "recommended": ["1", "dist, T=1", "no distillation (α=1)"], "width": [0.25, 0.5, 1.0]})

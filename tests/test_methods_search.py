@@ -21,6 +21,7 @@ from kdtune.search.sampler import ConditionalSpace, KdOptunaSearch
 from kdtune.search.sampler import to_optuna_distribution as dist_of
 from kdtune.spec import parse_spec
 from kdtune.study import load_records
+from kdtune.tables import read_csv_table
 
 
 def test_published_recipes_are_expressible_as_published():
@@ -126,7 +127,7 @@ def test_a_search_over_methods_end_to_end(ray_session, tmp_path):
     assert raced.exit_code == 0, raced.output
     contenders = pd.read_csv(tmp_path / "r" / "methods" / "race" / "contenders.csv")
     assert set(contenders["contender"]) == {"kd", "dkd", "dist", "no distillation (α=1)"}
-    best = pd.read_csv(tmp_path / "r" / "methods" / "race" / "best_t.csv")
+    best = read_csv_table(tmp_path / "r" / "methods" / "race" / "best_t.csv")
     assert best["verdict"].str.len().gt(20).all() and "width 8:" in raced.output
     held = trials.sort_values("val_acc", ascending=False).iloc[0]
     for record in load_records(tmp_path / "r" / "methods", "race").values():
@@ -143,7 +144,7 @@ def test_a_search_over_methods_end_to_end(ray_session, tmp_path):
     contenders = pd.read_csv(pair / "race" / "contenders.csv")
     assert set(contenders["contender"]) == {f"{m}, T={t}" for m in ("kd", "dkd", "dist") for t in (1, 10)} | {
         "no distillation (α=1)"}
-    best = pd.read_csv(pair / "race" / "best_t.csv")
+    best = read_csv_table(pair / "race" / "best_t.csv")
     assert best["beyond"].str.startswith("soft_loss ").all() and best["beyond"].str.contains("beyond T").all()
     for record in load_records(pair, "race").values():
         config, label = record["config"], record["config"]["race"]["contender"]

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from conftest import TINY_SPEC, assert_one_clean_error, write_spec
 from kdtune.cli import main
 from kdtune.study import RACE_CONTENDERS_TABLE, RACE_TABLE, load_records
+from kdtune.tables import read_csv_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RACE_ARGS = ["--race", "--widths", "8", "--max-seeds", "3", "--grid", "3"]
@@ -42,7 +43,7 @@ def raced_study(ray_session, tmp_path_factory):
 
 def test_a_race_writes_its_verdict_tables_and_plot(raced_study):
     study, _, output = raced_study
-    best = pd.read_csv(study / RACE_TABLE)
+    best = read_csv_table(study / RACE_TABLE)
     contenders = pd.read_csv(study / RACE_CONTENDERS_TABLE)
     assert list(best["width"]) == [8.0] and best["verdict"].str.len().gt(20).all()
     # Three temperatures over [1, 10] (log-spaced, T = 1 included) and the baseline.
@@ -62,9 +63,9 @@ def test_evaluate_race_retrains_each_sizes_winner_with_fresh_seeds_on_the_test_s
     shutil.copytree(study, copy)
     outcome = CliRunner().invoke(main, ["evaluate", str(copy), "--race", "--seeds", "2"])
     assert outcome.exit_code == 0, outcome.output
-    best = pd.read_csv(copy / RACE_TABLE, dtype={"recommended": str})
-    final = pd.read_csv(copy / "race" / "final.csv", dtype={"recommended": str})
-    runs = pd.read_csv(copy / "race" / "final_runs.csv")
+    best = read_csv_table(copy / RACE_TABLE)
+    final = read_csv_table(copy / "race" / "final.csv")
+    runs = read_csv_table(copy / "race" / "final_runs.csv")
     assert not (copy / "final.csv").exists()  # the front's evaluation is another file
     assert list(final["width"]) == [8.0] and final["param"].iloc[0] == "temperature"
     winner = best["recommended"].iloc[0]
@@ -89,7 +90,7 @@ def test_a_race_can_score_on_the_training_images_no_student_saw(raced_study, tmp
     outcome = CliRunner().invoke(main, ["best-t", str(copy), "--race", "--widths", "8", "--max-seeds", "3",
                                         "--grid", "2", "--score-pool"])
     assert outcome.exit_code == 0, outcome.output
-    best = pd.read_csv(copy / RACE_TABLE)
+    best = read_csv_table(copy / RACE_TABLE)
     contenders = pd.read_csv(copy / RACE_CONTENDERS_TABLE)
     records = list(load_records(copy, "race").values())
     # digits: 1,077 training images, 150 of them the students' subset; 360 validation images.

@@ -23,6 +23,7 @@ from kdtune.core.method_cache import CACHED_OBJECTIVES
 from kdtune.distill import RunConfig, run
 from kdtune.errors import ConfigError
 from kdtune.models import build_model
+from kdtune.tables import read_csv_table
 from kdtune.teacher import TeacherConfig, prepare_teachers
 
 TEACHER = TeacherConfig(family="mlp", width=512, model_options={"depth": 2}, epochs=20, lr=1e-3)
@@ -265,5 +266,5 @@ def test_a_search_with_a_transfer_set_end_to_end(ray_session, tmp_path) -> None:
     full = CliRunner().invoke(main, ["evaluate", str(study), "--full-data", "--epochs", "1", "--seeds", "1",
                                      "--workers", "1"])
     assert full.exit_code == 0, full.output
-    runs = pd.read_csv(study / "final_full_runs.csv")
+    runs = read_csv_table(study / "final_full_runs.csv")
     assert len(runs) >= 2 and (runs["status"] == "completed").all()
