@@ -10,8 +10,8 @@ front's configuration is retrained three ways with the same seeds: hard labels a
 other training image as a transfer set (``unlabelled: all``: the teacher's soft targets
 only, at the same steps). Validation accuracy after the last epoch, mean ± sd over
 seeds, and each variant's paired gain over the one before it (KD over hard labels, the
-transfer set over KD). ``--temperature``, ``--alpha`` and
-``--epochs`` and ``--lr`` replace the front's values in every run (T and α in the distilled
+transfer set over KD). ``--temperature``, ``--alpha``, ``--epochs`` and
+``--lr`` replace the front's values in every run (T and α in the distilled
 ones), to compare other settings on the same configurations; ``--variants`` trains only
 some of the three, and ``--seed-base`` moves the seeds. The teacher and its cached views
 are the study's (nothing is retrained but the students). Not part of ``make bench``:
@@ -65,6 +65,7 @@ def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, flo
     front = read_csv_table(study / "final.csv")
     report = Report("transfer_set", "A transfer set on the real task: KD with and without unlabelled images")
     rows, notes = [], []
+    names = [name for name in VARIANTS if name in variants]  # the runs to train, in VARIANTS' order
     for width in widths:
         match = front[front["width"] == width]
         if match.empty:
@@ -72,7 +73,7 @@ def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, flo
                              f"({', '.join(f'{w:g}' for w in front['width'])})")
         config = trial_run_config(recorded_trial_config(study, str(match["trial_id"].iloc[0])))
         config = config.replace(**(overrides or {}))
-        scores: dict[str, list[float]] = {name: [] for name in VARIANTS if name in variants}
+        scores: dict[str, list[float]] = {name: [] for name in names}
         for i in range(seeds):
             seed = int(spec.seed) + seed_base + i
             runs = {"hard labels": (config.replace(seed=seed, unlabelled=None, **baseline_values()), None),
@@ -83,14 +84,12 @@ def build(study: Path, widths: list[float], seeds: int, overrides: dict[str, flo
                 scores[name].append(float(run(variant, data, teacher, validate_epochs=()).metrics["val_acc"]))
                 print(f"width {width:g} seed {seed} {name}: {scores[name][-1]:.4f}", flush=True)
         # Paired gains, each variant over the one before it that ran (KD over hard labels, transfer set over KD).
-        names = list(scores)
         gains = [_mean_sd([a - b for a, b in zip(scores[later], scores[earlier])])
                  for earlier, later in zip(names, names[1:])]
         rows.append([f"{width:g}", f"{int(match['params'].iloc[0]):,}",
                      f"T {config.temperature:.3g}, α {config.alpha:.3g}, lr {config.lr:.3g}",
                      *(_mean_sd(v) for v in scores.values()), *gains])
     labelled = int(spec.data.train_subset)
-    names = list(scores)
     report.add(f"Validation accuracy after {config.epochs} epochs, {seeds} seed(s) from {seed_base + int(spec.seed)}",
                markdown_table(["width", "params", "config", *names,
                                *(f"{later} − {earlier} (paired)" for earlier, later in zip(names, names[1:]))], rows))

@@ -171,11 +171,17 @@ def midpoint(distribution: BaseDistribution) -> Any:
     if isinstance(distribution, CategoricalDistribution):
         return distribution.choices[0]
     low, high = distribution.low, distribution.high
-    middle = math.sqrt(low * high) if distribution.log else (low + high) / 2
-    step = distribution.step
-    if step is not None:  # the nearest value on the range's grid, halves up
-        middle = low + math.floor((middle - low) / step + 0.5) * step
-    return int(middle) if isinstance(distribution, IntDistribution) else float(middle)
+    return _on_range(distribution, math.sqrt(low * high) if distribution.log else (low + high) / 2)
+
+
+def _on_range(distribution: FloatDistribution | IntDistribution, value: float) -> float | int:
+    """``value`` as ``distribution`` can take it: within its range, on its step's grid if it
+    has one (the nearest value, halves up), an int for an int range."""
+    low, step = distribution.low, distribution.step
+    value = min(max(value, low), distribution.high)
+    if step is not None:
+        value = min(low + math.floor((value - low) / step + 0.5) * step, distribution.high)
+    return int(value) if isinstance(distribution, IntDistribution) else float(value)
 
 
 def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_param: str,
@@ -211,15 +217,9 @@ def first_trials(space: dict[str, BaseDistribution] | ConditionalSpace, size_par
                  if hp.size_exponent and name in middle
                  and not isinstance(distributions[name], CategoricalDistribution)}
     return [{size_param: size, **middle,
-             **{name: _within(distributions[name], middle[name] * (size / max(sizes)) ** exponent)
+             **{name: _on_range(distributions[name], middle[name] * (size / max(sizes)) ** exponent)
                 for name, exponent in exponents.items()}}
             for size in sizes]
-
-
-def _within(distribution: FloatDistribution | IntDistribution, value: float) -> float | int:
-    """``value`` clipped to ``distribution``'s range (an int range's value rounded)."""
-    value = min(max(value, distribution.low), distribution.high)
-    return int(round(value)) if isinstance(distribution, IntDistribution) else float(value)
 
 
 def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
